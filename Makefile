@@ -1,0 +1,31 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/alssl run pipelines/digits_demo.toml --out runs/digits_demo
+	@echo "budget curve: runs/digits_demo/curve.csv  runs/digits_demo/curve.png  runs/digits_demo/curve.svg"
+
+# pytest exit code 5 means "no tests collected": that is a failure here, not a success.
+test: $(STAMP)
+	@$(PY) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: $(STAMP)
+	$(PY) bench/pretrain_throughput.py
+	$(PY) bench/kcenter.py
+	$(PY) bench/semi_step.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,3 @@
+from alssl.cli import main
+
+main()

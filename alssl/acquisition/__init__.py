@@ -1,0 +1,71 @@
+"""Stage 3: acquisition strategies, `fn(ctx, budget, rng) -> int64 [budget]` absolute pool indices.
+
+Bengar et al. 2021 (arXiv 2108.11458) compare entropy, k-center greedy, VAAL and SVM min-margin against random
+on top of a frozen self-supervised backbone; TypiClust and ProbCover are the low-budget strategies that came
+after. `select()` is the entry point: it validates the request, dispatches, and checks the answer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from alssl.acquisition.base import OPTIONS, AcquisitionContext, random_sampling, require_labels
+from alssl.acquisition.kcenter import kcenter_greedy
+from alssl.acquisition.probcover import probcover_select
+from alssl.acquisition.typiclust import typiclust_select
+from alssl.acquisition.uncertainty import entropy, margin, svm_margin
+from alssl.acquisition.vaal import vaal_select
+from alssl.errors import UserError, unknown
+
+Strategy = Callable[[AcquisitionContext, int, np.random.Generator], np.ndarray]
+
+STRATEGIES: dict[str, Strategy] = {
+    "random": random_sampling,
+    "entropy": entropy,
+    "margin": margin,
+    "svm-margin": svm_margin,
+    "kcenter": kcenter_greedy,
+    "vaal": vaal_select,
+    "typiclust": typiclust_select,
+    "probcover": probcover_select,
+}
+NEEDS_LABELS: set[str] = {"entropy", "margin", "svm-margin", "vaal"}
+
+__all__ = ["AcquisitionContext", "NEEDS_LABELS", "OPTIONS", "STRATEGIES", "select"]
+
+
+def _check_context(ctx: AcquisitionContext) -> None:
+    n = len(ctx.labeled)
+    emb, labeled, labels = np.asarray(ctx.embeddings), np.asarray(ctx.labeled), np.asarray(ctx.labels)
+    if emb.ndim != 2 or len(emb) != n or len(labels) != n or labeled.dtype != bool:
+        raise UserError(f"acquisition context is inconsistent: embeddings {emb.shape}, labeled {labeled.shape} "
+                        f"({labeled.dtype}), labels {labels.shape}; all must cover the same N pool samples")
+    if labeled.any() and (labels[labeled].min() < 0 or labels[labeled].max() >= ctx.num_classes):
+        raise UserError(f"labeled samples must carry labels in 0..{ctx.num_classes - 1}; check the run's labels")
+    for key in ctx.options:
+        if key not in OPTIONS:
+            raise unknown("acquisition option", key, OPTIONS)
+
+
+def select(name: str, ctx: AcquisitionContext, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """Run strategy `name`: exactly `budget` unique, previously unlabeled absolute indices (int64)."""
+    if name not in STRATEGIES:
+        raise unknown("strategy", name, STRATEGIES)
+    _check_context(ctx)
+    n_free = int((~ctx.labeled).sum())
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+        raise UserError(f"budget must be a whole number of samples (got {budget!r}); e.g. --budget 50 or --budget 2%")
+    if budget < 1:
+        raise UserError(f"budget must be at least 1 sample (got {budget}); e.g. --budget 50 or --budget 2%")
+    if budget > n_free:
+        raise UserError(f"budget {budget} is more than the {n_free} unlabeled samples left; ask for at most {n_free}")
+    if name in NEEDS_LABELS:
+        require_labels(ctx, name)
+    picked = np.asarray(STRATEGIES[name](ctx, int(budget), rng), dtype=np.int64)
+    if picked.shape != (budget,) or len(np.unique(picked)) != budget:
+        raise AssertionError(f"strategy {name} returned {picked.shape} / {len(np.unique(picked))} unique, not {budget}")
+    if picked.min() < 0 or picked.max() >= len(ctx.labeled) or ctx.labeled[picked].any():
+        raise AssertionError(f"strategy {name} returned an index outside the unlabeled pool")
+    return picked

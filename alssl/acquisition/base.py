@@ -1,0 +1,102 @@
+"""The context every strategy reads and the small helpers they share.
+
+One index space (DESIGN.md): `embeddings`, `labeled`, `labels` and `images` all cover the WHOLE training pool,
+and every strategy returns absolute pool indices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from alssl.errors import UserError
+
+# Strategy knobs a caller may put in `AcquisitionContext.options` (anything else is refused with a suggestion).
+OPTIONS = {
+    "kernel": "svm kernel for svm-margin and for entropy/margin with probe='svm': linear | rbf (default linear)",
+    "delta": "probcover ball radius on L2-normalised embeddings (default: purity heuristic)",
+    "probcover_alpha": "probcover purity threshold for choosing delta (default 0.95)",
+    "typiclust_max_clusters": "typiclust's cap on the number of k-means clusters (default 500)",
+    "typiclust_knn": "typiclust's K for typicality (default 20)",
+    "vaal_epochs": "VAAL training length in passes over the pool (default 2)",
+    "vaal_batch_size": "VAAL batch size for each of the labeled and unlabeled batches (default 64)",
+    "vaal_width": "VAAL conv width of the first layer, doubled at each downsampling (default 32)",
+    "device": "torch device for VAAL (default: cuda when available, else cpu)",
+}
+
+
+@dataclass
+class AcquisitionContext:
+    """What a strategy sees: frozen features of the whole pool plus the current labeled set."""
+
+    embeddings: np.ndarray  # float32 [N, D]
+    labeled: np.ndarray  # bool [N]
+    labels: np.ndarray  # int64 [N], -1 where unlabeled
+    num_classes: int
+    images: np.ndarray | None = None  # uint8 [N, H, W, C], for VAAL
+    probe: str = "linear"
+    options: dict = field(default_factory=dict)
+
+    @property
+    def unlabeled_indices(self) -> np.ndarray:
+        return np.flatnonzero(~self.labeled)
+
+
+def require_labels(ctx: AcquisitionContext, name: str) -> None:
+    """Model-based strategies cannot start from nothing (Bengar'21 start every method from a random round)."""
+    if not ctx.labeled.any():
+        raise UserError(f"strategy {name} needs labeled samples to start; label a first round chosen with "
+                        "`--strategy random` (e.g. `alssl query RUN --budget 1% --strategy random`)")
+
+
+def option(ctx: AcquisitionContext, key: str, default, kind=float):
+    """A knob from ctx.options, converted with `kind`; a bad value is a UserError naming the knob."""
+    value = ctx.options.get(key, default)
+    if value is None:
+        return default
+    try:
+        out = kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"acquisition option {key}={value!r} is not a valid {kind.__name__}; {OPTIONS[key]}") from None
+    return out
+
+
+def lowest(scores: np.ndarray, candidates: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """The `budget` candidates with the lowest scores; ties broken at random (not by index order)."""
+    order = rng.permutation(len(candidates))
+    keep = order[np.argsort(scores[order], kind="stable")[:budget]]
+    return candidates[keep].astype(np.int64)
+
+
+def fill_random(picked: list[int], ctx: AcquisitionContext, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """Top `picked` up to `budget` with random unlabeled, not yet picked samples (used when a method runs dry)."""
+    picked_arr = np.asarray(picked, dtype=np.int64)
+    if len(picked_arr) < budget:
+        free = ~ctx.labeled
+        free[picked_arr] = False
+        extra = rng.choice(np.flatnonzero(free), size=budget - len(picked_arr), replace=False)
+        picked_arr = np.concatenate([picked_arr, extra.astype(np.int64)])
+    return picked_arr
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalised float32 copy (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]  # [N, 1]
+    return x / np.maximum(norm, 1e-12)
+
+
+def faiss_index(d: int):
+    """An exact L2 index, on the GPU when faiss sees one."""
+    import faiss
+
+    index = faiss.IndexFlatL2(d)
+    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    return index
+
+
+def random_sampling(ctx: AcquisitionContext, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """Uniform random sampling from the unlabeled pool: the baseline every curve compares to."""
+    return rng.choice(ctx.unlabeled_indices, size=budget, replace=False).astype(np.int64)

@@ -1,0 +1,228 @@
+"""Budget-curve grids: strategies × cumulative budgets × seeds × probes (× an optional semi arm).
+
+Protocol (Bengar et al. 2021, arXiv 2108.11458): one stage-1 backbone shared by every cell; for each
+(probe, strategy, seed) *chain* the budgets are cumulative rounds (the 2 % set extends the 1 % set);
+strategies that need labels to start (entropy, margin, svm-margin, vaal) take the same random first round
+as `random`. Each finished cell is saved atomically in `cells/<chain>.json` (its rows and the labeled set)
+and `curve.csv` is rebuilt from those files under a lock, so a grid killed with `kill -9` and rerun with
+the same arguments computes only the missing cells and never duplicates a row.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from alssl.acquisition import NEEDS_LABELS, STRATEGIES, AcquisitionContext, select
+from alssl.budget import budget_count
+from alssl.data import Dataset, load_dataset
+from alssl.errors import UserError, unknown
+from alssl.faults import fault_point
+from alssl.features import pool_features
+from alssl.probes import PROBES, fit_probe
+from alssl.rounds import strategy_rng
+from alssl.runs import atomic_write_text
+
+COLUMNS = ["arm", "probe", "strategy", "seed", "round", "budget", "n_labeled", "fraction", "labels_per_class",
+           "accuracy", "balanced_accuracy", "seconds"]
+
+
+@dataclass
+class Grid:
+    """What a curve directory computes; saved as `grid.json` so a rerun with other arguments is refused."""
+
+    data: dict
+    strategies: list[str]
+    budgets: list[str]
+    seeds: int
+    probes: list[str] = field(default_factory=lambda: ["linear"])
+    semi: str | None = None
+    semi_steps: int = 500
+    options: dict = field(default_factory=dict)
+
+    def validate(self, n_pool: int) -> list[int]:
+        """Check names and budgets; returns the cumulative label counts, ascending."""
+        for s in self.strategies:
+            if s not in STRATEGIES:
+                raise unknown("strategy", s, STRATEGIES)
+        for p in self.probes:
+            if p not in PROBES:
+                raise unknown("probe", p, PROBES)
+        if self.semi is not None:
+            from alssl.semi import METHODS
+
+            if self.semi not in METHODS:
+                raise unknown("semi method", self.semi, METHODS)
+        if self.seeds < 1:
+            raise UserError(f"--seeds must be at least 1 (got {self.seeds})")
+        if not self.strategies or not self.budgets:
+            raise UserError("give at least one strategy and one budget, e.g. --strategies random,kcenter --budgets 1%,2%")
+        counts = [budget_count(b, n_pool=n_pool) for b in self.budgets]
+        if any(b >= a for a, b in zip(counts[1:], counts)) or counts[-1] > n_pool:
+            raise UserError(f"budgets must grow strictly and stay within the pool of {n_pool} (got {','.join(self.budgets)} = {counts}); e.g. --budgets 1%,2%,5%")
+        return counts
+
+    def chains(self) -> list[tuple[str, str, int]]:
+        return [(p, s, seed) for p in self.probes for s in self.strategies for seed in range(self.seeds)]
+
+
+def _chain_file(out: Path, probe: str, strategy: str, seed: int) -> Path:
+    return out / "cells" / f"{probe}__{strategy}__s{seed}.json"
+
+
+def publish(out: Path) -> Path:
+    """Rebuild `curve.csv` from every chain's finished cells (atomic write, under a lock for --jobs)."""
+    rows = []
+    for f in sorted((out / "cells").glob("*.json")):
+        rows += json.loads(f.read_text())["rows"]
+    rows.sort(key=lambda r: (r["arm"], r["probe"], r["strategy"], r["seed"], r["round"]))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    with open(out / ".curve.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        atomic_write_text(out / "curve.csv", buf.getvalue())
+    return out / "curve.csv"
+
+
+def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
+    recalls = [float((y_pred[y_true == c] == c).mean()) for c in range(num_classes) if (y_true == c).any()]
+    return float(np.mean(recalls))
+
+
+def run_chain(out: Path, grid: Grid, counts: list[int], chain: tuple[str, str, int], run_path: Path) -> int:
+    """All budgets of one (probe, strategy, seed) chain, resuming after its last finished cell. Returns cells done."""
+    probe, strategy, seed = chain
+    dataset = load_dataset(grid.data["spec"], imbalance=grid.data.get("imbalance"), seed=grid.data.get("seed", 0))
+    train, test = pool_features(run_path, dataset)
+    n_pool, C = len(dataset.y_train), dataset.num_classes
+    cfile = _chain_file(out, probe, strategy, seed)
+    saved = json.loads(cfile.read_text()) if cfile.exists() else {"labeled": [], "rows": []}
+    labeled_list: list[int] = saved["labeled"]
+    done = 0
+    for k, target in enumerate(counts):
+        if any(r["round"] == k for r in saved["rows"]):
+            continue
+        t0 = time.perf_counter()
+        mask = np.zeros(n_pool, bool)
+        mask[labeled_list] = True
+        labels = np.where(mask, dataset.y_train, -1)
+        first = strategy in NEEDS_LABELS and not mask.any()
+        name = "random" if first else strategy
+        ctx = AcquisitionContext(embeddings=train, labeled=mask, labels=labels, num_classes=C,
+                                 images=dataset.x_train, probe=probe, options=dict(grid.options))
+        picked = select(name, ctx, target - int(mask.sum()), strategy_rng(seed, k, name))
+        labeled_list = labeled_list + [int(i) for i in picked]
+        idx = np.asarray(labeled_list)
+        model = fit_probe(probe, train[idx], dataset.y_train[idx], num_classes=C, seed=seed)
+        pred = model.predict(test)
+        base = {"probe": probe, "strategy": strategy, "seed": seed, "round": k, "budget": grid.budgets[k],
+                "n_labeled": len(idx), "fraction": round(len(idx) / n_pool, 6),
+                "labels_per_class": round(len(idx) / C, 3)}
+        rows = [{**base, "arm": "probe", "accuracy": round(float((pred == dataset.y_test).mean()), 4),
+                 "balanced_accuracy": round(_balanced_accuracy(dataset.y_test, pred, C), 4),
+                 "seconds": round(time.perf_counter() - t0, 2)}]
+        if grid.semi is not None:
+            rows.append({**base, "arm": f"semi:{grid.semi}", **_semi_cell(out, grid, dataset, idx, run_path, chain, k)})
+        saved = {"labeled": labeled_list, "rows": saved["rows"] + rows}
+        atomic_write_text(cfile, json.dumps(saved))
+        fault_point("curve-after-cell")
+        publish(out)
+        done += 1
+    return done
+
+
+def _semi_cell(out: Path, grid: Grid, dataset: Dataset, idx: np.ndarray, run_path: Path, chain, k: int) -> dict:
+    from alssl.semi import semi_finetune
+
+    t0 = time.perf_counter()
+    probe, strategy, seed = chain
+    res = semi_finetune(dataset, labeled_idx=idx, labeled_y=dataset.y_train[idx],
+                        out_dir=out / "semi" / f"{probe}__{strategy}__s{seed}__r{k}", method=grid.semi,
+                        init_checkpoint=run_path / "checkpoints" / "backbone.pt", steps=grid.semi_steps,
+                        seed=seed, quiet=True)
+    return {"accuracy": round(float(res["accuracy"]), 4), "balanced_accuracy": round(float(res["balanced_accuracy"]), 4),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def run_grid(out: Path, grid: Grid, counts: list[int], *, run_path: Path, jobs: int = 1, quiet: bool = True) -> Path:
+    """Compute every missing cell of `grid` (chains in `jobs` processes) and return the path of curve.csv."""
+    from rich.progress import Progress
+
+    chains = grid.chains()
+    with Progress(disable=quiet, transient=True) as bar:
+        task = bar.add_task("curve cells", total=len(chains) * len(counts), completed=_cells_done(out))
+        if jobs <= 1:
+            for ch in chains:
+                run_chain(out, grid, counts, ch, run_path)
+                bar.update(task, completed=_cells_done(out))
+        else:
+            with ProcessPoolExecutor(max_workers=jobs) as ex:
+                for f in as_completed([ex.submit(run_chain, out, grid, counts, ch, run_path) for ch in chains]):
+                    f.result()
+                    bar.update(task, completed=_cells_done(out))
+    return publish(out)
+
+
+def _cells_done(out: Path) -> int:
+    return sum(len({r["round"] for r in json.loads(f.read_text())["rows"]}) for f in (out / "cells").glob("*.json"))
+
+
+def save_grid(out: Path, grid: Grid) -> None:
+    """Write grid.json, or check that an existing one asks for the same grid."""
+    f = out / "grid.json"
+    new = asdict(grid)
+    if f.exists():
+        old = json.loads(f.read_text())
+        diff = [k for k in new if old.get(k) != new[k]]
+        if diff:
+            raise UserError(f"{out} holds a grid made with other {diff[0]} ({old.get(diff[0])}); rerun with the same arguments to resume, or pick a new --out")
+        return
+    atomic_write_text(f, json.dumps(new, indent=1))
+
+
+def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path | None = None, jobs: int = 1,
+                   quiet: bool = True, title: str | None = None) -> tuple[Path, Path, Path]:
+    """Pretrain once (or reuse `from_run`), then compute the grid and draw it. Returns (csv, png, svg)."""
+    from alssl.backbones import BACKBONES
+    from alssl.plots import plot_curve
+    from alssl.runs import Run, check_writable, run_lock
+    from alssl.ssl import METHODS, pretrain
+
+    dataset = load_dataset(grid.data["spec"], imbalance=grid.data.get("imbalance"), seed=grid.data.get("seed", 0))
+    counts = grid.validate(len(dataset.y_train))
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1 (got {jobs})")
+    if from_run is not None:
+        src = Run.open(from_run)
+        if src.state["n_pool"] != len(dataset.y_train) or not (Path(from_run) / "checkpoints" / "backbone.pt").exists():
+            raise UserError(f"--from {from_run} was not pretrained on this data (or has no backbone.pt); pretrain it with `alssl pretrain --data ...`")
+        run_path = Path(from_run)
+    else:
+        if pretrain_args["method"] not in METHODS:
+            raise unknown("method", pretrain_args["method"], METHODS)
+        if pretrain_args["backbone"] not in BACKBONES:
+            raise unknown("backbone", pretrain_args["backbone"], BACKBONES)
+        run_path = out / "pretrain"
+    check_writable(out)
+    with run_lock(out):
+        save_grid(out, grid)
+        if from_run is None:
+            run = Run.open(run_path) if Run.exists(run_path) else Run.create(
+                run_path, n_pool=len(dataset.y_train), config={"data": grid.data, "pretrain": pretrain_args})
+            if run.config.get("pretrain") != pretrain_args:
+                raise UserError(f"{run_path} was pretrained with other arguments; use the same ones, or a new --out")
+            pretrain(dataset, run, **pretrain_args, quiet=quiet)
+        pool_features(run_path, dataset)  # embed once, before any worker forks
+        csv_path = run_grid(out, grid, counts, run_path=run_path, jobs=jobs, quiet=quiet)
+        png, svg = plot_curve(csv_path, title=title)
+    return csv_path, png, svg

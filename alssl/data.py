@@ -1,0 +1,342 @@
+"""Datasets: four SPECs in, one validated `Dataset` of uint8 NHWC images out.
+
+SPECs: `digits` (scikit-learn, embedded), `FILE.npz`, `DIR/` (ImageFolder: DIR/train/<class>/*.png, DIR/test/...),
+`cifar10:DIR` (CIFAR-10 python batches). `imbalance=G` turns the training split into a CIFAR-10-LT style long tail
+(Cao et al., LDAM, arXiv:1906.07413; Cui et al., arXiv:1901.05555). Every bad input is a one-line `UserError`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import pickle
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alssl.errors import UserError, suggest
+
+SPECS = "digits, FILE.npz, DIR/ (ImageFolder with DIR/train/<class>/*.png and DIR/test/<class>/*.png), cifar10:DIR"
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp"}
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@dataclass
+class Dataset:
+    """Images are uint8 [N, H, W, C] (C = 1 or 3); labels int64 [N]; `ids[i]` names training sample i."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]
+    ids: list[str] | None = None  # None -> "train/<i>"
+    mean: tuple[float, ...] | None = None  # None -> computed from x_train
+    std: tuple[float, ...] | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.ids is None:
+            self.ids = [f"train/{i}" for i in range(len(self.x_train))]
+        if self.mean is None or self.std is None:
+            self.mean, self.std = compute_mean_std(self.x_train)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return int(self.x_train.shape[3])
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return int(self.x_train.shape[1]), int(self.x_train.shape[2])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.x_train.shape[1])
+
+
+# ---------------------------------------------------------------- public helpers
+def compute_mean_std(x: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 [N, H, W, C] images in [0, 1] units; std floored at 1e-3.
+
+    Exact and memory-bounded: a 256-bin histogram per channel, accumulated over chunks of images, then float64
+    moments from the histogram (6x faster than float64 sums on 10k CIFAR images)."""
+    c = x.shape[-1]
+    counts = np.zeros((c, 256), dtype=np.int64)
+    for i in range(0, len(x), chunk):
+        part = x[i : i + chunk].reshape(-1, c)  # [n*H*W, C]
+        counts += np.stack([np.bincount(part[:, j], minlength=256) for j in range(c)])
+    values = np.arange(256) / 255.0
+    n = np.maximum(counts.sum(1), 1).astype(np.float64)
+    mean = counts @ values / n  # [C]
+    std = np.sqrt(np.maximum(counts @ (values * values) / n - mean**2, 0.0))
+    return tuple(float(m) for m in mean), tuple(float(max(v, 1e-3)) for v in std)
+
+
+def to_tensor(x: np.ndarray, mean, std) -> torch.Tensor:
+    """uint8 [N, H, W, C] -> float32 [N, C, H, W], (x/255 - mean) / std per channel."""
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise ValueError(f"to_tensor expects uint8 [N, H, W, C], got {x.dtype} {x.shape}")
+    src = torch.from_numpy(x).permute(0, 3, 1, 2)  # [N, C, H, W] view, no copy
+    out = torch.empty(src.shape, dtype=torch.float32)
+    out.copy_(src)  # one pass: NHWC uint8 -> contiguous NCHW float32
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    return out.mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
+
+
+def long_tail_counts(n_max: int, num_classes: int, gamma: float) -> list[int]:
+    """CIFAR-10-LT profile: n_k = int(n_max * (1/gamma)^(k/(C-1))), k = 0 largest, at least 1 (arXiv:1906.07413)."""
+    if num_classes == 1:
+        return [n_max]
+    return [max(1, int(n_max * (1.0 / gamma) ** (k / (num_classes - 1)))) for k in range(num_classes)]
+
+
+def make_long_tail(y: np.ndarray, gamma: float, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of y to keep: class rank k (by class id, among classes present) keeps n_k random samples,
+    n_max = the smallest class size, so the ratio largest/smallest is gamma (up to rounding)."""
+    present = np.unique(y)
+    by_class = [np.flatnonzero(y == c) for c in present]
+    counts = long_tail_counts(min(len(i) for i in by_class), len(present), gamma)
+    keep = [rng.choice(idx, size=n, replace=False) for idx, n in zip(by_class, counts)]
+    return np.sort(np.concatenate(keep))
+
+
+# ---------------------------------------------------------------- entry point
+def load_dataset(spec: str, *, imbalance: float | None = None, seed: int = 0) -> Dataset:
+    """Load a dataset SPEC (see module doc); `imbalance=G` makes the training split long-tailed (test untouched)."""
+    spec = str(spec)
+    if spec == "digits":
+        ds = _load_digits()
+    elif spec.startswith("cifar10:"):
+        ds = _load_cifar10(spec, Path(spec[len("cifar10:") :]).expanduser())
+    elif spec.endswith(".npz"):
+        ds = _load_npz(spec, Path(spec).expanduser())
+    elif Path(spec).expanduser().is_dir():
+        ds = _load_folder(spec, Path(spec).expanduser())
+    elif "/" in spec or "\\" in spec:
+        raise UserError(f"no such file or directory: {spec}; valid SPECs: {SPECS}")
+    else:
+        raise UserError(f'unknown dataset "{spec}"{suggest(spec, ["digits", "cifar10:DIR"])}; valid SPECs: {SPECS}')
+    if imbalance is None:
+        return ds
+    if not isinstance(imbalance, numbers.Real) or not math.isfinite(imbalance) or imbalance < 1:
+        raise UserError(f"--imbalance must be a number >= 1 (largest/smallest class ratio), got {imbalance}")
+    keep = make_long_tail(ds.y_train, float(imbalance), np.random.default_rng(seed))
+    return Dataset(x_train=ds.x_train[keep], y_train=ds.y_train[keep], x_test=ds.x_test, y_test=ds.y_test,
+                   classes=ds.classes, ids=[ds.ids[i] for i in keep], name=ds.name)
+
+
+# ---------------------------------------------------------------- validation
+def _images(x, key: str, src: str) -> np.ndarray:
+    """Check one image array; return it as uint8 [N, H, W, C]."""
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        nan = " with NaN values" if x.dtype.kind == "f" and np.isnan(x).any() else ""
+        raise UserError(f"{src}: {key} must be uint8 images (got {x.dtype}{nan}); "
+                        f"save 0..255 pixels with x.astype(np.uint8)")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or 0 in x.shape[1:3]:
+        raise UserError(f"{src}: {key} must be N×H×W or N×H×W×C images (got shape {x.shape})")
+    if x.shape[3] not in (1, 3):
+        raise UserError(f"{src}: {key} has {x.shape[3]} channels (shape {x.shape}); use 1 (grayscale) or 3 (RGB), "
+                        f"channels last (N×H×W×C: transpose N×C×H×W with x.transpose(0, 2, 3, 1))")
+    return x
+
+
+def _labels(y, key: str, n: int, src: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.dtype.kind not in "iu":
+        raise UserError(f"{src}: {key} must hold integer class ids (got {y.dtype}); save them with y.astype(np.int64)")
+    if y.ndim != 1:
+        raise UserError(f"{src}: {key} must be 1-D (got shape {y.shape}); flatten it with y.ravel()")
+    if len(y) != n:
+        raise UserError(f"{src}: x_{key[2:]} has {n} images but {key} has {len(y)} labels; give one label per image")
+    return y.astype(np.int64)
+
+
+def _build(name: str, src: str, x_train, y_train, x_test, y_test, classes=None, ids=None) -> Dataset:
+    """Validate raw arrays (the checks every SPEC shares) and build the Dataset."""
+    x_train, x_test = _images(x_train, "x_train", src), _images(x_test, "x_test", src)
+    y_train = _labels(y_train, "y_train", len(x_train), src)
+    y_test = _labels(y_test, "y_test", len(x_test), src)
+    for split, x in (("train", x_train), ("test", x_test)):
+        if len(x) == 0:
+            raise UserError(f"{src}: the {split} split is empty; it needs at least one image")
+    if x_test.shape[1:] != x_train.shape[1:]:
+        raise UserError(f"{src}: test images are {'×'.join(map(str, x_test.shape[1:]))} but train images are "
+                        f"{'×'.join(map(str, x_train.shape[1:]))}; both splits need the same H×W×C")
+    if classes is None:
+        classes = [str(i) for i in range(int(max(y_train.max(), y_test.max())) + 1)]
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in classes]
+    if len(set(classes)) != len(classes):
+        raise UserError(f"{src}: class names repeat ({classes}); give each class one unique name")
+    for key, y in (("y_train", y_train), ("y_test", y_test)):
+        bad = y[(y < 0) | (y >= len(classes))]
+        if len(bad):
+            raise UserError(f"{src}: {key} has labels outside 0..{len(classes) - 1} (found {int(bad[0])}); "
+                            f"labels must be class ids 0..C-1 for the {len(classes)} classes")
+    return Dataset(x_train=np.ascontiguousarray(x_train), y_train=y_train, x_test=np.ascontiguousarray(x_test),
+                   y_test=y_test, classes=classes, ids=ids, name=name)
+
+
+# ---------------------------------------------------------------- the four SPECs
+def _load_digits() -> Dataset:
+    """scikit-learn digits (8×8, 0..16 -> uint8), stratified 80/20 split fixed by random_state=0."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = np.round(d.images * 255.0 / 16.0).astype(np.uint8)  # [1797, 8, 8]
+    x_tr, x_te, y_tr, y_te = train_test_split(x, d.target, test_size=0.2, random_state=0, stratify=d.target)
+    return _build("digits", "digits", x_tr, y_tr, x_te, y_te, classes=[str(i) for i in range(10)])
+
+
+def _load_npz(spec: str, path: Path) -> Dataset:
+    if not path.is_file():
+        raise UserError(f"no such file: {path}; pass an existing .npz file with keys {', '.join(NPZ_KEYS)}")
+    fix = f"re-save it with np.savez({path.name!r}, x_train=..., y_train=..., x_test=..., y_test=...)"
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not hasattr(f, "files"):
+            raise UserError(f"{path} holds a single array, not an .npz archive; {fix}")
+        with f:
+            missing = [k for k in NPZ_KEYS if k not in f.files]
+            if missing:
+                raise UserError(f"{path} is missing keys {', '.join(missing)}; an .npz dataset needs "
+                                f"{', '.join(NPZ_KEYS)} (and optionally classes)")
+            arrays = {k: f[k] for k in (*NPZ_KEYS, "classes") if k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise UserError(f"cannot read {path} as .npz ({type(e).__name__}: {e}); {fix}") from None
+    classes = arrays.get("classes")
+    if classes is not None and classes.ndim != 1:
+        raise UserError(f"{path}: classes must be a 1-D array of names (got shape {classes.shape}); {fix}")
+    return _build(spec, str(path), *(arrays[k] for k in NPZ_KEYS),
+                  classes=None if classes is None else classes.tolist())
+
+
+def _load_folder(spec: str, root: Path) -> Dataset:
+    """ImageFolder: classes = sorted subfolders of train/; test classes must be a subset; sorted files."""
+    from PIL import Image
+
+    layout = "an ImageFolder needs DIR/train/<class>/*.png and DIR/test/<class>/*.png"
+    subdirs = {}
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise UserError(f"{root} has no {split}/ folder; {layout}")
+        subdirs[split] = sorted(d.name for d in (root / split).iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = subdirs["train"]
+    if not classes:
+        raise UserError(f"{root / 'train'} has no class folders; {layout}")
+    extra = sorted(set(subdirs["test"]) - set(classes))
+    if extra:
+        raise UserError(f"{root / 'test'} has classes not in train/: {', '.join(extra)}; "
+                        f"test classes must be a subset of train classes")
+
+    def read(split: str):
+        images, labels, ids, first = [], [], [], None
+        for label, c in enumerate(classes):
+            folder = root / split / c
+            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
+            for p in files:
+                rel = p.relative_to(root).as_posix()
+                try:
+                    with Image.open(p) as im:
+                        im = im.convert("L" if im.mode in ("L", "1", "LA") else "RGB")
+                        a = np.asarray(im, dtype=np.uint8)
+                except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... on bad files
+                    raise UserError(f"cannot read image {p} ({type(e).__name__}: {e}); replace or delete it") from None
+                if first is not None and a.shape[:2] != first[1]:
+                    raise UserError(f"{rel} is {a.shape[1]}×{a.shape[0]} but {first[0]} is "
+                                    f"{first[1][1]}×{first[1][0]}; resize all images to one size")
+                first = first or (rel, a.shape[:2])
+                images.append(a[..., None] if a.ndim == 2 else a)
+                labels.append(label)
+                ids.append(rel)
+        return images, labels, ids
+
+    (xtr, ytr, ids), (xte, yte, _) = read("train"), read("test")
+    for split, imgs in (("train", xtr), ("test", xte)):
+        if not imgs:
+            raise UserError(f"{root / split} holds no images (.png/.jpg/.jpeg/.bmp); {layout}")
+    if xtr[0].shape[:2] != xte[0].shape[:2]:
+        raise UserError(f"test images are {xte[0].shape[1]}×{xte[0].shape[0]} but train images are "
+                        f"{xtr[0].shape[1]}×{xtr[0].shape[0]}; resize all images to one size")
+    c = max(a.shape[2] for a in xtr + xte)  # a mix of grayscale and RGB becomes RGB
+
+    def stack(imgs: list[np.ndarray]) -> np.ndarray:
+        return np.stack([np.repeat(a, c // a.shape[2], axis=2) for a in imgs])  # [N, H, W, c]
+
+    return _build(spec, str(root), stack(xtr), np.array(ytr), stack(xte), np.array(yte), classes, ids)
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR batches hold: dicts, lists, bytes, numbers and numpy arrays; no other globals."""
+
+    _reconstruct = np.zeros(1).__reduce__()[0]  # numpy.(_)core.multiarray._reconstruct, whatever numpy version
+    _frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # numpy.(_)core.numeric._frombuffer (pickle protocol 5)
+    ALLOWED = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+        ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return self.ALLOWED[(module, name)]
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def _load_cifar10(spec: str, root: Path) -> Dataset:
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    if not root.is_dir():
+        raise UserError(f"no such directory: {root}; cifar10:DIR needs the CIFAR-10 python batches "
+                        f"({', '.join(names)}) in DIR")
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise UserError(f"{root} is missing {', '.join(missing)}; cifar10:DIR needs {', '.join(names)} "
+                        f"(extract cifar-10-python.tar.gz there)")
+
+    def unpickle(path: Path) -> dict:
+        try:
+            with open(path, "rb") as f:
+                d = _BatchUnpickler(f, encoding="bytes").load()
+        except Exception as e:  # untrusted bytes: any failure to parse is bad input
+            raise UserError(f"cannot read {path} as a CIFAR-10 python batch ({type(e).__name__}: {e}); "
+                            f"replace it with the original file from cifar-10-python.tar.gz") from None
+        if not isinstance(d, dict):
+            raise UserError(f"{path} is not a CIFAR-10 batch (a pickled dict); replace it with the original file")
+        return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+    def batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        d = unpickle(path)
+        if not {"data", "labels"} <= d.keys():
+            raise UserError(f"{path} lacks keys data/labels; replace it with the original CIFAR-10 batch")
+        x = np.asarray(d["data"])
+        if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+            raise UserError(f"{path}: data must be uint8 rows of 3072 bytes (got {x.dtype} {x.shape}); "
+                            f"replace it with the original CIFAR-10 batch")
+        return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(d["labels"])  # [N, 32, 32, 3]
+
+    parts = [batch(root / n) for n in names[:5]]
+    x_te, y_te = batch(root / "test_batch")
+    classes = CIFAR10_CLASSES
+    if (root / "batches.meta").is_file():
+        meta = unpickle(root / "batches.meta").get("label_names")
+        if not isinstance(meta, list) or not meta:
+            raise UserError(f"{root / 'batches.meta'} has no label_names list; replace or delete it")
+        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta]
+    return _build(spec, str(root), np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                  x_te, y_te, classes=classes)

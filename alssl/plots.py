@@ -1,0 +1,109 @@
+"""Budget-curve figures from a tidy curve.csv: accuracy vs labeled fraction, one panel per arm × probe.
+
+Top row: mean test accuracy per strategy over seeds with a ±1 std band (log x; `random` dashed black), a
+secondary x axis with labels per class. Bottom row: the gain over random at each budget (same seeds
+paired), with a zero line. Legend outside the data. PNG and SVG.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def read_curve(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("fraction", "accuracy", "labels_per_class"):
+            r[k] = float(r[k])
+        r["seed"], r["round"] = int(r["seed"]), int(r["round"])
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """{(arm, probe): {strategy: (fractions [R], mean [R], std [R], per-seed acc [S, R])}}."""
+    acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    frac: dict = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        acc[(r["arm"], r["probe"])][r["strategy"]][r["round"]][r["seed"]] = r["accuracy"]
+        frac[(r["arm"], r["probe"])][r["strategy"]][r["round"]] = r["fraction"]
+    out: dict = {}
+    for panel, strategies in acc.items():
+        out[panel] = {}
+        for s, by_round in strategies.items():
+            rounds = sorted(by_round)
+            seeds = sorted(set.intersection(*(set(by_round[k]) for k in rounds)))
+            a = np.array([[by_round[k][sd] for k in rounds] for sd in seeds])  # [S, R]
+            f = np.array([frac[panel][s][k] for k in rounds])
+            out[panel][s] = (f, a.mean(0), a.std(0), a, seeds)
+    return out
+
+
+def plot_curve(csv_path: Path, out_stem: Path | None = None, *, title: str | None = None) -> tuple[Path, Path]:
+    """Draw `curve.png` and `curve.svg` beside curve.csv (or at `out_stem`); returns both paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["svg.fonttype"] = "none"  # keep text as text in the SVG (editable, searchable)
+    rows = read_curve(Path(csv_path))
+    if not rows:
+        from alssl.errors import UserError
+
+        raise UserError(f"{csv_path} has no rows yet; run `alssl curve` first")
+    summary = summarize(rows)
+    lpc = {r["fraction"]: r["labels_per_class"] for r in rows}
+    ratio = np.median([lpc[f] / f for f in lpc if f > 0])  # labels per class per unit of labeled fraction
+    panels = sorted(summary, key=lambda p: (p[0] != "probe", p))
+    strategies = sorted({s for p in summary.values() for s in p}, key=lambda s: (s != "random", s))
+    colors = {s: c for s, c in zip(strategies, plt.cm.tab10.colors * 3)}
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.2 * len(panels) + 2.2, 7.4), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1.6]}, sharex="col")
+    for j, panel in enumerate(panels):
+        ax, gax = axes[0, j], axes[1, j]
+        rand = summary[panel].get("random")
+        for s in strategies:
+            if s not in summary[panel]:
+                continue
+            f, m, sd, a, seeds = summary[panel][s]
+            style = dict(color="black", linestyle="--") if s == "random" else dict(color=colors[s])
+            ax.plot(f * 100, m * 100, marker="o", ms=3.5, label=s, **style)
+            ax.fill_between(f * 100, (m - sd) * 100, (m + sd) * 100, alpha=0.15, color=style["color"], linewidth=0)
+            if rand is not None and s != "random" and len(rand[0]) == len(f):
+                common = sorted(set(seeds) & set(rand[4]))
+                if common:
+                    gain = (a[[seeds.index(x) for x in common]] - rand[3][[rand[4].index(x) for x in common]]) * 100
+                    gax.errorbar(f * 100, gain.mean(0), yerr=gain.std(0), marker="o", ms=3, capsize=2, color=colors[s], label=s)
+        arm, probe = panel
+        ax.set_title(f"{probe} probe" if arm == "probe" else f"{arm.split(':', 1)[1]} fine-tune (labels from {probe} rounds)")
+        ax.set_xscale("log")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, which="both", alpha=0.3)
+        top = ax.secondary_xaxis("top", functions=(lambda x: x / 100 * ratio, lambda y: y * 100 / ratio))
+        top.set_xlabel("labels per class")
+        gax.axhline(0, color="black", linestyle="--", linewidth=1)
+        gax.set_xscale("log")
+        gax.set_xlabel("labeled fraction of the pool (%, log scale)")
+        gax.set_ylabel("gain over random (points)")
+        gax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", title="strategy", frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
+    stem = Path(out_stem) if out_stem else Path(csv_path).with_suffix("")
+    png, svg = stem.with_suffix(".png"), stem.with_suffix(".svg")
+    from alssl.runs import atomic_write_bytes
+    import io
+
+    for path, fmt in ((png, "png"), (svg, "svg")):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=130)
+        atomic_write_bytes(path, buf.getvalue())
+    plt.close(fig)
+    return png, svg

@@ -1,0 +1,82 @@
+"""Teachers (EMA / EMAN) and distribution alignment.
+
+- EMA (Tarvainen & Valpola 2017, arXiv 1703.01780; FixMatch's evaluation model): θ' ← m·θ' + (1−m)·θ for the
+  parameters; buffers (BN running mean/var, num_batches_tracked) are copied from the student. During training its
+  forward passes use train-mode BN (batch statistics), as in SimMatch's and DASO's official code; evaluation uses
+  eval mode.
+- EMAN (Cai et al. 2021, arXiv 2103.16436): the EMA runs over the whole state, BN running statistics included
+  (num_batches_tracked copied), and the teacher is ALWAYS in eval mode, so its outputs for a sample never depend on
+  the other samples in the batch.
+- Distribution alignment (ReMixMatch, arXiv 1911.09785): p ← normalize(p · p_target / mean(p_model)), where
+  mean(p_model) is the mean of the last `length` batch-mean predictions (a queue, as ReMixMatch's "last 128 batches"
+  and SimMatch's official queue of 256).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+TEACHERS = ("ema", "eman")
+
+
+class Teacher(nn.Module):
+    """A frozen copy of the student updated by exponential moving average after every optimizer step."""
+
+    def __init__(self, student: nn.Module, *, kind: str = "ema", decay: float = 0.999):
+        super().__init__()
+        assert kind in TEACHERS, kind
+        self.kind, self.decay = kind, decay
+        self.model = copy.deepcopy(student)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> "Teacher":
+        # EMAN's teacher never leaves eval mode; the EMA teacher follows the trainer (train-mode BN while training).
+        self.training = mode
+        self.model.train(mode and self.kind == "ema")
+        return self
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        """One EMA step towards `student` (call after optimizer.step())."""
+        t_params = list(self.model.parameters())
+        s_params = list(student.parameters())
+        torch._foreach_lerp_(t_params, s_params, 1.0 - self.decay)  # θ' += (1−m)(θ − θ') = m·θ' + (1−m)·θ
+        for (name, tb), sb in zip(self.model.named_buffers(), student.buffers()):
+            if self.kind == "eman" and tb.is_floating_point():
+                tb.lerp_(sb, 1.0 - self.decay)  # EMAN: running mean / var are averaged too
+            else:
+                tb.copy_(sb)  # EMA: buffers copied; EMAN: integer counters copied
+
+
+class DistAlign:
+    """ReMixMatch distribution alignment with a queue of the last `length` batch means of p_model."""
+
+    def __init__(self, num_classes: int, *, length: int = 128, p_target: torch.Tensor | None = None):
+        self.length = length
+        self.p_target = torch.full((num_classes,), 1.0 / num_classes) if p_target is None else p_target.float()
+        self.queue = torch.zeros(length, num_classes)  # [L, K]
+        self.count = 0  # batches seen (the queue holds min(count, L) of them)
+
+    @torch.no_grad()
+    def __call__(self, probs: torch.Tensor) -> torch.Tensor:  # [B, K] -> [B, K]
+        self.queue = self.queue.to(probs.device)
+        self.p_target = self.p_target.to(probs.device)
+        self.queue[self.count % self.length] = probs.mean(0)
+        self.count += 1
+        p_model = self.queue[: min(self.count, self.length)].mean(0)  # [K]
+        out = probs * self.p_target / p_model.clamp_min(1e-12)
+        return out / out.sum(1, keepdim=True)
+
+    def state_dict(self) -> dict:
+        return {"queue": self.queue.cpu(), "count": self.count, "p_target": self.p_target.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.queue, self.count, self.p_target = state["queue"].clone(), int(state["count"]), state["p_target"].clone()

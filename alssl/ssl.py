@@ -1,0 +1,406 @@
+"""Stage 1: self-supervised pretraining (SimSiam, MoCo v2, BYOL; EMAN teacher option) in one visible loop.
+
+Built from lightly's heads, losses and momentum utilities; Lightning Fabric supplies devices, precision and DDP.
+
+- SimSiam (Chen & He 2021, arXiv 2011.10566): projection + prediction heads, symmetric negative cosine similarity
+  with stop-gradient on the target branch; SGD lr 0.05·bs/256, wd 5e-4 (lightly's CIFAR recipe).
+- MoCo v2 (Chen et al. 2020, arXiv 2003.04297): key encoder = momentum copy (m = 0.99, optional cosine schedule to 1),
+  a queue of keys (default min(4096, N/2)) and InfoNCE with T = 0.2 (lightly's NTXentLoss with a memory bank).
+- BYOL (Grill et al. 2020, arXiv 2006.07733): online network with predictor, target = momentum copy with m
+  cosine-scheduled 0.99 → 1, symmetric loss.
+- EMAN (Cai et al. 2021, arXiv 2103.16436), `eman=True` for MoCo / BYOL: the teacher is the EMA of the student's
+  whole state, BatchNorm running statistics included, and always runs in eval mode.
+
+The pool lives on the training device as one uint8 tensor; every step slices a batch and draws two kornia views on
+it, so there is no per-image PIL pipeline and no DataLoader. The random stream of step t on rank r is seeded from
+(seed, t, r), which makes a resumed run bit-identical to an uninterrupted one. Checkpoints (`pretrain-state.pt`:
+model, teacher, queue, optimizer, scheduler, step) are written atomically every epoch and every `ckpt_every_steps`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import time
+import warnings
+import zlib
+from contextlib import nullcontext
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightly.loss import NegativeCosineSimilarity, NTXentLoss
+from lightly.models.modules.heads import (
+    BYOLPredictionHead,
+    BYOLProjectionHead,
+    MoCoProjectionHead,
+    SimSiamPredictionHead,
+    SimSiamProjectionHead,
+)
+from lightly.models.utils import update_momentum
+from lightly.utils.debug import std_of_l2_normalized
+from lightly.utils.scheduler import cosine_schedule
+from torch import nn
+
+from alssl.augment import SSLView, normalise
+from alssl.backbones import backbone_checkpoint, build_backbone
+from alssl.data import Dataset
+from alssl.errors import UserError
+from alssl.runs import Run, atomic_torch_save, torch_load
+
+METHODS = ("simsiam", "moco", "byol")
+BASE_LR = {"simsiam": 0.05, "moco": 0.06, "byol": 0.06}  # per 256 images (lightly's CIFAR-10 benchmark recipes)
+STATE_FILE = "pretrain-state.pt"
+
+
+# ---------------------------------------------------------------- models
+class Encoder(nn.Module):
+    """backbone → projection head; the part a momentum teacher copies."""
+
+    def __init__(self, backbone: nn.Module, projection: nn.Module):
+        super().__init__()
+        self.backbone, self.projection = backbone, projection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, P]
+        return self.projection(self.backbone(x))
+
+
+class SSLNet(nn.Module):
+    """The student: encoder (+ predictor for SimSiam / BYOL). forward -> (z projection, p prediction or z)."""
+
+    def __init__(self, method: str, backbone: nn.Module):
+        super().__init__()
+        d = backbone.dim
+        if method == "simsiam":  # lightly's CIFAR benchmark sizes, input scaled to the backbone
+            proj, self.prediction = SimSiamProjectionHead(d, 512, 128), SimSiamPredictionHead(128, 64, 128)
+        elif method == "moco":
+            proj, self.prediction = MoCoProjectionHead(d, 512, 128), None
+        else:
+            proj, self.prediction = BYOLProjectionHead(d, 1024, 256), BYOLPredictionHead(256, 1024, 256)
+        self.encoder = Encoder(backbone, proj)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder(x)
+        return z, (self.prediction(z) if self.prediction is not None else z)
+
+
+@torch.no_grad()
+def momentum_update(student: nn.Module, teacher: nn.Module, m: float, *, eman: bool) -> None:
+    """θ_t ← m·θ_t + (1−m)·θ_s (lightly's update_momentum); with EMAN also the BN running statistics.
+
+    EMAN averages every floating-point buffer (running mean / var) and copies integer counters; the plain momentum
+    encoder keeps its own buffers, as in MoCo's and lightly's code.
+    """
+    update_momentum(student, teacher, m)
+    if eman:
+        for tb, sb in zip(teacher.buffers(), student.buffers()):
+            if tb.is_floating_point():
+                tb.mul_(m).add_(sb, alpha=1.0 - m)
+            else:
+                tb.copy_(sb)
+
+
+# ---------------------------------------------------------------- kNN monitor
+@torch.no_grad()
+def knn_accuracy(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, test_y: np.ndarray, *,
+                 num_classes: int, k: int = 200, t: float = 0.1) -> float:
+    """Weighted kNN accuracy (Wu et al. 2018, as in lightly's benchmarks): cosine top-k with faiss, votes exp(s/T)."""
+    train = np.ascontiguousarray(train, dtype=np.float32)
+    test = np.ascontiguousarray(test, dtype=np.float32)
+    faiss.normalize_L2(train)
+    faiss.normalize_L2(test)
+    index = faiss.IndexFlatIP(train.shape[1])
+    index.add(train)
+    k = min(k, len(train))
+    sim, nn_idx = index.search(test, k)  # [M, k]
+    weights = torch.from_numpy(sim).div_(t).exp_()  # [M, k]
+    votes = torch.zeros(len(test), num_classes)
+    votes.scatter_add_(1, torch.from_numpy(train_y[nn_idx]).long(), weights)
+    return float((votes.argmax(1).numpy() == test_y).mean())
+
+
+@torch.no_grad()
+def _embed(backbone: nn.Module, x_u8: torch.Tensor, mean, std, batch_size: int = 1024) -> np.ndarray:
+    was_training = backbone.training
+    backbone.eval()
+    out = [backbone(normalise(x_u8[i : i + batch_size].float().div_(255), mean, std)).float().cpu()
+           for i in range(0, len(x_u8), batch_size)]
+    backbone.train(was_training)
+    return torch.cat(out).numpy()
+
+
+# ---------------------------------------------------------------- helpers
+@torch.no_grad()
+def _calibrate_bn(encoder: nn.Module, x_u8: torch.Tensor, view: nn.Module, bs: int, batches: int = 10) -> None:
+    """Set the BN running statistics of a fresh encoder to the true averages over a few augmented batches.
+
+    EMAN's teacher normalises with running statistics from step 0. Starting from the default (0, 1) buffers, its
+    EMA (m = 0.99) needs hundreds of steps to reach the real statistics, which a short CPU schedule never has
+    (measured on digits, MoCo-EMAN 330 steps: the student collapsed). Precise-BN initialisation (Wu & Johnson 2021,
+    arXiv 2105.07576) fixes the start and leaves the method unchanged.
+    """
+    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum, m._saved_momentum = None, m.momentum  # None = cumulative moving average
+    encoder.train()
+    g = torch.Generator().manual_seed(1234)
+    for _ in range(batches):
+        encoder(view(x_u8[torch.randint(len(x_u8), (bs,), generator=g)].float().div_(255)))
+    for m in bns:
+        m.momentum = m._saved_momentum
+        del m._saved_momentum
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return zlib.crc32(f"{seed}/{step}/{rank}".encode())
+
+
+def _fabric(accelerator: str, devices, strategy: str, precision: str):
+    from lightning_fabric import Fabric
+
+    try:
+        fabric = Fabric(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision)
+    except Exception as exc:  # Fabric reports bad device/precision combinations as ValueError / RuntimeError
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot set up --accelerator {accelerator} --devices {devices} --precision {precision} "
+                        f"--strategy {strategy}: {msg}") from None
+    return fabric
+
+
+def _fault_after_steps(done_here: int) -> None:
+    """Fault injection for the kill -9 tests: ALSSL_FAULT_AFTER_STEPS=k kills this process after k steps."""
+    k = os.environ.get("ALSSL_FAULT_AFTER_STEPS")
+    if k is not None and done_here >= int(k):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- the loop
+def pretrain(
+    dataset: Dataset,
+    run: Run,
+    *,
+    method: str = "simsiam",
+    backbone: str = "cnn",
+    epochs: int = 20,
+    batch_size: int = 256,
+    lr: float | None = None,
+    weight_decay: float = 5e-4,
+    eman: bool = False,
+    momentum: float = 0.99,
+    momentum_schedule: str | None = None,
+    queue_size: int | None = None,
+    temperature: float = 0.2,
+    devices: int | str = 1,
+    accelerator: str = "auto",
+    precision: str = "32-true",
+    strategy: str = "auto",
+    seed: int = 0,
+    ckpt_every_steps: int = 0,
+    knn_k: int = 200,
+    knn_t: float = 0.1,
+    hflip: bool | None = None,
+    quiet: bool = True,
+) -> dict | None:
+    """Pretrain `backbone` on the run's pool; resume from `RUN/checkpoints/pretrain-state.pt` when it exists.
+
+    Writes `RUN/checkpoints/backbone.pt` (the student backbone) at the end and returns a summary dict on rank 0
+    (None on other ranks). `epochs=0` writes the seeded random-init backbone: the baseline every curve needs.
+    """
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if eman and method == "simsiam":
+        raise UserError("--eman needs a momentum teacher; use it with --method moco or --method byol")
+    if momentum_schedule not in (None, "cosine"):
+        raise UserError(f"unknown momentum schedule {momentum_schedule!r}; use cosine or leave it out")
+    if not 0.0 <= momentum < 1.0:
+        raise UserError(f"momentum must be in [0, 1), got {momentum}")
+    if method == "byol":
+        momentum_schedule = momentum_schedule or "cosine"  # BYOL: τ from 0.99 to 1 with a cosine schedule
+
+    fabric = _fabric(accelerator, devices, strategy, precision)
+    fabric.launch()
+    rank, world = fabric.global_rank, fabric.world_size
+    ckpt_dir = run.checkpoints
+    state_path = ckpt_dir / STATE_FILE
+
+    n_pool = len(dataset.y_train)
+    per_rank = n_pool // world
+    bs = min(batch_size, per_rank)
+    if bs < 2:
+        raise UserError(f"the pool has {n_pool} images: too few for {world} device(s); use more data or fewer --devices")
+    steps_per_epoch = per_rank // bs
+    total = epochs * steps_per_epoch
+    base_lr = (lr if lr is not None else BASE_LR[method] * bs * world / 256)
+
+    torch.manual_seed(seed)  # same initial weights (and MoCo queue) on every rank
+    net = SSLNet(method, build_backbone(backbone, dataset.channels))
+    x_all = torch.from_numpy(dataset.x_train).permute(0, 3, 1, 2).contiguous()  # uint8 [N, C, H, W]
+    view = SSLView(dataset.image_size, dataset.channels, dataset.mean, dataset.std, hflip=hflip)
+    if eman and not state_path.exists():
+        _calibrate_bn(net.encoder, x_all, view, bs)
+    teacher = copy.deepcopy(net.encoder).requires_grad_(False) if method in ("moco", "byol") else None
+    if method == "moco":
+        q = queue_size if queue_size is not None else min(4096, n_pool // 2)
+        criterion: nn.Module = NTXentLoss(temperature=temperature, memory_bank_size=(q, 128))
+    else:
+        criterion = NegativeCosineSimilarity()
+    optimizer = torch.optim.SGD(net.parameters(), lr=base_lr, momentum=0.9, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+
+    net_d, optimizer = fabric.setup(net, optimizer)
+    criterion = criterion.to(fabric.device)
+    if teacher is not None:
+        teacher = teacher.to(fabric.device)
+
+    step, history = 0, []
+    if state_path.exists():
+        saved = torch_load(state_path)
+        if saved.get("method") != method or saved.get("total") != total:
+            raise UserError(f"{state_path} belongs to another pretraining setup; rerun with the arguments in "
+                            f"{run.path / 'run.toml'} or pick a new --out")
+        net.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if teacher is not None:
+            teacher.load_state_dict(saved["teacher"])
+        if method == "moco":
+            criterion.memory_bank.bank.copy_(saved["queue"])
+            criterion.memory_bank.bank_ptr.copy_(saved["queue_ptr"])
+        step, history = int(saved["step"]), list(saved["history"])
+
+    def save() -> None:
+        if rank != 0:
+            return
+        state = {"kind": "alssl-pretrain-state", "method": method, "total": total, "step": step,
+                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "teacher": teacher.state_dict() if teacher is not None else {}, "history": history}
+        if method == "moco":
+            state["queue"] = criterion.memory_bank.bank.detach().cpu()
+            state["queue_ptr"] = criterion.memory_bank.bank_ptr.detach().cpu()
+        atomic_torch_save(state, state_path)
+
+    x_all, view = x_all.to(fabric.device), view.to(fabric.device)
+    x_test = torch.from_numpy(dataset.x_test).permute(0, 3, 1, 2).contiguous().to(fabric.device)
+
+    def monitor(epoch: int, loss: float | None, collapse: float | None) -> dict:
+        bb = net.encoder.backbone
+        acc = knn_accuracy(_embed(bb, x_all, dataset.mean, dataset.std), dataset.y_train,
+                           _embed(bb, x_test, dataset.mean, dataset.std), dataset.y_test,
+                           num_classes=dataset.num_classes, k=knn_k, t=knn_t)
+        rec = {"stage": "pretrain", "epoch": epoch, "step": step, "loss": loss, "knn_accuracy": round(acc, 4),
+               "collapse_std": collapse, "lr": optimizer.param_groups[0]["lr"]}
+        if collapse is not None and collapse < 0.1 / math.sqrt(256 if method == "byol" else 128):  # 1/√d healthy
+            warnings.warn(f"epoch {epoch}: representation collapse (std of l2-normalised outputs {collapse:.4f})")
+        return rec
+
+    if rank == 0 and not history:
+        history.append(monitor(0, None, None))
+        run.log_metrics(history[-1])
+
+    progress, task = _progress(quiet or rank != 0, total, step, f"{method} {backbone}")
+    t0, done_here = time.perf_counter(), 0
+    net_d.train()
+    if teacher is not None:
+        teacher.train(not eman)  # EMAN's teacher always runs in eval mode
+    with progress or nullcontext():
+        while step < total:
+            epoch, it = divmod(step, steps_per_epoch)
+            perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            shard = perm[rank::world][: steps_per_epoch * bs].to(fabric.device)
+            loss_sum, std_sum, n_steps = torch.zeros((), device=fabric.device), 0.0, 0
+            for it in range(it, steps_per_epoch):
+                torch.manual_seed(_step_seed(seed, step, rank))
+                x = x_all[shard[it * bs : (it + 1) * bs]].float().div_(255)
+                x0, x1 = view(x), view(x)
+                m = cosine_schedule(step, total, momentum, 1.0) if momentum_schedule == "cosine" else momentum
+                loss, z = _loss(method, net_d, teacher, criterion, x0, x1, fabric)
+                if not torch.isfinite(loss):
+                    raise UserError(f"the {method} loss became {loss.item()} at step {step}; the last good checkpoint "
+                                    f"is kept in {ckpt_dir}; lower --lr and rerun with a new --out")
+                optimizer.zero_grad(set_to_none=True)
+                fabric.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                if teacher is not None:
+                    momentum_update(net.encoder, teacher, m, eman=eman)
+                step += 1
+                done_here += 1
+                loss_sum += loss.detach()
+                std_sum += float(std_of_l2_normalized(z.detach().float()))
+                n_steps += 1
+                if ckpt_every_steps and step % ckpt_every_steps == 0 and it + 1 < steps_per_epoch:
+                    save()
+                if progress is not None and (step % 5 == 0 or step == total):
+                    progress.update(task, completed=step, loss=f"{loss.item():.3f}")
+                _fault_after_steps(done_here)
+            if rank == 0:
+                history.append(monitor(epoch + 1, round(float(loss_sum) / n_steps, 4), round(std_sum / n_steps, 4)))
+                run.log_metrics(history[-1])
+                if progress is not None:
+                    progress.update(task, knn=f"{history[-1]['knn_accuracy']:.3f}")
+            save()
+            fabric.barrier()
+    seconds = time.perf_counter() - t0
+    in_sync = _ranks_in_sync(fabric, net) if world > 1 else None
+
+    if rank != 0:
+        return None
+    meta = {"method": method, "epochs": epochs, "steps": total, "knn_accuracy": history[-1]["knn_accuracy"],
+            "eman": eman, "seed": seed, "world_size": world}
+    if in_sync is not None:
+        meta["ranks_in_sync"] = in_sync
+    atomic_torch_save(backbone_checkpoint(net.encoder.backbone, name=backbone, in_channels=dataset.channels, **meta),
+                      ckpt_dir / "backbone.pt")
+    if total == 0:
+        save()
+    return {**meta, "backbone": backbone, "knn_accuracy_init": history[0]["knn_accuracy"],
+            "loss": history[-1]["loss"], "seconds": round(seconds, 2),
+            "images_per_s": round(done_here * bs * world / seconds, 1) if done_here else None}
+
+
+@torch.no_grad()
+def _ranks_in_sync(fabric, net: nn.Module) -> bool:
+    """DDP check: every rank holds bit-identical student weights (all_gather of the flat parameter vector)."""
+    flat = torch.cat([p.detach().flatten() for p in net.parameters()])
+    gathered = fabric.all_gather(flat)  # [world, P]
+    return bool((gathered - gathered[0]).abs().max().item() == 0.0)
+
+
+def _loss(method: str, net: nn.Module, teacher: nn.Module | None, criterion: nn.Module,
+          x0: torch.Tensor, x1: torch.Tensor, fabric) -> tuple[torch.Tensor, torch.Tensor]:
+    """The method's loss on two views; also returns the student projections (for the collapse monitor)."""
+    if method == "simsiam":  # D(p0, sg(z1))/2 + D(p1, sg(z0))/2
+        z0, p0 = net(x0)
+        z1, p1 = net(x1)
+        return 0.5 * (criterion(p0, z1.detach()) + criterion(p1, z0.detach())), z0
+    if method == "moco":  # query from view 0, key from view 1 (momentum encoder), queue of past keys
+        q, _ = net(x0)
+        with torch.no_grad(), fabric.autocast():
+            k = teacher(x1)
+        return criterion(q, k), q
+    with torch.no_grad(), fabric.autocast():  # BYOL: symmetric, online predictions vs target projections
+        k0, k1 = teacher(x0), teacher(x1)
+    z0, p0 = net(x0)
+    z1, p1 = net(x1)
+    return 0.5 * (criterion(p0, k1) + criterion(p1, k0)), z0
+
+
+def _progress(quiet: bool, total: int, start: int, label: str):
+    if quiet or total == 0:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}  kNN {task.fields[knn]}"), TimeRemainingColumn())
+    task = progress.add_task(label, total=total, completed=start, loss="-", knn="-")
+    return progress, task
+
+
+def load_state(run_path: Path) -> dict:
+    """The raw stage-1 training state of a run (weights_only load), for tests and tools."""
+    return torch_load(Path(run_path) / "checkpoints" / STATE_FILE)

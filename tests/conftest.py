@@ -1,0 +1,66 @@
+"""Shared fixtures: keep torch to one thread per test process (CI has 2 cores) and give tests the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `alssl ARGS` in a subprocess (the real console entry point), capturing text output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "alssl", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_cli_inprocess(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 0) -> subprocess.CompletedProcess:
+    """`alssl ARGS` through the same entry point, in this process (no 3 s torch import per case).
+
+    An exception that escapes `main` is reported as exit 1 with its traceback in stderr, as the console would show it.
+    """
+    import contextlib
+    import io
+    import traceback
+
+    from alssl.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old_env, old_cwd = dict(os.environ), os.getcwd()
+    os.environ.update(env or {})
+    code = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:  # noqa: BLE001 - a crash must show up as a traceback, like the console
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(old_cwd)
+        os.environ.clear()
+        os.environ.update(old_env)
+    return subprocess.CompletedProcess(["alssl", *args], code, out.getvalue(), err.getvalue())
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under `path` with its bytes: two equal snapshots mean the dir is byte-identical."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def cli():
+    return run_cli

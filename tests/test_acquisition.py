@@ -1,0 +1,289 @@
+"""Stage 3 strategies: hand-made cases with a known right pick, the select() contract, and a digits comparison.
+
+The full digits table of docs/acquisition.md comes from `python bench/acq_digits.py`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from alssl.acquisition import NEEDS_LABELS, STRATEGIES, AcquisitionContext, select
+from alssl.acquisition.kcenter import kcenter_greedy
+from alssl.acquisition.probcover import choose_delta, delta_from_radii, purity_radius
+from alssl.acquisition.uncertainty import entropy_scores, top2_gap
+from alssl.data import load_dataset
+from alssl.errors import UserError
+from alssl.probes import fit_probe
+from alssl.rounds import strategy_rng
+
+FAST = {"vaal_epochs": 1, "vaal_width": 8}  # keeps VAAL to ~1 s in the contract tests
+
+
+def make_ctx(emb, labeled_idx=(), labels_of=None, num_classes=2, **kw) -> AcquisitionContext:
+    emb = np.asarray(emb, np.float32)
+    labeled = np.zeros(len(emb), bool)
+    labeled[list(labeled_idx)] = True
+    labels = np.full(len(emb), -1, np.int64)
+    labels[labeled] = 0 if labels_of is None else np.asarray(labels_of)[labeled]
+    return AcquisitionContext(embeddings=emb, labeled=labeled, labels=labels, num_classes=num_classes, **kw)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_dataset("digits")
+    return d, d.x_train.reshape(len(d.x_train), -1).astype(np.float32)
+
+
+# ------------------------------------------------------------------ contract
+@pytest.mark.parametrize("name,n_labeled", [(s, n) for s in sorted(STRATEGIES) for n in (0, 30)
+                                             if not (s in NEEDS_LABELS and n == 0)])  # those refuse: next test
+def test_every_strategy_returns_exactly_b_unique_unlabeled_indices(digits, name, n_labeled, one_torch_thread):
+    d, x = digits
+    lab = np.random.default_rng(0).choice(len(x), n_labeled, replace=False)
+    ctx = make_ctx(x, lab, d.y_train, num_classes=10, images=d.x_train, options=dict(FAST))
+    picked = STRATEGIES[name](ctx, 25, np.random.default_rng(1))
+    assert picked.dtype == np.int64 and picked.shape == (25,)
+    assert len(np.unique(picked)) == 25 and not ctx.labeled[picked].any()
+    again = select(name, ctx, 25, np.random.default_rng(1))
+    assert np.array_equal(np.sort(again), np.sort(picked)), "same rng seed must give the same picks"
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_LABELS))
+def test_model_based_strategies_refuse_an_empty_labeled_set(name):
+    ctx = make_ctx(np.random.default_rng(0).normal(size=(20, 4)), images=np.zeros((20, 8, 8, 1), np.uint8))
+    with pytest.raises(UserError, match=f"strategy {name} needs labeled samples.*--strategy random"):
+        select(name, ctx, 3, np.random.default_rng(0))
+    with pytest.raises(UserError, match="--strategy random"):
+        STRATEGIES[name](ctx, 3, np.random.default_rng(0))
+
+
+def test_select_rejects_bad_requests():
+    ctx = make_ctx(np.random.default_rng(0).normal(size=(10, 3)), [0, 1], [0, 1] + [0] * 8)
+    rng = np.random.default_rng(0)
+    with pytest.raises(UserError, match="budget must be at least 1"):
+        select("random", ctx, 0, rng)
+    with pytest.raises(UserError, match="budget 9 is more than the 8 unlabeled samples left; ask for at most 8"):
+        select("random", ctx, 9, rng)
+    with pytest.raises(UserError, match='unknown strategy "kcentre" \\(did you mean "kcenter"\\?\\)'):
+        select("kcentre", ctx, 2, rng)
+    with pytest.raises(UserError, match='unknown acquisition option "detla" \\(did you mean "delta"\\?\\)'):
+        select("probcover", make_ctx(np.eye(4), options={"detla": 0.3}), 1, rng)
+    with pytest.raises(UserError, match="budget must be a whole number"):
+        select("random", ctx, 2.5, rng)
+    assert len(select("random", ctx, 8, rng)) == 8  # the whole unlabeled pool is a valid budget
+
+
+# ------------------------------------------------------------------ uncertainty
+def test_entropy_and_margin_scores_by_hand():
+    p = np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.7, 0.2, 0.1]])
+    assert np.allclose(entropy_scores(p), [np.log(2), 0.0, -(0.7 * np.log(0.7) + 0.2 * np.log(0.2) + 0.1 * np.log(0.1))])
+    assert np.allclose(top2_gap(p), [0.0, 1.0, 0.5])
+
+
+def _two_class_line():
+    """Labeled: class 0 around x=-2, class 1 around x=+2; unlabeled at x = -5, 0.1, 4, -1.5, 2.5 (y spread)."""
+    lab = [[-2, 0], [-2.5, 1], [-1.5, -1], [2, 0], [2.5, 1], [1.5, -1]]
+    unl = [[-5, 0.5], [0.1, 3.0], [4, -0.5], [-1.5, 2.0], [2.5, -2.0]]
+    y = [0, 0, 0, 1, 1, 1] + [-1] * 5
+    return np.array(lab + unl, np.float32), list(range(6)), np.array(y)
+
+
+@pytest.mark.parametrize("name", ["entropy", "margin", "svm-margin"])
+def test_uncertainty_strategies_pick_the_boundary_point(name):
+    emb, lab, y = _two_class_line()
+    picked = select(name, make_ctx(emb, lab, y), 1, np.random.default_rng(0))
+    assert picked.tolist() == [7]  # x = 0.1, nearest the boundary x = 0
+
+
+def test_entropy_picks_the_point_confusing_three_classes_over_one_confusing_two():
+    # classes at the corners of a triangle; one unlabeled point at the centre (3-way), one on an edge (2-way)
+    corners = np.array([[0, 4], [-3.5, -2], [3.5, -2]], np.float32)
+    rng = np.random.default_rng(0)
+    lab = np.concatenate([c + 0.3 * rng.normal(size=(4, 2)) for c in corners]).astype(np.float32)
+    unl = np.array([[0.0, 0.0], [0.0, -2.0], [0, 6], [-5, -3]], np.float32)  # centre, edge midpoint, two sure ones
+    emb = np.concatenate([lab, unl])
+    y = np.r_[np.repeat([0, 1, 2], 4), [-1] * 4]
+    ctx = make_ctx(emb, range(12), y, num_classes=3)
+    assert select("entropy", ctx, 1, np.random.default_rng(0)).tolist() == [12]
+    probs = fit_probe("linear", lab, y[:12], num_classes=3).predict_proba(unl)
+    assert entropy_scores(probs)[0] > entropy_scores(probs)[1] > entropy_scores(probs)[2]
+
+
+def test_svm_margin_ranks_by_distance_to_the_hyperplane():
+    lab = np.array([[-2, 0], [-2, 1], [-2, -1], [2, 0], [2, 1], [2, -1]], np.float32)  # hyperplane x = 0
+    unl = np.array([[0.3, 5], [-1, 0], [3, 0], [-0.6, -3], [0.05, -4]], np.float32)
+    ctx = make_ctx(np.concatenate([lab, unl]), range(6), np.r_[[0, 0, 0, 1, 1, 1], [-1] * 5])
+    assert select("svm-margin", ctx, 3, np.random.default_rng(0)).tolist() == [10, 6, 9]  # |x| = .05, .3, .6
+
+
+# ------------------------------------------------------------------ k-center greedy
+def test_kcenter_picks_the_far_cluster_first():
+    rng = np.random.default_rng(0)
+    near = rng.normal(0, 0.1, size=(5, 3))  # labeled
+    mid = rng.normal(0, 0.1, size=(5, 3)) + [10, 0, 0]
+    far = rng.normal(0, 0.1, size=(5, 3)) + [100, 0, 0]
+    emb = np.concatenate([near, mid, far])
+    ctx = make_ctx(emb, range(5))
+    first = select("kcenter", ctx, 1, rng)[0]
+    farthest = 10 + np.argmax(np.linalg.norm(far[:, None] - near[None], axis=2).min(1))  # of the far cluster
+    assert first == farthest
+    two = select("kcenter", ctx, 2, rng)
+    assert 10 <= two[0] < 15 and 5 <= two[1] < 10
+
+
+def test_kcenter_with_duplicates_never_picks_a_copy_while_new_points_remain():
+    rng = np.random.default_rng(0)
+    distinct = rng.normal(size=(6, 512)).astype(np.float32) * 3 + 40  # large norms: copies get rounding residuals
+    emb = np.repeat(distinct, 4, axis=0)  # rows 4k..4k+3 are copies of distinct[k]
+    picked = select("kcenter", make_ctx(emb), 6, np.random.default_rng(0))
+    assert sorted(picked // 4) == [0, 1, 2, 3, 4, 5]
+    ctx = make_ctx(emb, [0, 1])  # distinct[0] labeled (twice)
+    filled: set[int] = set()
+    for seed in range(8):
+        picked = select("kcenter", ctx, 12, np.random.default_rng(seed))
+        assert sorted(picked[:5] // 4) == [1, 2, 3, 4, 5]  # every distinct point before any copy
+        assert len(set(picked.tolist())) == 12 and not ctx.labeled[picked].any()
+        filled |= set(picked[5:].tolist())
+    # once only copies are left (distance 0) the rest is a random fill over all 18 copies, not a greedy pick of
+    # the copies whose float32 rounding residual happens to be > 0
+    assert len(filled) >= 15, sorted(filled)
+
+
+def brute_force_kcenter(x: np.ndarray, labeled: np.ndarray, budget: int, first: int | None) -> list[int]:
+    x = x.astype(np.float64)
+    dist = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))  # [N, N]
+    centres = list(np.flatnonzero(labeled)) + ([first] if first is not None else [])
+    picks = [] if first is None else [first]
+    min_d = dist[:, centres].min(1)
+    while len(picks) < budget:
+        p = int(np.argmax(min_d))
+        picks.append(p)
+        min_d = np.minimum(min_d, dist[:, p])
+    return picks
+
+
+@pytest.mark.parametrize("n_labeled", [0, 1, 7])
+def test_kcenter_equals_brute_force(n_labeled):
+    rng = np.random.default_rng(n_labeled)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    ctx = make_ctx(x, rng.choice(300, n_labeled, replace=False))
+    first = None if n_labeled else int(np.random.default_rng(5).choice(ctx.unlabeled_indices))
+    ours = kcenter_greedy(ctx, 40, np.random.default_rng(5))
+    assert ours.tolist() == brute_force_kcenter(x, ctx.labeled, 40, first)
+
+
+def test_kcenter_never_builds_an_n_by_n_matrix():
+    """30,000 points: an N×N float32 matrix would be 3.6 GB; the numpy peak must stay a few [N] vectors."""
+    import tracemalloc
+
+    x = np.random.default_rng(0).normal(size=(30000, 4)).astype(np.float32)  # 0.5 MB
+    ctx = make_ctx(x, range(10))
+    kcenter_greedy(ctx, 2, np.random.default_rng(0))  # imports faiss outside the measurement
+    tracemalloc.start()
+    picked = kcenter_greedy(ctx, 20, np.random.default_rng(0))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(np.unique(picked)) == 20
+    assert peak < 40 * 4 * len(x), f"kcenter peak {peak / 2**20:.1f} MiB"  # ≈ 40 float32 [N] vectors
+
+
+# ------------------------------------------------------------------ typiclust / probcover
+def _blobs(rng, centres, counts, spreads):
+    return np.concatenate([c + s * rng.normal(size=(n, len(c))) for c, n, s in zip(centres, counts, spreads)]).astype(np.float32)
+
+
+def test_typiclust_picks_the_dense_core_of_the_largest_unlabeled_cluster():
+    rng = np.random.default_rng(0)
+    e = np.eye(8) * 10
+    a = _blobs(rng, [e[0]], [20], [0.5])  # rows 0..19, two labeled
+    b_core = _blobs(rng, [e[1]], [12], [0.1])  # rows 20..31: dense core of the big cluster
+    b_halo = _blobs(rng, [e[1]], [18], [1.2])  # rows 32..49: its sparse halo
+    c = _blobs(rng, [e[2]], [20], [0.5])  # rows 50..69: smaller unlabeled cluster
+    ctx = make_ctx(np.concatenate([a, b_core, b_halo, c]), [0, 1])
+    picked = select("typiclust", ctx, 1, np.random.default_rng(0))
+    assert 20 <= picked[0] < 32
+    ctx = make_ctx(np.concatenate([a, b_core, b_halo, c]), [0])
+    picked = select("typiclust", ctx, 2, np.random.default_rng(0))
+    assert 20 <= picked[0] < 32 and 50 <= picked[1] < 70
+
+
+def test_probcover_covers_two_separated_blobs_before_a_second_point_in_either():
+    rng = np.random.default_rng(0)
+    e = np.eye(6)
+    blobs = _blobs(rng, [e[0], e[1]], [40, 25], [0.05, 0.05])  # rows 0..39 and 40..64, far apart after L2 norm
+    for options in ({"delta": 0.4}, {}):  # a given delta, and the purity heuristic
+        picked = select("probcover", make_ctx(blobs, options=options), 2, np.random.default_rng(0))
+        assert picked[0] < 40 <= picked[1], options  # the bigger blob covers more, then the other blob
+    picked = select("probcover", make_ctx(blobs, [3], options={"delta": 0.4}), 1, np.random.default_rng(0))
+    assert picked[0] >= 40  # the labeled point already covers the first blob
+
+
+def test_probcover_delta_heuristic_follows_purity():
+    rng = np.random.default_rng(0)
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
+    far = unit(_blobs(rng, np.eye(4)[:2], [30, 30], [0.02, 0.02]))  # orthogonal blobs, ~sqrt(2) apart
+    delta = choose_delta(far, 2)
+    assert 1.3 < delta < 1.5  # the balls may grow until they reach the other blob
+    near = unit(_blobs(rng, [[1, 0, 0, 0], [1, 0.3, 0, 0]], [30, 30], [0.01, 0.01]))  # ~0.29 apart
+    assert 0.2 <= choose_delta(near, 2) <= 0.3
+
+
+def test_probcover_delta_is_the_largest_radius_with_95_percent_pure_balls():
+    # 20 points on a line: 0..9 at 0.00..0.09 (pseudo-label 0), 10..19 at 0.50..0.59 (pseudo-label 1). By hand,
+    # the distance to the other label is 0.41 for the two facing ends, 0.42 for the next two, ... 0.50 for the
+    # outer ends. With alpha = 0.9, 18 of 20 balls must stay pure: delta = the 18th largest r = 0.42.
+    x = np.r_[np.arange(10) * 0.01, 0.5 + np.arange(10) * 0.01][:, None].astype(np.float32)
+    pseudo = (np.arange(20) >= 10).astype(np.int64)
+    r = purity_radius(x, pseudo)
+    assert np.allclose(np.sort(r)[:4], [0.41, 0.41, 0.42, 0.42], atol=1e-5)
+    delta = delta_from_radii(r, 0.9)
+    assert delta == pytest.approx(0.42, abs=1e-5)
+    assert (r >= delta).mean() >= 0.9 and (r >= delta + 1e-3).mean() < 0.9  # largest such delta
+    assert delta_from_radii(r, 1.0) == pytest.approx(0.41, abs=1e-5)  # every ball pure
+    assert delta_from_radii(np.full(5, np.inf)) == 2.0 and delta_from_radii(np.zeros(5)) > 0
+    with pytest.raises(UserError, match="probcover_alpha must be in"):
+        delta_from_radii(r, 1.5)
+
+
+# ------------------------------------------------------------------ VAAL
+@pytest.fixture
+def one_torch_thread():
+    """Tiny convnets: two threads on a shared 2-core CPU ran the VAAL case ~17x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_vaal_queries_what_does_not_look_labeled(one_torch_thread):
+    rng = np.random.default_rng(0)
+    dark = rng.integers(0, 40, size=(60, 8, 8, 1), dtype=np.uint8)
+    bright = rng.integers(200, 256, size=(30, 8, 8, 1), dtype=np.uint8)
+    images = np.concatenate([dark, bright])  # rows 0..29 labeled (dark), 30..59 dark unlabeled, 60..89 bright
+    emb = images.reshape(90, -1).astype(np.float32)
+    ctx = make_ctx(emb, range(30), np.zeros(90, int), num_classes=1, images=images,
+                   options={"vaal_epochs": 8, "vaal_batch_size": 32, "vaal_width": 8})
+    picked = select("vaal", ctx, 20, np.random.default_rng(0))
+    assert (picked >= 60).sum() >= 18, picked
+
+
+# ------------------------------------------------------------------ digits: strategies vs random
+def test_typiclust_beats_random_at_one_percent_of_digits(digits):
+    """The robust low-budget result (Hacohen'22; docs/acquisition.md, +24 points on pixels over 5 seeds): 14 typical
+    points, one per k-means cluster, beat 14 random ones. Features: the raw 64 pixels, a cheap fixed embedding."""
+    d, x = digits
+    xt = d.x_test.reshape(len(d.x_test), -1).astype(np.float32)
+    n = round(0.01 * len(x))
+    acc = {}
+    for name in ("random", "typiclust"):
+        accs = []
+        for seed in range(5):
+            ctx = make_ctx(x, (), num_classes=10)
+            idx = select(name, ctx, n, strategy_rng(seed, 0, name))
+            accs.append(fit_probe("linear", x[idx], d.y_train[idx], num_classes=10, seed=seed).accuracy(xt, d.y_test))
+        acc[name] = float(np.mean(accs))
+    assert acc["typiclust"] >= acc["random"] + 0.05, acc
+    assert acc["typiclust"] >= 0.6, acc

@@ -1,0 +1,253 @@
+"""The bad-input battery: every case goes through the CLI entry point and must exit 2 with exactly one `error:`
+line on stderr that names the fix, print no traceback, and leave the run dir byte-identical.
+
+Cases run in-process through `alssl.cli.main` (the console script's function) to save a torch import per case;
+`test_real_console` repeats a few through a real subprocess."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli as run_subprocess
+from conftest import run_cli_inprocess as run_cli
+from conftest import snapshot
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    """A digits run at random init with one labeled round and round 1's query left open."""
+    d = tmp_path_factory.mktemp("base") / "run"
+    for args in (
+        ["pretrain", "--data", "digits", "--out", str(d), "--epochs", "0", "-q"],
+        ["query", str(d), "--budget", "2%", "--strategy", "random"],
+        ["label", str(d), "--oracle"],
+        ["query", str(d), "--budget", "5", "--strategy", "random"],
+    ):
+        r = run_cli(*args)
+        assert r.returncode == 0, r.stderr
+    return d
+
+
+@pytest.fixture
+def run_dir(base_run, tmp_path) -> Path:
+    d = tmp_path / "run"
+    shutil.copytree(base_run, d)
+    return d
+
+
+def assert_user_error(result, *needles: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in result.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def check(run_dir: Path, args: list[str], *needles: str, env: dict | None = None) -> None:
+    before = snapshot(run_dir)
+    assert_user_error(run_cli(*args, env=env), *needles)
+    assert snapshot(run_dir) == before
+
+
+# ---------------------------------------------------------------- budgets (query on a run with no open query)
+@pytest.fixture
+def closed_run(run_dir) -> Path:
+    assert run_cli("label", str(run_dir), "--oracle").returncode == 0
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "budget, needle",
+    [("abc", "not a count or a percentage"), ("0", "at least 1"), ("-5", "not a count"), ("150%", "(0, 100]"),
+     ("2.5.1%", "not a count"), ("0%", "(0, 100]"), ("100000", "unlabeled samples are left"), ("100%", "unlabeled samples are left")],
+)
+def test_bad_budget(closed_run, budget, needle):
+    check(closed_run, ["query", str(closed_run), "--budget", budget], needle)
+
+
+def test_unknown_strategy_suggests(closed_run):
+    check(closed_run, ["query", str(closed_run), "--budget", "5", "--strategy", "kcentre"], 'did you mean "kcenter"')
+
+
+def test_model_strategy_on_empty_pool(tmp_path):
+    d = tmp_path / "fresh"
+    assert run_cli("pretrain", "--data", "digits", "--out", str(d), "--epochs", "0", "-q").returncode == 0
+    check(d, ["query", str(d), "--budget", "5", "--strategy", "entropy"], "--strategy random")
+
+
+def test_new_query_while_one_is_open(run_dir):
+    check(run_dir, ["query", str(run_dir), "--budget", "7", "--strategy", "random"], "still open", "alssl label")
+
+
+def test_unknown_probe(run_dir):
+    check(run_dir, ["probe", str(run_dir), "--probe", "svn"], 'did you mean "svm"')
+
+
+def test_unknown_semi_method(run_dir):
+    check(run_dir, ["semi-finetune", str(run_dir), "--method", "fixmach"], 'did you mean "fixmatch"')
+
+
+def test_unknown_pretrain_method_and_backbone(tmp_path):
+    check(tmp_path, ["pretrain", "--data", "digits", "--out", str(tmp_path / "r"), "--method", "simsaim"], 'did you mean "simsiam"')
+    check(tmp_path, ["pretrain", "--data", "digits", "--out", str(tmp_path / "r"), "--backbone", "resnet19"], 'did you mean "resnet18"')
+
+
+def test_pretrain_rerun_with_other_arguments(run_dir):
+    check(run_dir, ["pretrain", "--data", "digits", "--out", str(run_dir), "--epochs", "3"], "same arguments")
+
+
+# ---------------------------------------------------------------- data SPECs
+def _npz(path: Path, **arrays) -> str:
+    base = dict(x_train=np.zeros((20, 8, 8), np.uint8), y_train=np.arange(20) % 2,
+                x_test=np.zeros((4, 8, 8), np.uint8), y_test=np.arange(4) % 2)
+    base.update(arrays)
+    np.savez(path, **{k: v for k, v in base.items() if v is not None})
+    return str(path)
+
+
+DATA_CASES = {
+    "missing": (lambda d: str(d / "nope.npz"), "no such file"),
+    "corrupt": (lambda d: (d / "bad.npz").write_bytes(b"PK\x03\x04garbage") and str(d / "bad.npz"), "npz"),
+    "wrong-keys": (lambda d: _npz(d / "k.npz", x_test=None), "x_test"),
+    "nan-pixels": (lambda d: _npz(d / "n.npz", x_train=np.full((20, 8, 8), np.nan)), "uint8"),
+    "negative-labels": (lambda d: _npz(d / "neg.npz", y_train=np.arange(20) % 2 - 1), "label"),
+    "empty-split": (lambda d: _npz(d / "e.npz", x_test=np.zeros((0, 8, 8), np.uint8), y_test=np.zeros(0, np.int64)), "empty"),
+    "length-mismatch": (lambda d: _npz(d / "m.npz", y_train=np.arange(19) % 2), "19"),
+    "bad-spec": (lambda d: "mnist", "digits"),
+    "missing-cifar10": (lambda d: "cifar10:" + str(d / "nothing"), "no such directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATA_CASES))
+def test_bad_data(tmp_path, case):
+    make, needle = DATA_CASES[case]
+    spec = make(tmp_path)
+    out = tmp_path / "run"
+    before = snapshot(tmp_path)
+    assert_user_error(run_cli("pretrain", "--data", spec, "--out", str(out), "--epochs", "0"), needle)
+    assert snapshot(tmp_path) == before and not out.exists()
+
+
+def test_mixed_image_sizes(tmp_path):
+    for split, size in (("train", 8), ("train", 9), ("test", 8)):
+        d = tmp_path / "imgs" / split / "a"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((size, size), np.uint8)).save(d / f"{size}.png")
+    check(tmp_path, ["pretrain", "--data", str(tmp_path / "imgs") + "/", "--out", str(tmp_path / "r"), "--epochs", "0"], "size")
+
+
+# ---------------------------------------------------------------- label CSVs
+@pytest.mark.parametrize(
+    "text, needle",
+    [("index,label\n{0},zebra\n", "unknown class 'zebra'"),
+     ("index,label\n{0},1\n{0},1\n", "duplicate row"),
+     ("{0},1\n", "header"),
+     ("index,label\n{0},1\n", "queried rows have no label")],
+)
+def test_bad_label_csv(run_dir, tmp_path, text, needle):
+    from alssl.runs import Run
+
+    first = Run.open(run_dir).state["open_query"]["indices"][0]
+    f = tmp_path / "labels.csv"
+    f.write_text(text.format(first))
+    check(run_dir, ["label", str(run_dir), "--from", str(f)], needle)
+
+
+def test_label_without_open_query(closed_run, tmp_path):
+    f = tmp_path / "labels.csv"
+    f.write_text("index,label\n1,1\n")
+    check(closed_run, ["label", str(closed_run), "--from", str(f)], "no open query")
+
+
+def test_label_needs_exactly_one_source(run_dir):
+    check(run_dir, ["label", str(run_dir)], "--from FILE.csv or --oracle")
+
+
+# ---------------------------------------------------------------- configs
+def test_config_typo_suggests(tmp_path):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('[data]\nspec = "digits"\n[curve]\nstrategis = ["random"]\n')
+    check(tmp_path, ["run", str(cfg), "--out", str(tmp_path / "o")], "strategis", 'did you mean "strategies"')
+
+
+def test_config_unknown_section(tmp_path):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('[pretrian]\nepochs = 1\n')
+    check(tmp_path, ["run", str(cfg), "--out", str(tmp_path / "o")], 'did you mean "pretrain"')
+
+
+# ---------------------------------------------------------------- run dirs and checkpoints
+def test_truncated_checkpoint(run_dir):
+    ck = run_dir / "checkpoints" / "backbone.pt"
+    ck.write_bytes(ck.read_bytes()[:1000])
+    shutil.rmtree(run_dir / "features", ignore_errors=True)
+    check(run_dir, ["probe", str(run_dir)], "cannot be loaded safely", "rerun")
+
+
+def test_checkpoint_of_another_backbone(run_dir):
+    from alssl.backbones import backbone_checkpoint, build_backbone
+
+    ckpt = backbone_checkpoint(build_backbone("wrn28_2", 1), name="cnn", in_channels=1)
+    torch.save(ckpt, run_dir / "checkpoints" / "backbone.pt")
+    shutil.rmtree(run_dir / "features", ignore_errors=True)
+    check(run_dir, ["probe", str(run_dir)], "do not fit backbone")
+
+
+def test_malicious_checkpoint_runs_no_code(run_dir, tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Evil(str(marker))}, run_dir / "checkpoints" / "backbone.pt")
+    shutil.rmtree(run_dir / "features", ignore_errors=True)
+    check(run_dir, ["probe", str(run_dir)], "cannot be loaded safely")
+    assert not marker.exists()
+
+
+class _Evil:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_newer_run_format(run_dir):
+    import json
+
+    s = json.loads((run_dir / "state.json").read_text())
+    s["format_version"] = 99
+    (run_dir / "state.json").write_text(json.dumps(s))
+    check(run_dir, ["status", str(run_dir)], "newer alssl", "upgrade")
+
+
+def test_not_a_run_dir(tmp_path):
+    check(tmp_path, ["probe", str(tmp_path)], "not an alssl run dir")
+
+
+def test_unwritable_output(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    check(tmp_path, ["pretrain", "--data", "digits", "--out", str(blocker / "run"), "--epochs", "0"], "writable")
+
+
+def test_disk_full_changes_nothing(run_dir):
+    check(run_dir, ["label", str(run_dir), "--oracle"], "free disk space", env={"ALSSL_FAULT_DISK_FULL": "1"})
+
+
+def test_usage_error_is_one_line(run_dir):
+    check(run_dir, ["query", str(run_dir), "--budget", "5", "--seed", "abc"], "--seed")
+
+
+@pytest.mark.parametrize("args, needle", [(["--budget", "abc"], "not a count"), (["--budget", "150%"], "(0, 100]")])
+def test_real_console(closed_run, args, needle):
+    before = snapshot(closed_run)
+    assert_user_error(run_subprocess("query", str(closed_run), *args), needle)
+    assert snapshot(closed_run) == before

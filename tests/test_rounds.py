@@ -1,0 +1,83 @@
+"""Label-CSV validation: a person's file is imported whole or not at all, with the offending rows listed."""
+
+import numpy as np
+import pytest
+
+from alssl.data import load_dataset
+from alssl.errors import UserError
+from alssl.rounds import label_from_csv, label_oracle, parse_label_csv
+from alssl.runs import Run
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture
+def run_with_query(tmp_path, digits):
+    run = Run.create(tmp_path / "r", n_pool=len(digits.y_train), config={"data": {"spec": "digits"}})
+    run.add_labels(np.array([0]), digits.y_train[[0]], round_meta={"strategy": "random", "budget": "1", "seed": 0, "source": "oracle"})
+    run.state["open_query"] = {"round": 1, "budget": "3", "strategy": "random", "seed": 0, "probe": "linear",
+                               "file": "queries/round-1.csv", "indices": [5, 9, 12]}
+    run.save_state()
+    return run
+
+
+def _parse(text, digits, run):
+    return parse_label_csv(text, dataset=digits, open_indices=run.state["open_query"]["indices"], labeled=run.labeled_mask)
+
+
+def test_good_file_by_index_and_by_id(digits, run_with_query):
+    idx, y = _parse("index,label\n5,3\n9,7\n12,0\n", digits, run_with_query)
+    assert idx.tolist() == [5, 9, 12] and y.tolist() == [3, 7, 0]
+    idx, y = _parse("id,label\ntrain/12,1\ntrain/5,2\ntrain/9,4\n", digits, run_with_query)
+    assert idx.tolist() == [12, 5, 9] and y.tolist() == [1, 2, 4]
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("5,3\n9,7\n12,0\n", "header"),
+        ("index,label\n5,3\n9,7\n12,ten\n", "unknown class 'ten'"),
+        ("index,label\n5,3\n5,3\n9,7\n12,0\n", "duplicate row for index 5"),
+        ("index,label\n5,3\n9,7\n", "1 queried rows have no label"),
+        ("index,label\n5,3\n9,7\n12,0\n0,1\n", "index 0 is already labeled"),
+        ("index,label\n5,3\n9,7\n12,0\n99999,1\n", "unknown index 99999"),
+        ("index,label\n5,3\n9,7\n12,0\n13,1\n", "index 13 is not in the open query"),
+        ("index,label\nfive,3\n9,7\n12,0\n", "'five' is not an integer"),
+        ("id,label\ntrain/5,3\ntrain/9,7\ntrain/77,0\n", "unknown id 'train/77'"),
+        ("index,label\n5,3,1\n9,7\n12,0\n", "expected 2 columns"),
+    ],
+)
+def test_bad_rows_reject_the_whole_file(digits, run_with_query, tmp_path, text, needle):
+    f = tmp_path / "labels.csv"
+    f.write_text(text)
+    before = (run_with_query.path / "state.json").read_bytes()
+    with pytest.raises(UserError, match="nothing imported|header") as e:
+        label_from_csv(run_with_query, digits, f)
+    assert needle in str(e.value)
+    assert (run_with_query.path / "state.json").read_bytes() == before
+
+
+def test_errors_list_several_rows(digits, run_with_query):
+    with pytest.raises(UserError) as e:
+        _parse("index,label\n5,x\n9,y\n12,0\n", digits, run_with_query)
+    assert "line 2" in str(e.value) and "line 3" in str(e.value)
+
+
+def test_import_closes_round(digits, run_with_query, tmp_path):
+    f = tmp_path / "labels.csv"
+    f.write_text("index,label\n5,3\n9,7\n12,0\n")
+    assert label_from_csv(run_with_query, digits, f) == 3
+    run = Run.open(run_with_query.path)
+    assert run.state["open_query"] is None
+    assert run.labeled_round[[0, 5, 9, 12]].tolist() == [0, 1, 1, 1]
+    assert run.labels[[5, 9, 12]].tolist() == [3, 7, 0]
+    with pytest.raises(UserError, match="no open query"):
+        label_oracle(run, digits)
+
+
+def test_oracle_uses_ground_truth(digits, run_with_query):
+    label_oracle(run_with_query, digits)
+    assert run_with_query.labels[[5, 9, 12]].tolist() == digits.y_train[[5, 9, 12]].tolist()
