@@ -73,6 +73,11 @@ def pretrain(
     strategy: str = typer.Option("auto", help="Fabric strategy: auto | ddp"),
     imbalance: Optional[float] = typer.Option(None, help="Long-tailed pool with this imbalance ratio (CIFAR-10-LT style)"),
     ckpt_every_steps: int = typer.Option(0, min=0, help="Also checkpoint every N steps (0 = every epoch only)"),
+    momentum: float = typer.Option(0.99, help="Teacher momentum m (MoCo, BYOL: start of the cosine schedule)"),
+    momentum_schedule: Optional[str] = typer.Option(None, help="cosine: m rises to 1 over training (default for BYOL)"),
+    queue_size: Optional[int] = typer.Option(None, min=1, help="MoCo queue length (default min(4096, pool/2))"),
+    temperature: float = typer.Option(0.2, min=1e-3, help="MoCo InfoNCE temperature"),
+    knn_every: int = typer.Option(1, min=0, help="kNN monitor every N epochs (0 = off)"),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Random horizontal flips in the views (default: on for colour images, off for 1-channel glyphs)"),
     seed: int = typer.Option(0),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -93,7 +98,8 @@ def pretrain(
         raise unknown("backbone", backbone, BACKBONES)
     dev: int | str = int(devices) if devices.isdigit() else devices
     args = {"method": method, "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-            "eman": eman, "seed": seed, "hflip": hflip}
+            "eman": eman, "seed": seed, "hflip": hflip, "momentum": momentum,
+            "momentum_schedule": momentum_schedule, "queue_size": queue_size, "temperature": temperature}
     dataset = load_dataset(data, imbalance=imbalance, seed=seed)
     if Run.exists(out):
         run = Run.open(out)
@@ -111,6 +117,8 @@ def pretrain(
         summary = run_pretrain(dataset, run, method=method, backbone=backbone, epochs=epochs, batch_size=batch_size,
                                lr=lr, eman=eman, devices=dev, accelerator=accelerator, precision=precision,
                                strategy=strategy, seed=seed, ckpt_every_steps=ckpt_every_steps, hflip=hflip,
+                               momentum=momentum, momentum_schedule=momentum_schedule, queue_size=queue_size,
+                               temperature=temperature, knn_every=knn_every,
                                quiet=_quiet(quiet))
         if summary is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
             run.state["stages"]["pretrain"] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}

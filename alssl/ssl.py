@@ -203,6 +203,7 @@ def pretrain(
     ckpt_every_steps: int = 0,
     knn_k: int = 200,
     knn_t: float = 0.1,
+    knn_every: int = 1,
     hflip: bool | None = None,
     quiet: bool = True,
 ) -> dict | None:
@@ -288,11 +289,13 @@ def pretrain(
     x_test = torch.from_numpy(dataset.x_test).permute(0, 3, 1, 2).contiguous().to(fabric.device)
 
     def monitor(epoch: int, loss: float | None, collapse: float | None) -> dict:
-        bb = net.encoder.backbone
-        acc = knn_accuracy(_embed(bb, x_all, dataset.mean, dataset.std), dataset.y_train,
-                           _embed(bb, x_test, dataset.mean, dataset.std), dataset.y_test,
-                           num_classes=dataset.num_classes, k=knn_k, t=knn_t)
-        rec = {"stage": "pretrain", "epoch": epoch, "step": step, "loss": loss, "knn_accuracy": round(acc, 4),
+        acc = None
+        if knn_every > 0 and (epoch % knn_every == 0 or step == total):
+            bb = net.encoder.backbone
+            acc = round(knn_accuracy(_embed(bb, x_all, dataset.mean, dataset.std), dataset.y_train,
+                                     _embed(bb, x_test, dataset.mean, dataset.std), dataset.y_test,
+                                     num_classes=dataset.num_classes, k=knn_k, t=knn_t), 4)
+        rec = {"stage": "pretrain", "epoch": epoch, "step": step, "loss": loss, "knn_accuracy": acc,
                "collapse_std": collapse, "lr": optimizer.param_groups[0]["lr"]}
         if collapse is not None and collapse < 0.1 / math.sqrt(256 if method == "byol" else 128):  # 1/√d healthy
             warnings.warn(f"epoch {epoch}: representation collapse (std of l2-normalised outputs {collapse:.4f})")
@@ -341,7 +344,7 @@ def pretrain(
             if rank == 0:
                 history.append(monitor(epoch + 1, round(float(loss_sum) / n_steps, 4), round(std_sum / n_steps, 4)))
                 run.log_metrics(history[-1])
-                if progress is not None:
+                if progress is not None and history[-1]["knn_accuracy"] is not None:
                     progress.update(task, knn=f"{history[-1]['knn_accuracy']:.3f}")
             save()
             fabric.barrier()
@@ -350,7 +353,7 @@ def pretrain(
 
     if rank != 0:
         return None
-    meta = {"method": method, "epochs": epochs, "steps": total, "knn_accuracy": history[-1]["knn_accuracy"],
+    meta = {"method": method, "epochs": epochs, "steps": total, "knn_accuracy": history[-1]["knn_accuracy"] or 0.0,
             "eman": eman, "seed": seed, "world_size": world}
     if in_sync is not None:
         meta["ranks_in_sync"] = in_sync
@@ -358,7 +361,7 @@ def pretrain(
                       ckpt_dir / "backbone.pt")
     if total == 0:
         save()
-    return {**meta, "backbone": backbone, "knn_accuracy_init": history[0]["knn_accuracy"],
+    return {**meta, "backbone": backbone, "knn_accuracy_init": history[0]["knn_accuracy"] or 0.0,
             "loss": history[-1]["loss"], "seconds": round(seconds, 2),
             "images_per_s": round(done_here * bs * world / seconds, 1) if done_here else None}
 

@@ -10,8 +10,7 @@ A step is everything from drawing the batch to the updated EMA weights, each lib
 - alssl: `alssl.semi.semi_finetune(method="fixmatch")` — the real trainer loop. Its metrics.jsonl reports steps/s
   of each step body (batch draw, weak + strong views on the device with kornia, forward/backward, SGD, EMA),
   excluding checkpoint writes and the final evaluation; the first `warmup` steps are dropped.
-- semilearn 0.3.2: `semilearn.algorithms.fixmatch.FixMatch` (use_cat=True, its default: one forward of
-  labeled + weak + strong) fed by its own `BasicDataset` with its CIFAR transforms (weak: reflect-pad crop + flip;
+- semilearn 0.3.2: `semilearn.algorithms.fixmatch.FixMatch` fed by its own `BasicDataset` with its CIFAR transforms (weak: reflect-pad crop + flip;
   strong: + its RandAugment(3, 5)) through its `get_data_loader` (num_workers=0, like alssl's in-process views).
   Per step: next batches, `train_step`, then the two after-step hooks that do training work in its trainer:
   ParamUpdateHook (backward, optimizer.step, scheduler.step, zero_grad) and EMAHook (EMA update + ema_model reload).
@@ -21,9 +20,14 @@ A step is everything from drawing the batch to the updated EMA weights, each lib
   transformers, wandb, aim); when they are absent this script registers empty placeholder modules for them.
   It needs tensorboard, protobuf, absl-py, ruamel.yaml and progress installed for real.
 
-Rounds alternate alssl / semilearn; each side's per-step times are pooled and the MEDIAN step time is compared (robust
-to bursts of background load). alssl is also timed with bn_batch="concat" (FixMatch's official single forward of
-labeled + weak + strong) for reference. Last line: `ratio=X.XX` = alssl steps/s ÷ semilearn steps/s.
+Two like-for-like pairs, each with the same BatchNorm batches on both sides:
+- default: alssl bn_batch="concat" (its default) vs semilearn use_cat=True (its default): ONE forward of
+  labeled + weak + strong, as FixMatch's official code.
+- split: alssl bn_batch="split" (weak view under no_grad, labeled + strong in one graded forward) vs semilearn
+  use_cat=False (labeled, strong with grad in two forwards; weak under no_grad).
+Rounds interleave the four sides so background load hits all alike; each side's per-step times are pooled and the
+MEDIAN step time is compared (the minimum is printed too). Last line: `ratio=X.XX` = alssl steps/s ÷ semilearn
+steps/s for the default pair. `--pairs default` times only that pair.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ def alssl_times(dataset, li: np.ndarray, args, bn_batch: str) -> list[float]:
         return [1.0 / r["steps_per_s"] for r in read_jsonl(Path(tmp) / "metrics.jsonl") if r["step"] > args.warmup]
 
 
-def semilearn_setup(dataset, li: np.ndarray, args, tmp: str):
+def semilearn_setup(dataset, li: np.ndarray, args, tmp: str, use_cat: bool):
     from semilearn.algorithms.fixmatch import FixMatch
     from semilearn.core.utils import get_data_loader
     from semilearn.datasets.augmentation import RandAugment
@@ -115,7 +119,7 @@ def semilearn_setup(dataset, li: np.ndarray, args, tmp: str):
     cfg = get_config({"algorithm": "fixmatch", "dataset": "alssl-bench", "num_classes": dataset.num_classes,
                       "batch_size": args.batch_size, "uratio": args.mu, "epoch": 1, "num_train_iter": total,
                       "num_eval_iter": 10**9, "num_log_iter": 10**9, "ema_m": 0.999, "lr": 0.03,
-                      "weight_decay": 5e-4, "p_cutoff": 0.95, "hard_label": True, "use_cat": True, "amp": False,
+                      "weight_decay": 5e-4, "p_cutoff": 0.95, "hard_label": True, "use_cat": use_cat, "amp": False,
                       "save_dir": tmp, "save_name": "usb", "gpu": None, "num_workers": 0, "distributed": False})
 
     def builder(num_classes, pretrained=False, pretrained_path=None):
@@ -139,10 +143,10 @@ def semilearn_setup(dataset, li: np.ndarray, args, tmp: str):
     return alg, dl_lb, dl_ulb
 
 
-def semilearn_times(dataset, li: np.ndarray, args) -> list[float]:
+def semilearn_times(dataset, li: np.ndarray, args, use_cat: bool) -> list[float]:
     """Seconds of each timed semilearn step: data, train_step, ParamUpdateHook, EMAHook."""
     with tempfile.TemporaryDirectory() as tmp:
-        alg, dl_lb, dl_ulb = semilearn_setup(dataset, li, args, tmp)
+        alg, dl_lb, dl_ulb = semilearn_setup(dataset, li, args, tmp, use_cat)
         alg.model.train()
         it_lb, it_ulb = iter(dl_lb), iter(dl_ulb)
         w0 = next(alg.model.parameters()).detach().clone()
@@ -171,7 +175,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both sides (1: least noise on a shared CPU)")
-    ap.add_argument("--no-concat", action="store_true", help="skip the reference timing of alssl's concat forward")
+    ap.add_argument("--pairs", choices=["both", "default"], default="both",
+                    help="default: only alssl concat vs semilearn use_cat=True; both: also the split pair")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -189,20 +194,24 @@ def main() -> None:
     print(f"semilearn {version('semilearn')} | torch {torch.__version__} | {args.threads} threads | WRN-28-2 | "
           f"B={args.batch_size} mu={args.mu} | {dataset.image_size}px | {args.warmup} warm-up + {args.steps} timed "
           f"steps x {args.rounds} rounds | placeholder modules for semilearn: {', '.join(shimmed) or 'none'}")
-    times: dict[str, list[float]] = {"alssl": [], "alssl-concat": [], "semilearn": []}
-    for r in range(args.rounds):  # interleaved, so background load hits both sides alike
-        times["alssl"] += alssl_times(dataset, li, args, "split")
-        times["semilearn"] += semilearn_times(dataset, li, args)
-        if not args.no_concat:
-            times["alssl-concat"] += alssl_times(dataset, li, args, "concat")
-        print(f"round {r}: " + " | ".join(f"{k} {np.median(v):.2f} s/step" for k, v in times.items() if v))
-    med = {k: float(np.median(v)) for k, v in times.items() if v}
+    sides = {"alssl": lambda: alssl_times(dataset, li, args, "concat"),
+             "semilearn": lambda: semilearn_times(dataset, li, args, use_cat=True)}
+    if args.pairs == "both":
+        sides.update({"alssl-split": lambda: alssl_times(dataset, li, args, "split"),
+                      "semilearn-nocat": lambda: semilearn_times(dataset, li, args, use_cat=False)})
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for r in range(args.rounds):  # interleaved, so background load hits every side alike
+        for name, run in sides.items():
+            times[name] += run()
+        print(f"round {r}: " + " | ".join(f"{k} {np.median(v):.3f} s/step" for k, v in times.items()), flush=True)
+    med = {k: float(np.median(v)) for k, v in times.items()}
     print("median s/step over all timed steps: " + ", ".join(f"{k} {v:.3f} (min {min(times[k]):.3f})"
                                                             for k, v in med.items()))
-    if "alssl-concat" in med:
-        print(f"alssl bn_batch=concat (FixMatch's single forward) vs semilearn: "
-              f"{med['semilearn'] / med['alssl-concat']:.2f}x")
-    print(f"alssl {1 / med['alssl']:.3f} steps/s, semilearn {1 / med['semilearn']:.3f} steps/s")
+    if args.pairs == "both":
+        print(f"split pair: alssl bn_batch=split vs semilearn use_cat=False: "
+              f"{med['semilearn-nocat'] / med['alssl-split']:.2f}x; "
+              f"alssl split vs semilearn default (use_cat=True): {med['semilearn'] / med['alssl-split']:.2f}x")
+    print(f"default pair: alssl {1 / med['alssl']:.3f} steps/s, semilearn {1 / med['semilearn']:.3f} steps/s")
     print(f"ratio={med['semilearn'] / med['alssl']:.2f}")
 
 

@@ -15,7 +15,7 @@ from alssl.semi import METHODS
 from alssl.semi.common import Batch, Net
 from alssl.semi.daso import DASO, daso_align_loss, daso_blend, proto_logits
 from alssl.semi.fixmatch import fixmatch_unsup_loss
-from alssl.semi.simmatch import simmatch_targets
+from alssl.semi.simmatch import SimMatch, simmatch_targets
 from alssl.semi.teacher import DistAlign, Teacher
 from alssl.semi.trainer import cosine_lr, shape_unlabeled, stream_batch
 from alssl.semi.views import StrongView, WeakView
@@ -52,6 +52,15 @@ def test_simmatch_unfolding_and_aggregation_by_hand():
     # sample 1: a = [0.5, 0.25, 0.25]; p̂ = [0.09 + 0.05, 0.09 + 0.025, 0.72 + 0.025]
     assert p_hat[1].tolist() == pytest.approx([0.14, 0.115, 0.745], abs=1e-6)
     assert p_hat.sum(1).tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_simmatch_bank_refresh_last_row_wins_for_a_repeated_sample():
+    m = SimMatch(num_classes=3, labeled_y=torch.tensor([0, 1, 2, 0]), steps=10, tau=0.95, lambda_u=1.0,
+                 options={**SimMatch.defaults(10, {}), "proj_dim": 2})
+    m.bank = torch.zeros(4, 2)
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    m._refresh(torch.tensor([3, 1, 3]), emb)  # a batch crossing an epoch boundary holds sample 3 twice
+    assert m.bank.tolist() == [[0.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.5, 0.5]]
 
 
 # ---------------------------------------------------------------- DASO

@@ -80,10 +80,19 @@ class SimMatch(Method):
         loss_u = masked_ce(logits[B:], p_hat, mask)
         log_q_s = F.log_softmax(model.embed(feats[B:]) @ bank.T / self.T, dim=1)  # [μB, N]
         loss_in = -(q_hat * log_q_s).sum(1).mean()
-        self.bank[b.i_l] = t_emb[:B]  # refresh the labeled rows with this step's teacher embeddings
+        self._refresh(b.i_l, t_emb[:B])
         loss = loss_s + self.lambda_u * loss_u + self.lambda_in * loss_in
         return loss, {"loss_s": loss_s.detach(), "loss_u": loss_u.detach(), "loss_in": loss_in.detach(),
                       "mask": mask.float().mean()}
+
+    @torch.no_grad()
+    def _refresh(self, idx: torch.Tensor, emb: torch.Tensor) -> None:
+        """Overwrite bank rows `idx` [B] with this step's teacher embeddings [B, P]. A batch that crosses an epoch
+        boundary can hold a sample twice; its last row wins (index_put with repeated indices is nondeterministic)."""
+        rows, inv = torch.unique(idx, return_inverse=True)
+        pos = torch.arange(len(idx), device=idx.device)
+        last = torch.zeros(len(rows), dtype=torch.long, device=idx.device).scatter_reduce_(0, inv, pos, reduce="amax")
+        self.bank[rows] = emb[last]
 
     def state_dict(self) -> dict:
         return {"bank": self.bank.cpu(), "bank_labels": self.bank_labels.cpu(), "da": self.da.state_dict()}
