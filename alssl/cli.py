@@ -167,6 +167,7 @@ def query(
     seed: int = typer.Option(0),
     probe: str = typer.Option("linear", help="Probe behind the uncertainty strategies"),
     delta: Optional[float] = typer.Option(None, help="ProbCover ball radius (default: purity heuristic)"),
+    kernel: Optional[str] = typer.Option(None, help="SVM kernel behind svm-margin / the svm probe: linear | rbf"),
     thumbnails: bool = typer.Option(False, help="Also write queries/round-K.png, a contact sheet to label from"),
 ) -> None:
     """Stage 3: pick B new samples; writes RUN/queries/round-K.csv (index,id) and prints its path.
@@ -177,7 +178,7 @@ def query(
     from alssl.runs import run_lock
 
     run, dataset = _load_run(run_dir)
-    options = {} if delta is None else {"delta": delta}
+    options = {k: v for k, v in {"delta": delta, "kernel": kernel}.items() if v is not None}
     with run_lock(run_dir):
         path, reshown = run_query(run, dataset, budget=budget, strategy=strategy, seed=seed, probe=probe,
                                   thumbnails=thumbnails, options=options)

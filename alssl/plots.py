@@ -49,6 +49,7 @@ def plot_curve(csv_path: Path, out_stem: Path | None = None, *, title: str | Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     plt.rcParams["svg.fonttype"] = "none"  # keep text as text in the SVG (editable, searchable)
     rows = read_curve(Path(csv_path))
@@ -86,16 +87,24 @@ def plot_curve(csv_path: Path, out_stem: Path | None = None, *, title: str | Non
         ax.grid(True, which="both", alpha=0.3)
         top = ax.secondary_xaxis("top", functions=(lambda x: x / 100 * ratio, lambda y: y * 100 / ratio))
         top.set_xlabel("labels per class")
+        budgets = sorted({x for st in summary[panel].values() for x in st[0] * 100})
+        top.set_xticks([b / 100 * ratio for b in budgets])  # one tick per budget, plain numbers
+        top.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+        top.xaxis.set_minor_locator(ticker.NullLocator())
         gax.axhline(0, color="black", linestyle="--", linewidth=1)
         gax.set_xscale("log")
         gax.set_xlabel("labeled fraction of the pool (%, log scale)")
         gax.set_ylabel("gain over random (points)")
         gax.grid(True, which="both", alpha=0.3)
+        for a in (ax, gax):
+            a.set_xticks(budgets)
+            a.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
+            a.xaxis.set_minor_formatter(ticker.NullFormatter())
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", title="strategy", frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 0.96 if title else 1))
     stem = Path(out_stem) if out_stem else Path(csv_path).with_suffix("")
     png, svg = stem.with_suffix(".png"), stem.with_suffix(".svg")
     from alssl.runs import atomic_write_bytes

@@ -1,7 +1,10 @@
 """FixMatch training-step throughput: alssl vs semilearn 0.3.2 (USB), same network, B, μ and data, one run.
 
+    pip install --no-deps semilearn==0.3.2 && pip install tensorboard ruamel.yaml progress
     python bench/semi_step.py [--data ../shared/data/cifar10_10k.npz --batch-size 8 --mu 7 --warmup 1 --steps 3
-                               --rounds 3 --threads 1]
+                               --rounds 3 --threads 1 --pairs both|default]
+
+CPU only (semilearn's `process_batch` moves batches with `.cuda()`; this script bypasses it on CPU).
 
 Both sides train the SAME network — alssl's WRN-28-2 (+ linear head) with the same initial weights — with the same
 B, μ, τ = 0.95, λ_u = 1, SGD-nesterov lr 0.03, wd 5e-4, EMA 0.999, on the CIFAR-10 10k subset (32×32), 40 labels.

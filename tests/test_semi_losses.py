@@ -166,7 +166,7 @@ def test_teacher_update_ema_copies_buffers_eman_averages_them(kind):
         s[0].weight.add_(1.0)
     s.train()
     s(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))  # moves the student's BN running stats, num_batches_tracked = 1
-    t.update(s)
+    t.update(s, step=1000)  # past the warm-up: m_t = min(0.9, 1001/1010) = 0.9
     assert torch.allclose(t.model[0].weight, 0.9 * old_w + 0.1 * s[0].weight)  # parameters: EMA in both
     if kind == "ema":
         assert torch.equal(t.model[1].running_mean, s[1].running_mean)  # buffers copied
@@ -177,6 +177,20 @@ def test_teacher_update_ema_copies_buffers_eman_averages_them(kind):
     t.train()
     assert t.model.training is (kind == "ema")  # the EMAN teacher stays in eval mode, always
     assert not any(p.requires_grad for p in t.parameters())
+
+
+def test_teacher_decay_warms_up_like_tensorflow_num_updates():
+    t = Teacher(_student(), kind="ema", decay=0.999)
+    assert t.decay_at(0) == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    assert t.decay_at(90) == pytest.approx(0.91)
+    assert t.decay_at(10_000) == pytest.approx(0.999)  # capped at m
+    s = _student()
+    t = Teacher(s, kind="ema", decay=0.999)
+    old_w = t.model[0].weight.clone()
+    with torch.no_grad():
+        s[0].weight.add_(1.0)
+    t.update(s, step=0)  # first update: the teacher moves 90 % of the way
+    assert torch.allclose(t.model[0].weight, old_w + 0.9)
 
 
 def test_distribution_alignment_by_hand():

@@ -1,7 +1,10 @@
 """Teachers (EMA / EMAN) and distribution alignment.
 
-- EMA (Tarvainen & Valpola 2017, arXiv 1703.01780; FixMatch's evaluation model): θ' ← m·θ' + (1−m)·θ for the
-  parameters; buffers (BN running mean/var, num_batches_tracked) are copied from the student. During training its
+- EMA (Tarvainen & Valpola 2017, arXiv 1703.01780; FixMatch's evaluation model): θ' ← m_t·θ' + (1−m_t)·θ for the
+  parameters, with m_t = min(m, (1 + t) / (10 + t)) after the t-th update (TensorFlow's ExponentialMovingAverage
+  `num_updates` warm-up). Without it a short run is useless: after 500 steps at m = 0.999 the teacher still holds
+  0.999^500 = 61 % of the initial weights (random head) and scored 10 % on digits; the warm-up reaches m = 0.999 at
+  t ≈ 9000, so paper-length runs are unchanged; buffers (BN running mean/var, num_batches_tracked) are copied from the student. During training its
   forward passes use train-mode BN (batch statistics), as in SimMatch's and DASO's official code; evaluation uses
   eval mode.
 - EMAN (Cai et al. 2021, arXiv 2103.16436): the EMA runs over the whole state, BN running statistics included
@@ -43,15 +46,20 @@ class Teacher(nn.Module):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
+    def decay_at(self, step: int) -> float:
+        """m_t = min(m, (1 + t) / (10 + t)) for the update after optimizer step t (0-based)."""
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
     @torch.no_grad()
-    def update(self, student: nn.Module) -> None:
-        """One EMA step towards `student` (call after optimizer.step())."""
+    def update(self, student: nn.Module, step: int) -> None:
+        """One EMA step towards `student` (call after optimizer step `step`, 0-based)."""
+        w = 1.0 - self.decay_at(step)
         t_params = list(self.model.parameters())
         s_params = list(student.parameters())
-        torch._foreach_lerp_(t_params, s_params, 1.0 - self.decay)  # θ' += (1−m)(θ − θ') = m·θ' + (1−m)·θ
-        for (name, tb), sb in zip(self.model.named_buffers(), student.buffers()):
+        torch._foreach_lerp_(t_params, s_params, w)  # θ' += (1−m)(θ − θ') = m·θ' + (1−m)·θ
+        for tb, sb in zip(self.model.buffers(), student.buffers()):
             if self.kind == "eman" and tb.is_floating_point():
-                tb.lerp_(sb, 1.0 - self.decay)  # EMAN: running mean / var are averaged too
+                tb.lerp_(sb, w)  # EMAN: running mean / var are averaged too
             else:
                 tb.copy_(sb)  # EMA: buffers copied; EMAN: integer counters copied
 

@@ -315,7 +315,7 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                ema.update(net)
+                ema.update(net, step)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 busy, n_busy = busy + time.perf_counter() - t0, n_busy + 1
