@@ -21,9 +21,9 @@ from alssl.semi import METHODS, semi_finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The digits schedule for CPU tests: 150 steps, B = 32, μ = 2 (the default μ stays 7), default EMA 0.999 with its
-# warm-up (m_t ≈ 0.94 at the end), no horizontal flip (digits are not mirror-symmetric). ~10-20 s per method idle.
-FAST = dict(steps=150, batch_size=32, mu=2, seed=0, quiet=True, device="cpu")
+# The digits schedule for CPU tests: 200 steps, B = 32, μ = 2 (the default μ stays 7), default EMA 0.999 with its
+# warm-up (m_t ≈ 0.96 at the end), no horizontal flip (digits are not mirror-symmetric). ~10-20 s per method idle.
+FAST = dict(steps=200, batch_size=32, mu=2, seed=0, quiet=True, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_ssl_beats_supervised_on_40_digit_labels(method, digits, supervised_40, 
     res = semi_finetune(digits, labeled_idx=li, labeled_y=digits.y_train[li], method=method, out_dir=tmp_path,
                         options=opts, **FAST)
     assert res["n_labeled"] == 40 and res["n_unlabeled"] == len(digits.y_train) - 40
-    assert supervised_40["accuracy"] > 0.6  # the baseline learned something (measured 0.894)
+    assert supervised_40["accuracy"] > 0.6  # the baseline learned something (measured 0.897; fixmatch 0.950, simmatch 0.950, daso 0.956)
     assert res["accuracy"] >= supervised_40["accuracy"] + 0.03, (res, supervised_40)
     assert res["balanced_accuracy"] == pytest.approx(np.mean(res["per_class_recall"]))
 
@@ -69,7 +69,7 @@ def _weights(out: Path) -> dict:
     return {**{f"m.{k}": v for k, v in st["model"].items()}, **{f"t.{k}": v for k, v in st["teacher"].items()}}
 
 
-@pytest.mark.parametrize("method", ["simmatch", "daso"])
+@pytest.mark.parametrize("method", ["fixmatch", "simmatch", "daso"])
 def test_kill_after_k_steps_then_resume_gives_the_same_weights(method, digits, tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     _tiny(digits, whole, method)
