@@ -90,13 +90,15 @@ def pretrain(
     from alssl.data import load_dataset
     from alssl.errors import unknown
     from alssl.runs import Run, check_writable, run_lock
-    from alssl.ssl import METHODS, pretrain as run_pretrain
+    from alssl.ssl import METHODS, check_args, pretrain as run_pretrain
 
     if method not in METHODS:
         raise unknown("method", method, METHODS)
     if backbone not in BACKBONES:
         raise unknown("backbone", backbone, BACKBONES)
     dev: int | str = int(devices) if devices.isdigit() else devices
+    check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
+               accelerator=accelerator, devices=dev, strategy=strategy, precision=precision)
     args = {"method": method, "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "eman": eman, "seed": seed, "hflip": hflip, "momentum": momentum,
             "momentum_schedule": momentum_schedule, "queue_size": queue_size, "temperature": temperature}

@@ -172,6 +172,20 @@ def _fabric(accelerator: str, devices, strategy: str, precision: str):
     return fabric
 
 
+def check_args(*, method: str, eman: bool, momentum: float, momentum_schedule: str | None, accelerator: str,
+               devices, strategy: str, precision: str):
+    """Validate the stage-1 arguments (before anything is written); returns the configured (unlaunched) Fabric."""
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if eman and method == "simsiam":
+        raise UserError("--eman needs a momentum teacher; use it with --method moco or --method byol")
+    if momentum_schedule not in (None, "cosine"):
+        raise UserError(f"unknown momentum schedule {momentum_schedule!r}; use cosine or leave it out")
+    if not 0.0 <= momentum < 1.0:
+        raise UserError(f"--momentum must be in [0, 1), got {momentum}")
+    return _fabric(accelerator, devices, strategy, precision)
+
+
 def _fault_after_steps(done_here: int) -> None:
     """Fault injection for the kill -9 tests: ALSSL_FAULT_AFTER_STEPS=k kills this process after k steps."""
     k = os.environ.get("ALSSL_FAULT_AFTER_STEPS")
@@ -212,18 +226,10 @@ def pretrain(
     Writes `RUN/checkpoints/backbone.pt` (the student backbone) at the end and returns a summary dict on rank 0
     (None on other ranks). `epochs=0` writes the seeded random-init backbone: the baseline every curve needs.
     """
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if eman and method == "simsiam":
-        raise UserError("--eman needs a momentum teacher; use it with --method moco or --method byol")
-    if momentum_schedule not in (None, "cosine"):
-        raise UserError(f"unknown momentum schedule {momentum_schedule!r}; use cosine or leave it out")
-    if not 0.0 <= momentum < 1.0:
-        raise UserError(f"momentum must be in [0, 1), got {momentum}")
+    fabric = check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
+                        accelerator=accelerator, devices=devices, strategy=strategy, precision=precision)
     if method == "byol":
         momentum_schedule = momentum_schedule or "cosine"  # BYOL: τ from 0.99 to 1 with a cosine schedule
-
-    fabric = _fabric(accelerator, devices, strategy, precision)
     fabric.launch()
     rank, world = fabric.global_rank, fabric.world_size
     ckpt_dir = run.checkpoints

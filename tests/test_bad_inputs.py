@@ -251,3 +251,16 @@ def test_real_console(closed_run, args, needle):
     before = snapshot(closed_run)
     assert_user_error(run_subprocess("query", str(closed_run), *args), needle)
     assert snapshot(closed_run) == before
+
+
+def test_unknown_svm_kernel(closed_run):
+    check(closed_run, ["query", str(closed_run), "--budget", "5", "--strategy", "svm-margin", "--kernel", "poly"], "kernel")
+
+
+def test_eman_needs_a_momentum_teacher(tmp_path):
+    check(tmp_path, ["pretrain", "--data", "digits", "--out", str(tmp_path / "r"), "--eman", "--epochs", "1"], "--method moco")
+
+
+def test_unsupported_precision_on_cpu(tmp_path):
+    check(tmp_path, ["pretrain", "--data", "digits", "--out", str(tmp_path / "r"), "--accelerator", "cpu",
+                     "--precision", "64-bad"], "--precision")
