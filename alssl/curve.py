@@ -194,7 +194,7 @@ def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path
                    quiet: bool = True, title: str | None = None) -> tuple[Path, Path, Path]:
     """Pretrain once (or reuse `from_run`), then compute the grid and draw it. Returns (csv, png, svg)."""
     from alssl.backbones import BACKBONES
-    from alssl.plots import plot_curve
+    from alssl.plots import curve_table, plot_curve
     from alssl.runs import Run, check_writable, run_lock
     from alssl.ssl import METHODS, pretrain
 
@@ -225,4 +225,5 @@ def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path
         pool_features(run_path, dataset)  # embed once, before any worker forks
         csv_path = run_grid(out, grid, counts, run_path=run_path, jobs=jobs, quiet=quiet)
         png, svg = plot_curve(csv_path, title=title)
+        atomic_write_text(out / "curve.md", curve_table(csv_path))  # the same numbers as a markdown table
     return csv_path, png, svg

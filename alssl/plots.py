@@ -116,3 +116,29 @@ def plot_curve(csv_path: Path, out_stem: Path | None = None, *, title: str | Non
         atomic_write_bytes(path, buf.getvalue())
     plt.close(fig)
     return png, svg
+
+
+def curve_table(csv_path: Path) -> str:
+    """A markdown table per panel: mean ± std accuracy (%) per strategy and budget, and the gain over random."""
+    summary = summarize(read_curve(Path(csv_path)))
+    out = []
+    for (arm, probe), by_strategy in sorted(summary.items()):
+        rand = by_strategy.get("random")
+        fracs = next(iter(by_strategy.values()))[0]
+        out.append(f"**{arm} · {probe} probe** — test accuracy %, mean ± std over seeds (gain over random, paired seeds)\n")
+        out.append("| strategy | " + " | ".join(f"{f * 100:.2g} %" for f in fracs) + " |")
+        out.append("|---" * (len(fracs) + 1) + "|")
+        for s in sorted(by_strategy, key=lambda s: (s != "random", s)):
+            f, m, sd, a, seeds = by_strategy[s]
+            cells = []
+            for j in range(len(f)):
+                cell = f"{m[j] * 100:.1f} ± {sd[j] * 100:.1f}"
+                if rand is not None and s != "random":
+                    common = [x for x in seeds if x in rand[4]]
+                    if common:
+                        g = np.mean([a[seeds.index(x), j] - rand[3][rand[4].index(x), j] for x in common]) * 100
+                        cell += f" ({g:+.1f})"
+                cells.append(cell)
+            out.append(f"| {s} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)

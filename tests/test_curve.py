@@ -72,6 +72,10 @@ def test_plot_files_axes_and_legend(uninterrupted):
     for text in ("test accuracy (%)", "labeled fraction of the pool", "labels per class", "gain over random",
                  "random", "kcenter", "linear probe", "strategy"):
         assert text in svg, text
+    table = (uninterrupted / "curve.md").read_text().splitlines()
+    rand = next(l for l in table if l.startswith("| random |"))
+    kc = next(l for l in table if l.startswith("| kcenter |"))
+    assert rand.count("±") == 3 and kc.count("(") == 3  # 3 budgets; kcenter's gain over random per budget
 
 
 def test_plot_only_redraws(uninterrupted):
