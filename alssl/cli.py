@@ -267,12 +267,14 @@ def semi_finetune(
     unlabeled_profile: str = typer.Option("same", help="same | reversed (DASO-style mismatched unlabeled pool; simulation)"),
     unlabeled_imbalance: Optional[float] = typer.Option(None, help="Imbalance of the reshaped unlabeled pool"),
     ckpt_every: int = typer.Option(100, min=1),
+    hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Flips in the weak/strong views (default: colour images only)"),
+    option: list[str] = typer.Option([], "--option", help="Method setting KEY=VALUE, repeatable (see docs/semi.md), e.g. --option bn_batch=split"),
     seed: int = typer.Option(0),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Stage 4: semi-supervised fine-tune from the stage-1 backbone on the labels bought; prints JSON.
 
-    Example: alssl semi-finetune runs/d --method simmatch --steps 2000
+    Example: alssl semi-finetune runs/d --method simmatch --steps 2000 --option bn_batch=split
     """
     import hashlib
 
@@ -295,7 +297,8 @@ def semi_finetune(
         raise UserError(f"{run_dir} has no stage-1 backbone; run `alssl pretrain` first or pass --from-scratch")
     args = dict(method=method, steps=steps, batch_size=batch_size, mu=mu, tau=tau, lambda_u=lambda_u, lr=lr,
                 teacher=teacher, seed=seed)
-    options = {"unlabeled_profile": unlabeled_profile, "unlabeled_imbalance": unlabeled_imbalance}
+    options = {"unlabeled_profile": unlabeled_profile, "unlabeled_imbalance": unlabeled_imbalance, "hflip": hflip,
+               **_key_values(option)}
     tag = hashlib.sha256(json.dumps([args, options, from_scratch, backbone, idx.tolist()], sort_keys=True).encode()).hexdigest()[:8]
     out = run.path / "semi" / f"{method}-{len(idx)}lab-{tag}"
     with run_lock(run_dir):
@@ -308,6 +311,27 @@ def semi_finetune(
 
 
 # ------------------------------------------------------------------ curves and pipelines
+def _key_values(items: list[str]) -> dict:
+    """`--option KEY=VALUE` pairs; values become bool, int or float where they read as one."""
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--option {item!r} is not KEY=VALUE; write e.g. --option bn_batch=split")
+        value: object = raw.strip()
+        if raw.strip().lower() in ("true", "false"):
+            value = raw.strip().lower() == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(raw)
+                    break
+                except ValueError:
+                    pass
+        out[key.strip()] = value
+    return out
+
+
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 

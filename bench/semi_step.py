@@ -12,9 +12,10 @@ A step is everything from drawing the batch to the updated EMA weights, each lib
 
 - alssl: `alssl.semi.semi_finetune(method="fixmatch")` — the real trainer loop. Its metrics.jsonl reports steps/s
   of each step body (batch draw, weak + strong views on the device with kornia, forward/backward, SGD, EMA),
-  excluding checkpoint writes and the final evaluation; the first `warmup` steps are dropped.
-- semilearn 0.3.2: `semilearn.algorithms.fixmatch.FixMatch` fed by its own `BasicDataset` with its CIFAR transforms (weak: reflect-pad crop + flip;
-  strong: + its RandAugment(3, 5)) through its `get_data_loader` (num_workers=0, like alssl's in-process views).
+  excluding checkpoint writes and the final evaluation; the first `warmup` steps are dropped. On CPU alssl keeps
+  the network in channels_last memory format (oneDNN's fast conv layout); semilearn uses PyTorch's default.
+- semilearn 0.3.2: `semilearn.algorithms.fixmatch.FixMatch` fed by its own `BasicDataset` with its CIFAR transforms
+  (weak: reflect-pad crop + flip; strong: + its RandAugment(3, 5)) through its `get_data_loader` (num_workers=0, like alssl's in-process views).
   Per step: next batches, `train_step`, then the two after-step hooks that do training work in its trainer:
   ParamUpdateHook (backward, optimizer.step, scheduler.step, zero_grad) and EMAHook (EMA update + ema_model reload).
   Skipped: TimerHook (CUDA events), Evaluation/Checkpoint/Logging (every num_eval_iter, set beyond the run).

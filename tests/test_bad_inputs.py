@@ -1,8 +1,7 @@
-"""The bad-input battery: every case goes through the CLI entry point and must exit 2 with exactly one `error:`
+"""The bad-input battery: every case runs the real CLI in a subprocess and must exit 2 with exactly one `error:`
 line on stderr that names the fix, print no traceback, and leave the run dir byte-identical.
 
-Cases run in-process through `alssl.cli.main` (the console script's function) to save a torch import per case;
-`test_real_console` repeats a few through a real subprocess."""
+(`conftest.run_cli_inprocess` runs the same entry point in-process, for quick local iteration.)"""
 
 from __future__ import annotations
 
@@ -14,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_cli
 from conftest import run_cli as run_subprocess
-from conftest import run_cli_inprocess as run_cli
 from conftest import snapshot
 
 
@@ -264,3 +263,8 @@ def test_eman_needs_a_momentum_teacher(tmp_path):
 def test_unsupported_precision_on_cpu(tmp_path):
     check(tmp_path, ["pretrain", "--data", "digits", "--out", str(tmp_path / "r"), "--accelerator", "cpu",
                      "--precision", "64-bad"], "--precision")
+
+
+def test_unknown_semi_option_suggests(run_dir):
+    check(run_dir, ["semi-finetune", str(run_dir), "--method", "fixmatch", "--option", "bn_bach=split"], 'did you mean "bn_batch"')
+    check(run_dir, ["semi-finetune", str(run_dir), "--option", "novalue"], "KEY=VALUE")

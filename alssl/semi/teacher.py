@@ -4,9 +4,9 @@
   parameters, with m_t = min(m, (1 + t) / (10 + t)) after the t-th update (TensorFlow's ExponentialMovingAverage
   `num_updates` warm-up). Without it a short run is useless: after 500 steps at m = 0.999 the teacher still holds
   0.999^500 = 61 % of the initial weights (random head) and scored 10 % on digits; the warm-up reaches m = 0.999 at
-  t ≈ 9000, so paper-length runs are unchanged; buffers (BN running mean/var, num_batches_tracked) are copied from the student. During training its
-  forward passes use train-mode BN (batch statistics), as in SimMatch's and DASO's official code; evaluation uses
-  eval mode.
+  t ≈ 9000, so paper-length runs are unchanged. Buffers (BN running mean/var, num_batches_tracked) are copied from
+  the student. During training its forward passes use train-mode BN (batch statistics), as in SimMatch's and DASO's
+  official code; evaluation uses eval mode.
 - EMAN (Cai et al. 2021, arXiv 2103.16436): the EMA runs over the whole state, BN running statistics included
   (num_batches_tracked copied), and the teacher is ALWAYS in eval mode, so its outputs for a sample never depend on
   the other samples in the batch.
