@@ -28,6 +28,8 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[bench]'
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps semilearn==0.3.2
 	$(PY) bench/pretrain_throughput.py
 	$(PY) bench/kcenter.py
 	$(PY) bench/semi_step.py
