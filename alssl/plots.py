@@ -43,6 +43,17 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def paired_gain(entry: tuple, rand: tuple | None) -> np.ndarray | None:
+    """Accuracy gain over random in points, [S, R] on the seeds both strategies ran; None when there is none."""
+    f, _, _, a, seeds = entry
+    if rand is None or len(rand[0]) != len(f):
+        return None
+    common = sorted(set(seeds) & set(rand[4]))
+    if not common:
+        return None
+    return (a[[seeds.index(x) for x in common]] - rand[3][[rand[4].index(x) for x in common]]) * 100
+
+
 def plot_curve(csv_path: Path, out_stem: Path | None = None, *, title: str | None = None) -> tuple[Path, Path]:
     """Draw `curve.png` and `curve.svg` beside curve.csv (or at `out_stem`); returns both paths."""
     import matplotlib
@@ -75,11 +86,9 @@ def plot_curve(csv_path: Path, out_stem: Path | None = None, *, title: str | Non
             style = dict(color="black", linestyle="--") if s == "random" else dict(color=colors[s])
             ax.plot(f * 100, m * 100, marker="o", ms=3.5, label=s, **style)
             ax.fill_between(f * 100, (m - sd) * 100, (m + sd) * 100, alpha=0.15, color=style["color"], linewidth=0)
-            if rand is not None and s != "random" and len(rand[0]) == len(f):
-                common = sorted(set(seeds) & set(rand[4]))
-                if common:
-                    gain = (a[[seeds.index(x) for x in common]] - rand[3][[rand[4].index(x) for x in common]]) * 100
-                    gax.errorbar(f * 100, gain.mean(0), yerr=gain.std(0), marker="o", ms=3, capsize=2, color=colors[s], label=s)
+            gain = paired_gain(summary[panel][s], rand) if s != "random" else None
+            if gain is not None:
+                gax.errorbar(f * 100, gain.mean(0), yerr=gain.std(0), marker="o", ms=3, capsize=2, color=colors[s], label=s)
         arm, probe = panel
         ax.set_title(f"{probe} probe" if arm == "probe" else f"{arm.split(':', 1)[1]} fine-tune (labels from {probe} rounds)")
         ax.set_xscale("log")
@@ -130,14 +139,12 @@ def curve_table(csv_path: Path) -> str:
         out.append("|---" * (len(fracs) + 1) + "|")
         for s in sorted(by_strategy, key=lambda s: (s != "random", s)):
             f, m, sd, a, seeds = by_strategy[s]
+            gain = paired_gain(by_strategy[s], rand) if s != "random" else None
             cells = []
             for j in range(len(f)):
                 cell = f"{m[j] * 100:.1f} ± {sd[j] * 100:.1f}"
-                if rand is not None and s != "random":
-                    common = [x for x in seeds if x in rand[4]]
-                    if common:
-                        g = np.mean([a[seeds.index(x), j] - rand[3][rand[4].index(x), j] for x in common]) * 100
-                        cell += f" ({g:+.1f})"
+                if gain is not None:
+                    cell += f" ({gain[:, j].mean():+.1f})"
                 cells.append(cell)
             out.append(f"| {s} | " + " | ".join(cells) + " |")
         out.append("")

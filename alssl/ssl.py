@@ -361,7 +361,8 @@ def pretrain(
 
     if rank != 0:
         return None
-    meta = {"method": method, "epochs": epochs, "steps": total, "knn_accuracy": history[-1]["knn_accuracy"] or 0.0,
+    knn = [h["knn_accuracy"] for h in history if h["knn_accuracy"] is not None]  # empty with knn_every=0
+    meta = {"method": method, "epochs": epochs, "steps": total, "knn_accuracy": knn[-1] if knn else None,
             "eman": eman, "seed": seed, "world_size": world}
     if in_sync is not None:
         meta["ranks_in_sync"] = in_sync
@@ -369,7 +370,7 @@ def pretrain(
                       ckpt_dir / "backbone.pt")
     if total == 0:
         save()
-    return {**meta, "backbone": backbone, "knn_accuracy_init": history[0]["knn_accuracy"] or 0.0,
+    return {**meta, "backbone": backbone, "knn_accuracy_init": history[0]["knn_accuracy"],
             "loss": history[-1]["loss"], "seconds": round(seconds, 2),
             "images_per_s": round(done_here * bs * world / seconds, 1) if done_here else None}
 
