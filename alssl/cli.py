@@ -90,7 +90,7 @@ def pretrain(
     from alssl.data import load_dataset
     from alssl.errors import unknown
     from alssl.runs import Run, check_writable, run_lock
-    from alssl.ssl import METHODS, check_args, pretrain as run_pretrain
+    from alssl.pretrain import METHODS, check_args, pretrain as run_pretrain
 
     if method not in METHODS:
         raise unknown("method", method, METHODS)

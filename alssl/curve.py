@@ -196,7 +196,7 @@ def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path
     from alssl.backbones import BACKBONES
     from alssl.plots import curve_table, plot_curve
     from alssl.runs import Run, check_writable, run_lock
-    from alssl.ssl import METHODS, pretrain
+    from alssl.pretrain import METHODS, pretrain
 
     dataset = load_dataset(grid.data["spec"], imbalance=grid.data.get("imbalance"), seed=grid.data.get("seed", 0))
     counts = grid.validate(len(dataset.y_train))

@@ -3,7 +3,7 @@
 Same backbone (alssl `cnn`), heads (lightly SimSiam projection/prediction), loss, optimizer, batch size and images
 (`../shared/data/cifar10_10k.npz`, 32 px). The peer is lightly's example (docs "SimSiam" / examples/pytorch/simsiam.py):
 a map-style dataset of PIL images + `SimSiamTransform(input_size=32)` + `DataLoader(shuffle, drop_last)`; it is timed
-with num_workers 0 and 2 and the faster one is the reference. alssl is timed through `alssl.ssl.pretrain` (kNN monitor
+with num_workers 0 and 2 and the faster one is the reference. alssl is timed through `alssl.pretrain.pretrain` (kNN monitor
 off, checkpoints on). The last line is `ratio=X.XX` = alssl images/s ÷ lightly images/s.
 
     .venv/bin/python bench/pretrain_throughput.py [--steps 30] [--batch-size 256]
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset as TorchDataset
 from alssl.backbones import build_backbone
 from alssl.data import load_dataset
 from alssl.runs import Run
-from alssl.ssl import pretrain
+from alssl.pretrain import pretrain
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_10k.npz"
 
@@ -87,7 +87,7 @@ def lightly_loop(x: np.ndarray, y: np.ndarray, *, steps: int, batch_size: int, w
 
 
 def alssl_loop(*, steps: int, batch_size: int) -> float:
-    """Images/s of alssl.ssl.pretrain on the same data, `steps` batches (kNN monitor off)."""
+    """Images/s of alssl.pretrain.pretrain on the same data, `steps` batches (kNN monitor off)."""
     ds = load_dataset(str(DATA), seed=0)
     n = (steps + 1) * batch_size  # one batch more, as warm-up for the loop's first step
     ds.x_train, ds.y_train = ds.x_train[:n], ds.y_train[:n]

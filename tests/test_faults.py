@@ -1,6 +1,6 @@
 """kill -9 at several points, then rerun: every stage ends in the same state as an uninterrupted run.
 
-Stage 1's weights-level check is `tests/test_ssl.py::test_killed_pretrain_resumes_to_the_same_weights`, the curve
+Stage 1's weights-level check is `tests/test_pretrain.py::test_killed_pretrain_resumes_to_the_same_weights`, the curve
 grid's is `tests/test_curve.py::test_killed_grid_resumes_only_missing_cells`; this file covers query + label,
 semi-finetune and the run-dir lock through real subprocesses.
 """

@@ -14,7 +14,7 @@ from alssl.data import load_dataset
 from alssl.features import pool_features
 from alssl.probes import fit_probe
 from alssl.runs import Run
-from alssl.ssl import SSLNet, load_state, momentum_update, pretrain
+from alssl.pretrain import SSLNet, load_state, momentum_update, pretrain
 from alssl.backbones import build_backbone
 from conftest import run_cli
 
