@@ -6,6 +6,7 @@ Every command validates its input before it writes anything; a `UserError` becom
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -34,33 +35,58 @@ def _quiet(quiet: bool) -> bool:
     return quiet or not sys.stderr.isatty()
 
 
-def _load_run(run_dir: Path):
-    """Open a run and reload its dataset exactly as it was when the run was made."""
-    from alssl.data import load_dataset
+def _load_run(run_dir: Path, *, quiet: bool = True):
+    """Open a run and its dataset exactly as it was when the run was made. Call it under `run_lock(run_dir)`: an
+    image-folder run may rebuild its on-disk pool (RUN/pool) if that was deleted."""
     from alssl.runs import Run
 
     run = Run.open(run_dir)
+    return run, _run_dataset(run, quiet=quiet)
+
+
+def _run_dataset(run, *, quiet: bool = True):
+    from alssl.data import load_dataset
+
     cfg = run.config["data"]
-    dataset = load_dataset(cfg["spec"], imbalance=cfg.get("imbalance"), seed=cfg.get("seed", 0))
-    if len(dataset.y_train) != run.state["n_pool"]:
-        raise UserError(f"the data {cfg['spec']} no longer matches {run_dir} ({len(dataset.y_train)} vs {run.state['n_pool']} samples); restore the data or start a new run")
-    return run, dataset
+    dataset = load_dataset(cfg["spec"], imbalance=cfg.get("imbalance"), seed=cfg.get("seed", 0), test=cfg.get("test"),
+                           classes=cfg.get("classes"), image_size=cfg.get("image_size"), strict=cfg.get("strict", False),
+                           pool_dir=run.path / "pool", quiet=quiet, expect=cfg.get("pool"))
+    if dataset.n_pool != run.state["n_pool"]:
+        raise UserError(f"the data {cfg['spec']} no longer matches {run.path} ({dataset.n_pool} vs {run.state['n_pool']} samples); restore the data or start a new run")
+    return dataset
 
 
-def _data_config(spec: str, imbalance: Optional[float], seed: int) -> dict:
-    """The data section of run.toml, with paths made absolute so later commands work from any directory."""
+def _spec_path(spec: str) -> str:
+    """A data SPEC with its path made absolute (~ expanded), so later commands work from any directory."""
     if spec.startswith("cifar10:"):
-        spec = "cifar10:" + str(Path(spec[len("cifar10:"):]).resolve())
-    elif spec != "digits":
-        spec = str(Path(spec).resolve()) + ("/" if spec.endswith("/") else "")
-    return {"spec": spec, "imbalance": imbalance, "seed": seed}
+        return "cifar10:" + str(Path(spec[len("cifar10:"):]).expanduser().resolve())
+    if spec == "digits":
+        return spec
+    return str(Path(spec).expanduser().resolve()) + ("/" if spec.endswith("/") else "")
+
+
+def _data_config(spec: str, imbalance: Optional[float], seed: int, **folder: object) -> dict:
+    """The data section of run.toml (absolute paths); image-folder keys only where given."""
+    cfg = {"spec": _spec_path(spec), "imbalance": imbalance, "seed": seed}
+    return cfg | {k: v for k, v in folder.items() if v is not None}
+
+
+def _classes_option(text: Optional[str]) -> Optional[list[str]]:
+    from alssl.data.folder import parse_classes
+
+    return None if text is None else parse_classes(text)
 
 
 # ------------------------------------------------------------------ stage 1
 @app.command()
 def pretrain(
-    data: str = typer.Option("digits", help="Data SPEC: digits | FILE.npz | DIR/ | cifar10:DIR"),
+    data: str = typer.Option("digits", help="Data SPEC: digits | FILE.npz | DIR/ (train/+test/) | cifar10:DIR | any folder of images (an unlabeled pool)"),
     out: Path = typer.Option(..., help="Run dir to create (or resume)"),
+    test: Optional[Path] = typer.Option(None, help="Image folders only: a labeled test set, one subfolder per class"),
+    classes: Optional[str] = typer.Option(None, help="Image folders only: class names a,b,c or @classes.txt (logit order)"),
+    image_size: Optional[int] = typer.Option(None, help="Image folders only: train at S×S (shorter side resized, centre crop); default 32 if every image is ≤ 32 px, else 64"),
+    strict: bool = typer.Option(False, help="Image folders only: stop at the first unreadable file instead of skipping it"),
+    workers: Optional[int] = typer.Option(None, min=1, help="Processes that decode an image folder (default: CPU count, at most 8)"),
     method: str = typer.Option("simsiam", help="simsiam | moco | byol"),
     backbone: str = typer.Option("cnn", help="cnn | resnet18 | wrn28_2"),
     epochs: int = typer.Option(20, min=0, help="Epochs; 0 = random-init baseline"),
@@ -77,55 +103,113 @@ def pretrain(
     momentum_schedule: Optional[str] = typer.Option(None, help="cosine: m rises to 1 over training (default for BYOL)"),
     queue_size: Optional[int] = typer.Option(None, min=1, help="MoCo queue length (default min(4096, pool/2))"),
     temperature: float = typer.Option(0.2, min=1e-3, help="MoCo InfoNCE temperature"),
-    knn_every: int = typer.Option(1, min=0, help="kNN monitor every N epochs (0 = off)"),
+    knn_every: int = typer.Option(1, min=0, help="kNN monitor every N epochs (0 = off; off for unlabeled pools)"),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Random horizontal flips in the views (default: on for colour images, off for 1-channel glyphs)"),
     seed: int = typer.Option(0),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Stage 1: self-supervised pretraining. Rerun the same command to resume.
 
-    Example: alssl pretrain --data digits --out runs/d --method simsiam --epochs 20
+    Examples:
+      alssl pretrain --data photos/ --test labeled_test/ --out runs/mine --epochs 50
+      alssl pretrain --data digits --out runs/d --method simsiam --epochs 20
     """
+    import shutil
+
     from alssl.backbones import BACKBONES
-    from alssl.data import load_dataset
-    from alssl.errors import unknown
-    from alssl.runs import Run, check_writable, run_lock
+    from alssl.data import is_pool_spec, load_dataset
+    from alssl.errors import unknown, warn
     from alssl.pretrain import METHODS, check_args, pretrain as run_pretrain
+    from alssl.runs import Run, atomic_write_text, check_writable, run_lock
 
     if method not in METHODS:
         raise unknown("method", method, METHODS)
     if backbone not in BACKBONES:
         raise unknown("backbone", backbone, BACKBONES)
+    if image_size is not None and image_size < 1:
+        raise UserError(f"--image-size must be at least 1 pixel (got {image_size}); e.g. --image-size 64")
     dev: int | str = int(devices) if devices.isdigit() else devices
     check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
                accelerator=accelerator, devices=dev, strategy=strategy, precision=precision)
+    names = _classes_option(classes)
+    folder = is_pool_spec(data)
+    given = {"test": None if test is None else str(test.expanduser().resolve()), "classes": names,
+             "image_size": image_size, "strict": strict or None}
     args = {"method": method, "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "eman": eman, "seed": seed, "hflip": hflip, "momentum": momentum,
             "momentum_schedule": momentum_schedule, "queue_size": queue_size, "temperature": temperature}
-    dataset = load_dataset(data, imbalance=imbalance, seed=seed)
-    if Run.exists(out):
-        run = Run.open(out)
-        old = run.config.get("pretrain", {})
-        diff = [k for k in args if old.get(k) != args[k]]
-        if diff:
-            k = diff[0]
-            raise UserError(f"{out} was pretrained with --{k.replace('_', '-')} {old.get(k)} (not {args[k]}); rerun with the same arguments to resume, or pick a new --out")
-    else:
-        check_writable(out)
-    with run_lock(out):
-        if not Run.exists(out):
-            config = {"data": _data_config(data, imbalance, seed), "pretrain": args}
-            run = Run.create(out, n_pool=len(dataset.y_train), config=config)
-        summary = run_pretrain(dataset, run, method=method, backbone=backbone, epochs=epochs, batch_size=batch_size,
-                               lr=lr, eman=eman, devices=dev, accelerator=accelerator, precision=precision,
-                               strategy=strategy, seed=seed, ckpt_every_steps=ckpt_every_steps, hflip=hflip,
-                               momentum=momentum, momentum_schedule=momentum_schedule, queue_size=queue_size,
-                               temperature=temperature, knn_every=knn_every,
-                               quiet=_quiet(quiet))
-        if summary is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            run.state["stages"]["pretrain"] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
-            run.save_state()
-            typer.echo(json.dumps({"run": str(out), **run.state["stages"]["pretrain"]}))
+    preloaded = None  # an in-memory SPEC is checked whole before anything is written (folders: while decoding)
+    if not folder:
+        preloaded = load_dataset(data, imbalance=imbalance, seed=seed,
+                                 **{k: v for k, v in given.items() if k != "strict"})
+    created = not out.exists()
+    check_writable(out)
+    try:
+        with run_lock(out):
+            if Run.exists(out):
+                run = Run.open(out)
+                _check_same_run(run, out, args, _data_config(data, imbalance, seed, **given))
+                dataset = preloaded if preloaded is not None else _run_dataset(run, quiet=_quiet(quiet))
+            else:
+                try:
+                    dataset = preloaded or load_dataset(data, imbalance=imbalance, seed=seed, pool_dir=out / "pool",
+                                                        workers=workers, quiet=_quiet(quiet), **given)
+                    data_cfg = _data_config(data, imbalance, seed, **given)
+                    if folder:
+                        data_cfg |= {"classes": dataset.classes or None, "image_size": dataset.image_size,
+                                     "pool": {"n": dataset.n_pool, "image_size": dataset.image_size,
+                                              "channels": dataset.channels}}
+                    run = Run.create(out, n_pool=dataset.n_pool, config={"data": data_cfg, "pretrain": args})
+                except BaseException:
+                    shutil.rmtree(out / "pool", ignore_errors=True)
+                    raise
+                if dataset.skipped:
+                    atomic_write_text(out / "skipped.csv", _skipped_csv(dataset.skipped))
+                    warn(f"skipped {len(dataset.skipped)} unreadable image file(s), listed in {out / 'skipped.csv'} "
+                         f"(e.g. {dataset.skipped[0][0]}: {dataset.skipped[0][1]}); use --strict to stop instead")
+            summary = run_pretrain(dataset, run, method=method, backbone=backbone, epochs=epochs, batch_size=batch_size,
+                                   lr=lr, eman=eman, devices=dev, accelerator=accelerator, precision=precision,
+                                   strategy=strategy, seed=seed, ckpt_every_steps=ckpt_every_steps, hflip=hflip,
+                                   momentum=momentum, momentum_schedule=momentum_schedule, queue_size=queue_size,
+                                   temperature=temperature, knn_every=knn_every, quiet=_quiet(quiet))
+            if summary is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                run.state["stages"]["pretrain"] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
+                run.save_state()
+                typer.echo(json.dumps({"run": str(out), **run.state["stages"]["pretrain"]}))
+    except BaseException:
+        if created and not Run.exists(out):  # bad input or a stop before the run existed: leave nothing behind
+            import contextlib
+
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _check_same_run(run, out: Path, args: dict, data_cfg: dict) -> None:
+    """A pretrain rerun must ask for what the run was made with (then it resumes); anything else is refused."""
+    old = run.config.get("pretrain", {})
+    diff = [f"--{k.replace('_', '-')} {old.get(k)} (not {args[k]})" for k in args if old.get(k) != args[k]]
+    old_data = run.config["data"]
+    for key in ("spec", "imbalance", "test", "strict"):
+        if old_data.get(key) != data_cfg.get(key):
+            flag = "--data" if key == "spec" else f"--{key}"
+            diff.append(f"{flag} {old_data.get(key)} (not {data_cfg.get(key)})")
+    for key in ("classes", "image_size"):  # resolved at creation: compare only when given again
+        if data_cfg.get(key) is not None and old_data.get(key) != data_cfg[key]:
+            diff.append(f"--{key.replace('_', '-')} {old_data.get(key)} (not {data_cfg[key]})")
+    if diff:
+        raise UserError(f"{out} was made with {diff[0]}; rerun with the same arguments to resume, or pick a new --out")
+
+
+def _skipped_csv(skipped: list) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "reason"])
+    w.writerows(skipped)
+    return buf.getvalue()
 
 
 # ------------------------------------------------------------------ stage 2
@@ -136,26 +220,38 @@ def probe(
     kernel: str = typer.Option("linear", help="SVM kernel: linear | rbf"),
     seed: int = typer.Option(0),
 ) -> None:
-    """Stage 2: fit a probe on the frozen features of the labeled set; print test accuracy as JSON.
+    """Stage 2: fit a probe on the frozen features of the labeled set; print its accuracy as JSON.
+
+    Accuracy is on the test split; a pool without a labeled test set reports cv_accuracy (stratified k-fold on the
+    labeled set, k = min(5, smallest class count)).
 
     Example: alssl probe runs/d --probe svm
     """
-    from alssl.features import pool_features
-    from alssl.probes import PROBES, fit_probe
     from alssl.errors import unknown
+    from alssl.features import pool_features
+    from alssl.probes import KERNELS, PROBES, cross_val_accuracy, fit_probe
     from alssl.runs import run_lock
 
     if probe not in PROBES:
         raise unknown("probe", probe, PROBES)
-    run, dataset = _load_run(run_dir)
-    idx = run.labeled_indices
-    if len(idx) == 0:
-        raise UserError(f"{run_dir} has no labeled samples yet; run `alssl query {run_dir} --budget 2%` then `alssl label {run_dir} --oracle`")
+    if kernel not in KERNELS:
+        raise unknown("kernel", kernel, KERNELS)
     with run_lock(run_dir):
+        run, dataset = _load_run(run_dir)
+        idx = run.labeled_indices
+        if len(idx) == 0:
+            raise UserError(f"{run_dir} has no labeled samples yet; run `alssl query {run_dir} --budget 2%` then `alssl label {run_dir} --from FILE.csv` (or --oracle)")
         train, test = pool_features(run.path, dataset)
-        model = fit_probe(probe, train[idx], run.labels[idx], num_classes=dataset.num_classes, kernel=kernel, seed=seed)
-        acc = model.accuracy(test, dataset.y_test)
-        record = {"probe": probe, "n_labeled": int(len(idx)), "accuracy": round(float(acc), 4)}
+        y = run.labels[idx]
+        record: dict = {"probe": probe, "n_labeled": int(len(idx))}
+        if dataset.has_test:
+            model = fit_probe(probe, train[idx], y, num_classes=dataset.num_classes, kernel=kernel, seed=seed)
+            record["accuracy"] = round(float(model.accuracy(test, dataset.y_test)), 4)
+        else:
+            acc, k = cross_val_accuracy(probe, train[idx], y, num_classes=dataset.num_classes, kernel=kernel, seed=seed)
+            record |= {"cv_accuracy": None if acc is None else round(float(acc), 4), "cv_folds": k,
+                       "note": ("no labeled test set: stratified k-fold cross-validation on the labeled set" if acc is not None
+                                else "no labeled test set and a class with a single label: label more to measure accuracy")}
         run.log_metrics({"stage": "probe", "round": run.n_rounds, **record})
     typer.echo(json.dumps(record))
 
@@ -176,12 +272,14 @@ def query(
 
     Example: alssl query runs/d --budget 2% --strategy typiclust --thumbnails
     """
+    from alssl.budget import budget_count
     from alssl.rounds import query as run_query
-    from alssl.runs import run_lock
+    from alssl.runs import Run, run_lock
 
-    run, dataset = _load_run(run_dir)
+    budget_count(budget, n_pool=max(1, Run.open(run_dir).state["n_pool"]))  # a bad budget answers before any loading
     options = {k: v for k, v in {"delta": delta, "kernel": kernel}.items() if v is not None}
     with run_lock(run_dir):
+        run, dataset = _load_run(run_dir)
         path, reshown = run_query(run, dataset, budget=budget, strategy=strategy, seed=seed, probe=probe,
                                   thumbnails=thumbnails, options=options)
     if reshown:
@@ -192,36 +290,60 @@ def query(
 @app.command()
 def label(
     run_dir: Path = typer.Argument(..., metavar="RUN"),
-    from_file: Optional[Path] = typer.Option(None, "--from", help="CSV with header index,label or id,label"),
+    from_file: Optional[Path] = typer.Option(None, "--from", help="CSV with header id,label | index,label | index,id,label (the query CSV plus a label column)"),
     oracle: bool = typer.Option(False, "--oracle", help="Use the dataset's ground truth (simulation)"),
+    any_images: bool = typer.Option(False, "--any", help="With --from: labels you already have for any pool images, imported as a round of their own"),
+    classes: Optional[str] = typer.Option(None, help="Set the class list (a,b,c or @classes.txt) of a run that has none yet"),
 ) -> None:
-    """Import labels for the open query, from a person's CSV or the ground truth.
+    """Import labels: for the open query (from a person's CSV or the ground truth), or any pool images with --any.
 
-    Example: alssl label runs/d --from my_labels.csv
+    Examples:
+      alssl label runs/mine --from runs/mine/queries/round-0.csv      (the query CSV with a label column added)
+      alssl label runs/mine --from labels_we_had.csv --any --classes cat,dog,bird
     """
-    from alssl.rounds import label_from_csv, label_oracle
-    from alssl.runs import run_lock
+    from alssl.rounds import label_any, label_from_csv, label_oracle
+    from alssl.runs import atomic_write_text, run_lock, toml_dumps
 
     if oracle == (from_file is not None):
         raise UserError("give exactly one of --from FILE.csv or --oracle")
-    run, dataset = _load_run(run_dir)
+    if any_images and oracle:
+        raise UserError("--any imports labels from a file; use it with --from FILE.csv, not --oracle")
+    names = _classes_option(classes)
     with run_lock(run_dir):
-        n = label_oracle(run, dataset) if oracle else label_from_csv(run, dataset, from_file)
+        run, dataset = _load_run(run_dir)
+        if names is not None:
+            if dataset.classes and names != dataset.classes:
+                raise UserError(f"{run_dir} already has classes {', '.join(dataset.classes)}; drop --classes (the class "
+                                f"list of a run cannot change once set)")
+            if not dataset.classes:
+                dataset.classes = names
+                run.config["data"]["classes"] = names
+        if oracle:
+            n = label_oracle(run, dataset)
+        else:
+            n = (label_any if any_images else label_from_csv)(run, dataset, from_file)
+        if names is not None and run.config["data"].get("classes") == names:
+            atomic_write_text(run.path / "run.toml", toml_dumps({"alssl_format": run.state["format_version"], **run.config}))
     typer.echo(f"imported {n} labels; {int(run.labeled_mask.sum())} labeled in {run.n_rounds} rounds")
 
 
 @app.command()
 def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = typer.Option(False, "--json")) -> None:
-    """What the run holds: stages done, labeled count per round, open query, last metrics.
+    """What the run holds: data, stages done, labeled count per round, open query, last metrics.
 
     Example: alssl status runs/d
     """
     from alssl.runs import Run, read_jsonl
 
     run = Run.open(run_dir)
+    data = run.config["data"]
     info = {
         "run": str(run_dir),
-        "data": run.config["data"]["spec"],
+        "data": data["spec"],
+        "test": data.get("test"),
+        "classes": data.get("classes"),
+        "image_size": data.get("image_size"),
+        "skipped": _count_rows(run.path / "skipped.csv"),
         "pool": run.state["n_pool"],
         "labeled": int(run.labeled_mask.sum()),
         "stages": run.state["stages"],
@@ -237,17 +359,27 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
 
     con = Console()
     con.print(f"[bold]{run_dir}[/]  data={info['data']}  pool={info['pool']}  labeled={info['labeled']}")
+    if info["image_size"] is not None:
+        con.print(f"  image folder: {info['image_size']}px, {info['skipped']} unreadable files skipped, test={info['test']}, "
+                  f"classes={', '.join(info['classes'] or []) or 'not set yet'}")
     for name, st in info["stages"].items():
         con.print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in st.items()))
     table = Table("round", "strategy", "budget", "labels", "source")
     for r in info["rounds"]:
-        table.add_row(str(r["round"]), r["strategy"], r["budget"], str(r["n"]), r["source"])
+        table.add_row(str(r["round"]), str(r["strategy"]), str(r["budget"]), str(r["n"]), str(r["source"]))
     con.print(table)
     if info["open_query"]:
         q = info["open_query"]
         con.print(f"  open query: round {q['round']} ({q['strategy']}, {q['budget']}) → {q['file']}")
     if info["last_metrics"]:
         con.print(f"  last metrics: {info['last_metrics']}")
+
+
+def _count_rows(path: Path) -> int:
+    try:
+        return max(0, len(path.read_text().splitlines()) - 1)
+    except OSError:
+        return 0
 
 
 # ------------------------------------------------------------------ stage 4
@@ -288,25 +420,87 @@ def semi_finetune(
         raise unknown("teacher", teacher, ["ema", "eman"])
     if unlabeled_profile not in ("same", "reversed"):
         raise unknown("unlabeled profile", unlabeled_profile, ["same", "reversed"])
-    run, dataset = _load_run(run_dir)
-    idx = run.labeled_indices
-    if len(idx) == 0:
-        raise UserError(f"{run_dir} has no labeled samples yet; run `alssl query {run_dir} --budget 2%` then `alssl label {run_dir} --oracle`")
-    ckpt = run.checkpoints / "backbone.pt"
-    if not from_scratch and not ckpt.exists():
-        raise UserError(f"{run_dir} has no stage-1 backbone; run `alssl pretrain` first or pass --from-scratch")
-    args = dict(method=method, steps=steps, batch_size=batch_size, mu=mu, tau=tau, lambda_u=lambda_u, lr=lr,
-                teacher=teacher, seed=seed)
     options = {"unlabeled_profile": unlabeled_profile, "unlabeled_imbalance": unlabeled_imbalance, "hflip": hflip,
                **_key_values(option)}
-    tag = hashlib.sha256(json.dumps([args, options, from_scratch, backbone, idx.tolist()], sort_keys=True).encode()).hexdigest()[:8]
-    out = run.path / "semi" / f"{method}-{len(idx)}lab-{tag}"
+    args = dict(method=method, steps=steps, batch_size=batch_size, mu=mu, tau=tau, lambda_u=lambda_u, lr=lr,
+                teacher=teacher, seed=seed)
     with run_lock(run_dir):
+        run, dataset = _load_run(run_dir)
+        idx = run.labeled_indices
+        if len(idx) == 0:
+            raise UserError(f"{run_dir} has no labeled samples yet; run `alssl query {run_dir} --budget 2%` then `alssl label {run_dir} --from FILE.csv` (or --oracle)")
+        ckpt = run.checkpoints / "backbone.pt"
+        if not from_scratch and not ckpt.exists():
+            raise UserError(f"{run_dir} has no stage-1 backbone; run `alssl pretrain` first or pass --from-scratch")
+        tag = hashlib.sha256(json.dumps([args, options, from_scratch, backbone, idx.tolist()], sort_keys=True).encode()).hexdigest()[:8]
+        out = run.path / "semi" / f"{method}-{len(idx)}lab-{tag}"
         res = run_semi(dataset, labeled_idx=idx, labeled_y=run.labels[idx], out_dir=out,
                        backbone=backbone or run.config["pretrain"]["backbone"],
                        init_checkpoint=None if from_scratch else ckpt, ckpt_every=ckpt_every,
                        quiet=_quiet(quiet), options=options, **args)
         run.log_metrics({"stage": "semi", "dir": str(out.relative_to(run.path)), **{k: v for k, v in res.items() if k != "per_class_recall"}})
+    typer.echo(json.dumps(res))
+
+
+# ------------------------------------------------------------------ models out
+@app.command("export")
+def export_model(
+    run_dir: Path = typer.Argument(..., metavar="RUN"),
+    out: Path = typer.Option(..., help="Folder for model.pt, model.ts and model.json"),
+) -> None:
+    """The best model the run has (the semi-supervised fine-tune on the current labels, else backbone + linear probe)
+    → model.pt (state dict), model.ts (TorchScript: float [B, C, S, S] in [0, 1] → logits) and model.json.
+
+    Example: alssl export runs/mine --out models/mine
+    """
+    from alssl.export import export
+    from alssl.runs import check_writable, run_lock
+
+    with run_lock(run_dir):
+        run, dataset = _load_run(run_dir)
+        if run.labeled_mask.sum() == 0:
+            raise UserError(f"{run_dir} has no labels yet, so there is no classifier to export; label some images first "
+                            f"(`alssl query {run_dir} --budget 2%`, then `alssl label {run_dir} --from FILE.csv`)")
+        check_writable(out)
+        card = export(run, dataset, out)
+    typer.echo(json.dumps({"out": str(out), "classifier": card["classifier"], "classes": card["classes"],
+                           "image_size": card["image_size"], "accuracy": card["accuracy"],
+                           "accuracy_on": card["accuracy_on"]}))
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., metavar="RUN"),
+    paths: Optional[list[Path]] = typer.Argument(None, metavar="[FILES_OR_DIRS]...", help="More images or folders"),
+    data: Optional[list[Path]] = typer.Option(None, "--data", help="Image files or folders (repeatable; folders are read recursively)"),
+    pool: bool = typer.Option(False, "--pool", help="Predict every unlabeled pool image instead (pre-annotations)"),
+    out: Path = typer.Option(..., help="CSV to write: path,label,confidence"),
+    workers: Optional[int] = typer.Option(None, min=1, help="Decoding processes (default: CPU count, at most 8)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Predict classes with the run's best model (as `alssl export` picks it); same preprocessing as training.
+
+    Examples:
+      alssl predict runs/mine --data new_photos/ --out predictions.csv
+      alssl predict runs/mine --pool --out pool_predictions.csv
+    """
+    from alssl.export import predict_files, predict_pool
+    from alssl.runs import run_lock
+
+    sources = [p.expanduser() for p in [*(data or []), *(paths or [])]]
+    if pool == bool(sources):
+        raise UserError("give images to predict (--data DIR_OR_FILES...) or --pool, not both and not neither")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a CSV file name like {out / 'predictions.csv'}")
+    with run_lock(run_dir):
+        run, dataset = _load_run(run_dir)
+        if run.labeled_mask.sum() == 0:
+            raise UserError(f"{run_dir} has no labels yet, so there is no classifier to predict with; label some images "
+                            f"first (`alssl query {run_dir} --budget 2%`, then `alssl label {run_dir} --from FILE.csv`)")
+        if pool:
+            res = predict_pool(run, dataset, out)
+        else:
+            res = predict_files(run, dataset, sources, out, workers=workers, quiet=_quiet(quiet))
     typer.echo(json.dumps(res))
 
 
@@ -408,11 +602,26 @@ def run_pipeline(
     typer.echo(json.dumps({"csv": str(csv_path), "png": str(png), "svg": str(svg)}))
 
 
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler so a `kill` unwinds like Ctrl-C: locks released, checkpoints intact."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+INTERRUPTED = "interrupted; the last checkpoint is kept: rerun the same command to resume"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: UserError and usage errors → one `error:` line, exit 2."""
+    """Console entry point: UserError and usage errors → one `error:` line, exit 2; Ctrl-C → exit 130, SIGTERM → 143."""
+    import signal
+
     argv = list(sys.argv[1:] if argv is None else argv) or ["--help"]
+    with contextlib.suppress(ValueError):  # not in the main thread (tests): keep the default handler
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(args=argv, standalone_mode=False, prog_name="alssl")
+        rc = app(args=argv, standalone_mode=False, prog_name="alssl")
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -420,11 +629,18 @@ def main(argv: list[str] | None = None) -> None:
         where = exc.ctx.command_path if exc.ctx is not None else "alssl"
         typer.echo(f"error: {exc.format_message()} (see `{where} --help`)", err=True)
         sys.exit(2)
-    except typer.Abort:
-        typer.echo("error: aborted", err=True)
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt):
+        rc = 130
+    except Terminated:
+        typer.echo(f"error: terminated (SIGTERM); {INTERRUPTED.split('; ', 1)[1]}", err=True)
+        sys.exit(143)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    if rc == 130:  # typer turns Ctrl-C into a returned 130 under standalone_mode=False: say so, and exit with it
+        typer.echo(f"error: {INTERRUPTED}", err=True)
+        sys.exit(130)
+    if isinstance(rc, int) and rc != 0:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import numpy as np
 
 from alssl.acquisition import NEEDS_LABELS, STRATEGIES, AcquisitionContext, select
 from alssl.budget import budget_count
-from alssl.data import Dataset, load_dataset
+from alssl.data import Dataset, is_pool_spec, load_dataset
 from alssl.errors import UserError, unknown
 from alssl.faults import fault_point
 from alssl.features import pool_features
@@ -198,6 +198,11 @@ def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path
     from alssl.runs import Run, check_writable, run_lock
     from alssl.pretrain import METHODS, pretrain
 
+    if is_pool_spec(grid.data["spec"]):
+        raise UserError(f"{grid.data['spec']} is an unlabeled image folder: curves simulate labeling with every pool "
+                        f"image's true label, which it does not have; run curves on a labeled benchmark (digits, "
+                        f"FILE.npz, DIR/ with train/ and test/, cifar10:DIR), and label your own pool with "
+                        f"`alssl query` + `alssl label`")
     dataset = load_dataset(grid.data["spec"], imbalance=grid.data.get("imbalance"), seed=grid.data.get("seed", 0))
     counts = grid.validate(len(dataset.y_train))
     if jobs < 1:

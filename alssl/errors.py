@@ -7,6 +7,7 @@ with no traceback. Anything else that escapes is a bug (exit 1, traceback allowe
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Iterable
 
 
@@ -24,3 +25,8 @@ def unknown(kind: str, name: str, choices: Iterable[str]) -> UserError:
     """A UserError for an unknown registry name, with a suggestion and the valid choices."""
     choices = sorted(choices)
     return UserError(f'unknown {kind} "{name}"{suggest(name, choices)}; choose one of: {", ".join(choices)}')
+
+
+def warn(message: str) -> None:
+    """One `warning: ...` line on stderr: something the user should know that does not stop the command."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

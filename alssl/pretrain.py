@@ -11,8 +11,9 @@ Built from lightly's heads, losses and momentum utilities; Lightning Fabric supp
 - EMAN (Cai et al. 2021, arXiv 2103.16436), `eman=True` for MoCo / BYOL: the teacher is the EMA of the student's
   whole state, BatchNorm running statistics included, and always runs in eval mode.
 
-The pool lives on the training device as one uint8 tensor; every step slices a batch and draws two kornia views on
-it, so there is no per-image PIL pipeline and no DataLoader. The random stream of step t on rank r is seeded from
+Pixels come through `alssl.data.PoolReader`: a pool that fits (the array SPECs) lives on the training device as one
+uint8 tensor, an on-disk pool (an image folder) is read batch by batch; every step takes a batch and draws two kornia
+views on it, so there is no per-image PIL pipeline and no DataLoader. The random stream of step t on rank r is seeded from
 (seed, t, r), which makes a resumed run bit-identical to an uninterrupted one. Checkpoints (`pretrain-state.pt`:
 model, teacher, queue, optimizer, scheduler, step) are written atomically every epoch and every `ckpt_every_steps`.
 """
@@ -48,7 +49,7 @@ from torch import nn
 
 from alssl.augment import SSLView, normalise
 from alssl.backbones import backbone_checkpoint, build_backbone
-from alssl.data import Dataset
+from alssl.data import Dataset, PoolReader
 from alssl.errors import UserError
 from alssl.runs import Run, atomic_torch_save, torch_load
 
@@ -124,18 +125,18 @@ def knn_accuracy(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, test_
 
 
 @torch.no_grad()
-def _embed(backbone: nn.Module, x_u8: torch.Tensor, mean, std, batch_size: int = 1024) -> np.ndarray:
+def _embed(backbone: nn.Module, rows: PoolReader, mean, std, batch_size: int = 1024) -> np.ndarray:
     was_training = backbone.training
     backbone.eval()
-    out = [backbone(normalise(x_u8[i : i + batch_size].float().div_(255), mean, std)).float().cpu()
-           for i in range(0, len(x_u8), batch_size)]
+    out = [backbone(normalise(rows(np.arange(i, min(i + batch_size, len(rows)))).float().div_(255), mean, std)).float().cpu()
+           for i in range(0, len(rows), batch_size)]
     backbone.train(was_training)
     return torch.cat(out).numpy()
 
 
 # ---------------------------------------------------------------- helpers
 @torch.no_grad()
-def _calibrate_bn(encoder: nn.Module, x_u8: torch.Tensor, view: nn.Module, bs: int, batches: int = 10) -> None:
+def _calibrate_bn(encoder: nn.Module, rows: PoolReader, view: nn.Module, bs: int, batches: int = 10) -> None:
     """Set the BN running statistics of a fresh encoder to the true averages over a few augmented batches.
 
     EMAN's teacher normalises with running statistics from step 0. Starting from the default (0, 1) buffers, its
@@ -150,7 +151,7 @@ def _calibrate_bn(encoder: nn.Module, x_u8: torch.Tensor, view: nn.Module, bs: i
     encoder.train()
     g = torch.Generator().manual_seed(1234)
     for _ in range(batches):
-        encoder(view(x_u8[torch.randint(len(x_u8), (bs,), generator=g)].float().div_(255)))
+        encoder(view(rows(torch.randint(len(rows), (bs,), generator=g)).cpu().float().div_(255)))
     for m in bns:
         m.momentum = m._saved_momentum
         del m._saved_momentum
@@ -235,7 +236,7 @@ def pretrain(
     ckpt_dir = run.checkpoints
     state_path = ckpt_dir / STATE_FILE
 
-    n_pool = len(dataset.y_train)
+    n_pool = dataset.n_pool
     per_rank = n_pool // world
     bs = min(batch_size, per_rank)
     if bs < 2:
@@ -246,10 +247,10 @@ def pretrain(
 
     torch.manual_seed(seed)  # same initial weights (and MoCo queue) on every rank
     net = SSLNet(method, build_backbone(backbone, dataset.channels))
-    x_all = torch.from_numpy(dataset.x_train).permute(0, 3, 1, 2).contiguous()  # uint8 [N, C, H, W]
+    rows = PoolReader(dataset.x_train, fabric.device)  # uint8 [B, C, H, W] batches on the device
     view = SSLView(dataset.image_size, dataset.channels, dataset.mean, dataset.std, hflip=hflip)
     if eman and not state_path.exists():
-        _calibrate_bn(net.encoder, x_all, view, bs)
+        _calibrate_bn(net.encoder, rows, view, bs)
     teacher = copy.deepcopy(net.encoder).requires_grad_(False) if method in ("moco", "byol") else None
     if method == "moco":
         q = queue_size if queue_size is not None else min(4096, n_pool // 2)
@@ -292,15 +293,17 @@ def pretrain(
             state["queue_ptr"] = criterion.memory_bank.bank_ptr.detach().cpu()
         atomic_torch_save(state, state_path)
 
-    x_all, view = x_all.to(fabric.device), view.to(fabric.device)
-    x_test = torch.from_numpy(dataset.x_test).permute(0, 3, 1, 2).contiguous().to(fabric.device)
+    view = view.to(fabric.device)
+    if not (dataset.has_ground_truth and dataset.has_test):
+        knn_every = 0  # an unlabeled pool: no labels to vote with
+    test_rows = PoolReader(dataset.x_test, fabric.device) if knn_every > 0 else None
 
     def monitor(epoch: int, loss: float | None, collapse: float | None) -> dict:
         acc = None
         if knn_every > 0 and (epoch % knn_every == 0 or step == total):
             bb = net.encoder.backbone
-            acc = round(knn_accuracy(_embed(bb, x_all, dataset.mean, dataset.std), dataset.y_train,
-                                     _embed(bb, x_test, dataset.mean, dataset.std), dataset.y_test,
+            acc = round(knn_accuracy(_embed(bb, rows, dataset.mean, dataset.std), dataset.y_train,
+                                     _embed(bb, test_rows, dataset.mean, dataset.std), dataset.y_test,
                                      num_classes=dataset.num_classes, k=knn_k, t=knn_t), 4)
         rec = {"stage": "pretrain", "epoch": epoch, "step": step, "loss": loss, "knn_accuracy": acc,
                "collapse_std": collapse, "lr": optimizer.param_groups[0]["lr"]}
@@ -325,7 +328,7 @@ def pretrain(
             loss_sum, std_sum, n_steps = torch.zeros((), device=fabric.device), 0.0, 0
             for it in range(it, steps_per_epoch):
                 torch.manual_seed(_step_seed(seed, step, rank))
-                x = x_all[shard[it * bs : (it + 1) * bs]].float().div_(255)
+                x = rows(shard[it * bs : (it + 1) * bs]).float().div_(255)
                 x0 = view(x).contiguous(memory_format=torch.channels_last)
                 x1 = view(x).contiguous(memory_format=torch.channels_last)
                 m = cosine_schedule(step, total, momentum, 1.0) if momentum_schedule == "cosine" else momentum

@@ -129,3 +129,22 @@ def probe_accuracy(kind: str, train_x: np.ndarray, train_y: np.ndarray, test_x: 
                    num_classes: int, kernel: str = "linear", seed: int = 0) -> float:
     """Fit on (train_x, train_y), return accuracy on (test_x, test_y)."""
     return fit_probe(kind, train_x, train_y, num_classes=num_classes, kernel=kernel, seed=seed).accuracy(test_x, test_y)
+
+
+def cross_val_accuracy(kind: str, x: np.ndarray, y: np.ndarray, *, num_classes: int, kernel: str = "linear",
+                       seed: int = 0) -> tuple[float | None, int]:
+    """Stratified k-fold accuracy of probe `kind` on the labeled set alone, k = min(5, smallest class count).
+
+    What `alssl probe` reports when there is no labeled test set. Returns (accuracy, k); (None, k) when some class
+    has a single label (k < 2: no fold could hold it out and still train on it)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray(y).astype(np.int64)
+    k = int(min(5, np.bincount(y).compress(np.bincount(y) > 0).min()))
+    if k < 2 or len(np.unique(y)) < 2:
+        return None, k
+    correct = 0
+    for tr, te in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(x, y):
+        model = fit_probe(kind, x[tr], y[tr], num_classes=num_classes, kernel=kernel, seed=seed)
+        correct += int((model.predict(x[te]) == y[te]).sum())
+    return correct / len(y), k

@@ -1,25 +1,25 @@
 """Stage 3 rounds with people in the loop: open a query, write its CSV (and a contact sheet), import labels.
 
-A round is: `query` picks B unlabeled samples and writes `queries/round-K.csv` (header `index,id`); the pool
-is unchanged until `label` imports a label for every queried row, from a person's CSV or from the dataset's
-ground truth (`--oracle`, for simulation). A label file is checked whole before anything is imported.
+A round is: `query` picks B unlabeled samples and writes `queries/round-K.csv` (header `index,id`, CSV-quoted); the
+pool is unchanged until `label` imports a label for every queried row, from a person's file or from the dataset's
+ground truth (`--oracle`, for simulation). Labels a person already has for any pool images can be imported as a
+round of their own (`--any`). A label file is checked whole before anything is imported.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from alssl.acquisition import NEEDS_LABELS, STRATEGIES, AcquisitionContext, select
 from alssl.budget import parse_budget
 from alssl.data import Dataset
-from alssl.errors import UserError, unknown
+from alssl.errors import UserError, suggest, unknown
 from alssl.faults import fault_point
-from alssl.features import pool_features
 from alssl.runs import Run, atomic_write_bytes, atomic_write_text
 
 
@@ -31,10 +31,15 @@ def strategy_rng(seed: int, round_k: int, strategy: str) -> np.random.Generator:
 def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, probe: str = "linear",
           thumbnails: bool = False, options: dict | None = None) -> tuple[Path, bool]:
     """Open round K's query (or re-show the open one asked with the same arguments). Returns (csv path, reshown)."""
+    from alssl.acquisition import NEEDS_LABELS, STRATEGIES, AcquisitionContext, select  # torch, faiss: query only
+    from alssl.features import pool_features
+
     ask = {"budget": str(budget), "strategy": strategy, "seed": seed, "probe": probe}
     open_q = run.state["open_query"]
     if open_q is not None:
         if {k: open_q[k] for k in ask} == ask:
+            if not (run.path / open_q["file"]).is_file():  # deleted by hand: the query is in state.json, write it again
+                atomic_write_text(run.path / open_q["file"], query_csv(dataset, open_q["indices"]))
             return run.path / open_q["file"], True
         raise UserError(
             f"round {open_q['round']} query ({open_q['file']}) is still open; label it with `alssl label {run.path} "
@@ -57,14 +62,22 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
     )
     picked = np.sort(select(strategy, ctx, n, strategy_rng(seed, k, strategy)))
     rel = f"queries/round-{k}.csv"
-    rows = "".join(f"{i},{dataset.ids[i]}\n" for i in picked.tolist())
-    atomic_write_text(run.path / rel, "index,id\n" + rows)
+    atomic_write_text(run.path / rel, query_csv(dataset, picked.tolist()))
     if thumbnails:
         atomic_write_bytes(run.path / f"queries/round-{k}.png", contact_sheet(dataset.x_train, picked))
     fault_point("query-after-csv")
     run.state["open_query"] = {**ask, "round": k, "file": rel, "indices": picked.tolist()}
     run.save_state()
     return run.path / rel, False
+
+
+def query_csv(dataset: Dataset, indices: list[int]) -> str:
+    """The query file: header `index,id`, one row per queried sample, ids CSV-quoted where needed."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["index", "id"])
+    w.writerows([i, dataset.ids[i]] for i in indices)
+    return buf.getvalue()
 
 
 def contact_sheet(images: np.ndarray, indices: np.ndarray, *, cols: int = 10) -> bytes:
@@ -92,91 +105,155 @@ def contact_sheet(images: np.ndarray, indices: np.ndarray, *, cols: int = 10) ->
 def _require_open(run: Run) -> dict:
     open_q = run.state["open_query"]
     if open_q is None:
-        raise UserError(f"no open query in {run.path}; ask for one with `alssl query {run.path} --budget 2%`")
+        raise UserError(f"no open query in {run.path}; ask for one with `alssl query {run.path} --budget 2%`, or import "
+                        f"labels you already have with `alssl label {run.path} --from FILE.csv --any`")
     return open_q
 
 
 def label_oracle(run: Run, dataset: Dataset) -> int:
     """Close the open query with the dataset's ground-truth labels (simulation)."""
+    if not dataset.has_ground_truth:
+        raise UserError(f"{dataset.name} is an unlabeled pool with no ground truth to simulate a labeler; label the "
+                        f"query yourself with `alssl label {run.path} --from FILE.csv`")
     open_q = _require_open(run)
     idx = np.asarray(open_q["indices"], dtype=np.int64)
     return _close(run, idx, dataset.y_train[idx], source="oracle")
 
 
-def parse_label_csv(text: str, *, dataset: Dataset, open_indices: list[int], labeled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a person's label CSV against the open query; returns (indices, labels) or raises listing bad rows."""
-    reader = csv.reader(io.StringIO(text))
-    header = [h.strip().lower() for h in next(reader, [])]
-    if header not in (["index", "label"], ["id", "label"]):
-        raise UserError(f"label file must start with a header `index,label` or `id,label` (found {','.join(header) or 'nothing'}); add it")
-    key = header[0]
-    by_id = {dataset.ids[i]: i for i in open_indices} if key == "id" else {}
-    by_name = {c: k for k, c in enumerate(dataset.classes)}
-    wanted = set(open_indices)
+LABEL_HEADERS = (["index", "label"], ["id", "label"], ["index", "id", "label"])
+_INT = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() accepts '³', which int() rejects
+
+
+def class_id(value: str, classes: list[str]) -> int | str:
+    """A label cell -> class id, or the problem with it (a class name, or an integer id 0..K-1)."""
+    if value in classes:
+        return classes.index(value)
+    if re.fullmatch(r"[0-9]+", value) and int(value) < len(classes):
+        return int(value)
+    if not value:
+        return "empty label"
+    return (f"unknown class {value!r}{suggest(value, classes)} (classes: "
+            f"{', '.join(classes) if len(classes) <= 30 else ', '.join(classes[:30]) + ', ...'})")
+
+
+def parse_label_rows(rows: list[tuple[int, str | None, str | None, str]], *, dataset: Dataset, wanted: set[int],
+                     labeled: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate (line, index or None, id or None, label) rows whole; returns (indices, labels) or raises listing
+    the bad rows. `wanted` = the indices that may (and, for an open query, must) be labeled."""
+    if not dataset.classes:
+        raise UserError("this run has no class list yet; give one once with `alssl label RUN --from FILE "
+                        "--classes a,b,c` (or --classes @classes.txt), in the order you want the model's outputs")
+    by_id = {name: i for i, name in enumerate(dataset.ids)}
+    n = len(labeled)
     problems: list[str] = []
     seen: dict[int, int] = {}
     out_i, out_y = [], []
-    for line_no, row in enumerate(reader, start=2):
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) != 2:
-            problems.append(f"line {line_no}: expected 2 columns, got {len(row)}")
-            continue
-        ref, lab = row[0].strip(), row[1].strip()
-        if key == "index":
-            if not ref.lstrip("-").isdigit():
-                problems.append(f"line {line_no}: index {ref!r} is not an integer")
+    for line, index, ident, lab in rows:
+        if index is not None:
+            if not _INT.fullmatch(index):
+                problems.append(f"line {line}: index {index[:40]!r} is not an integer")
                 continue
-            i = int(ref)
-            if not 0 <= i < len(labeled):
-                problems.append(f"line {line_no}: unknown index {i} (pool has {len(labeled)} samples)")
+            i = int(index)
+            if not 0 <= i < n:
+                problems.append(f"line {line}: unknown index {i} (the pool has {n} images, 0..{n - 1})")
+                continue
+            if ident is not None and dataset.ids[i] != ident:
+                problems.append(f"line {line}: index {i} is {dataset.ids[i]!r}, not {ident[:80]!r}")
                 continue
         else:
-            if ref not in by_id:
-                problems.append(f"line {line_no}: unknown id {ref!r} (not in the open query)")
+            if ident not in by_id:
+                problems.append(f"line {line}: {ident[:80]!r} is not an image of the pool{suggest(ident, by_id)}")
                 continue
-            i = by_id[ref]
+            i = by_id[ident]
         if labeled[i]:
-            problems.append(f"line {line_no}: index {i} is already labeled")
+            problems.append(f"line {line}: {dataset.ids[i]!r} (index {i}) is already labeled")
             continue
         if i not in wanted:
-            problems.append(f"line {line_no}: index {i} is not in the open query")
+            problems.append(f"line {line}: {dataset.ids[i]!r} (index {i}) is not in {what}")
             continue
         if i in seen:
-            problems.append(f"line {line_no}: duplicate row for index {i} (first on line {seen[i]})")
+            problems.append(f"line {line}: duplicate row for {dataset.ids[i]!r} (first on line {seen[i]})")
             continue
-        seen[i] = line_no
-        if lab in by_name:
-            y = by_name[lab]
-        elif lab.isdigit() and int(lab) < dataset.num_classes:
-            y = int(lab)
-        else:
-            problems.append(f"line {line_no}: unknown class {lab!r} (classes: {', '.join(dataset.classes[:10])}{', ...' if dataset.num_classes > 10 else ''})")
+        seen[i] = line
+        y = class_id(lab, dataset.classes)
+        if isinstance(y, str):
+            problems.append(f"line {line}: {y}")
             continue
         out_i.append(i)
         out_y.append(y)
-    missing = sorted(wanted - set(seen))
-    if missing and not problems:
-        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
-        problems.append(f"{len(missing)} queried rows have no label (index {shown})")
+    if not problems and not out_i:
+        problems.append("the file has no label rows")
     if problems:
         more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise UserError(f"label file rejected, nothing imported: {'; '.join(problems[:5])}{more}; fix these rows and rerun")
     return np.asarray(out_i, np.int64), np.asarray(out_y, np.int64)
 
 
+def read_label_csv(text: str) -> list[tuple[int, str | None, str | None, str]]:
+    """Rows (line, index, id, label) of a label CSV with header index,label | id,label | index,id,label."""
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = [h.strip().lower() for h in next(reader, [])]
+        if header not in LABEL_HEADERS:
+            raise UserError(f"label file must start with a header `index,label`, `id,label` or `index,id,label` (the "
+                            f"query CSV with a label column) (found {','.join(header)[:80] or 'nothing'}); add it")
+        rows = []
+        for line_no, row in enumerate(reader, start=2):
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise UserError(f"label file rejected, nothing imported: line {line_no} has {len(row)} columns, the "
+                                f"header has {len(header)}; quote values that contain commas (\"a, b.jpg\")")
+            cells = dict(zip(header, (c.strip() for c in row)))
+            rows.append((line_no, cells.get("index"), cells.get("id"), cells["label"]))
+    except csv.Error as exc:
+        raise UserError(f"label file is not valid CSV ({exc}); save it as plain UTF-8 CSV") from None
+    return rows
+
+
+def parse_label_csv(text: str, *, dataset: Dataset, open_indices: list[int], labeled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a person's label CSV against the open query; returns (indices, labels) or raises listing bad rows."""
+    idx, y = parse_label_rows(read_label_csv(text), dataset=dataset, wanted=set(open_indices), labeled=labeled,
+                              what="the open query")
+    missing = sorted(set(open_indices) - set(idx.tolist()))
+    if missing:
+        shown = ", ".join(repr(dataset.ids[i]) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise UserError(f"label file rejected, nothing imported: {len(missing)} queried images have no label ({shown}); "
+                        f"label every row of the query and rerun")
+    return idx, y
+
+
+def read_label_file(path: Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"label file {path} does not exist; pass the CSV you filled in (header id,label or index,label)")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"label file {path} is unreadable ({type(exc).__name__}); save it as UTF-8 CSV") from None
+
+
 def label_from_csv(run: Run, dataset: Dataset, path: Path) -> int:
     """Import a person's labels for the open query; the whole file is rejected on any bad row."""
     open_q = _require_open(run)
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"label file {path} does not exist; pass the CSV you filled in (header index,label)")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"label file {path} is unreadable ({type(exc).__name__}); save it as UTF-8 CSV") from None
-    idx, y = parse_label_csv(text, dataset=dataset, open_indices=open_q["indices"], labeled=run.labeled_mask)
+    idx, y = parse_label_csv(read_label_file(path), dataset=dataset, open_indices=open_q["indices"],
+                             labeled=run.labeled_mask)
     return _close(run, idx, y, source=str(path))
+
+
+def label_any(run: Run, dataset: Dataset, path: Path) -> int:
+    """Import labels a person already has, for any unlabeled pool images, as a round of its own ("import")."""
+    open_q = run.state["open_query"]
+    if open_q is not None:
+        raise UserError(f"round {open_q['round']}'s query ({open_q['file']}) is open; label it first "
+                        f"(`alssl label {run.path} --from FILE.csv`), then import other labels with --any")
+    labeled = run.labeled_mask
+    idx, y = parse_label_rows(read_label_csv(read_label_file(path)), dataset=dataset,
+                              wanted=set(np.flatnonzero(~labeled).tolist()), labeled=labeled, what="the pool")
+    run.add_labels(idx, y, round_meta={"strategy": "import", "budget": str(len(idx)), "seed": None,
+                                       "source": str(path)})
+    run.save_state()
+    return len(idx)
 
 
 def _close(run: Run, idx: np.ndarray, y: np.ndarray, *, source: str) -> int:

@@ -149,7 +149,7 @@ def test_mixed_image_sizes(tmp_path):
     [("index,label\n{0},zebra\n", "unknown class 'zebra'"),
      ("index,label\n{0},1\n{0},1\n", "duplicate row"),
      ("{0},1\n", "header"),
-     ("index,label\n{0},1\n", "queried rows have no label")],
+     ("index,label\n{0},1\n", "queried images have no label")],
 )
 def test_bad_label_csv(run_dir, tmp_path, text, needle):
     from alssl.runs import Run

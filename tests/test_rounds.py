@@ -40,14 +40,14 @@ def test_good_file_by_index_and_by_id(digits, run_with_query):
     [
         ("5,3\n9,7\n12,0\n", "header"),
         ("index,label\n5,3\n9,7\n12,ten\n", "unknown class 'ten'"),
-        ("index,label\n5,3\n5,3\n9,7\n12,0\n", "duplicate row for index 5"),
-        ("index,label\n5,3\n9,7\n", "1 queried rows have no label"),
-        ("index,label\n5,3\n9,7\n12,0\n0,1\n", "index 0 is already labeled"),
+        ("index,label\n5,3\n5,3\n9,7\n12,0\n", "duplicate row for 'train/5'"),
+        ("index,label\n5,3\n9,7\n", "1 queried images have no label"),
+        ("index,label\n5,3\n9,7\n12,0\n0,1\n", "(index 0) is already labeled"),
         ("index,label\n5,3\n9,7\n12,0\n99999,1\n", "unknown index 99999"),
-        ("index,label\n5,3\n9,7\n12,0\n13,1\n", "index 13 is not in the open query"),
+        ("index,label\n5,3\n9,7\n12,0\n13,1\n", "(index 13) is not in the open query"),
         ("index,label\nfive,3\n9,7\n12,0\n", "'five' is not an integer"),
-        ("id,label\ntrain/5,3\ntrain/9,7\ntrain/77,0\n", "unknown id 'train/77'"),
-        ("index,label\n5,3,1\n9,7\n12,0\n", "expected 2 columns"),
+        ("id,label\ntrain/5,3\ntrain/9,7\ntrain/77,0\n", "'train/77' (index 77) is not in the open query"),
+        ("index,label\n5,3,1\n9,7\n12,0\n", "line 2 has 3 columns, the header has 2"),
     ],
 )
 def test_bad_rows_reject_the_whole_file(digits, run_with_query, tmp_path, text, needle):

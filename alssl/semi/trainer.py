@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from alssl.backbones import build_backbone, load_backbone_checkpoint
+from alssl.data import PoolReader
 from alssl.errors import UserError, unknown
 from alssl.runs import append_jsonl, atomic_torch_save, atomic_write_text, check_writable, read_jsonl, torch_load
 from alssl.semi.common import Batch, Method, Net
@@ -182,7 +183,7 @@ def _check_indices(n_pool: int, num_classes: int, labeled_idx, labeled_y, unlabe
     return li.astype(np.int64), ly.astype(np.int64), ui.astype(np.int64)
 
 
-def _sha(*arrays: np.ndarray) -> str:
+def array_digest(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
     for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
@@ -223,9 +224,13 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
     cls = METHODS[method]
     opts = _resolve_options(cls, steps, options)
     K = dataset.num_classes
-    li, ly, ui = _check_indices(len(dataset.x_train), K, labeled_idx, labeled_y, unlabeled_idx)
-    ui = shape_unlabeled(ui, dataset.y_train[ui], num_classes=K, profile=opts["unlabeled_profile"],
-                         gamma=opts["unlabeled_imbalance"], seed=seed) if len(ui) else ui
+    li, ly, ui = _check_indices(dataset.n_pool, K, labeled_idx, labeled_y, unlabeled_idx)
+    if len(ui) and (opts["unlabeled_profile"] != "same" or opts["unlabeled_imbalance"] is not None):
+        if not dataset.has_ground_truth:
+            raise UserError("unlabeled_profile / unlabeled_imbalance reshape the pool with its ground truth (a "
+                            "simulation); an unlabeled image folder has none, so leave them out")
+        ui = shape_unlabeled(ui, dataset.y_train[ui], num_classes=K, profile=opts["unlabeled_profile"],
+                             gamma=opts["unlabeled_imbalance"], seed=seed)
     if cls.uses_unlabeled and len(ui) == 0:
         raise UserError(f"method {method} needs unlabeled samples but the pool has none left; use --method supervised")
     dev = _device(device)
@@ -238,7 +243,7 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
     fingerprint = {"method": method, "backbone": backbone if init_checkpoint is None else None, "init": init_sha,
                    "steps": steps, "batch_size": batch_size, "mu": mu, "tau": tau, "lambda_u": lambda_u, "lr": lr,
                    "weight_decay": weight_decay, "teacher": teacher, "ema_decay": ema_decay, "seed": seed,
-                   "options": json.dumps(opts, sort_keys=True, default=str), "labeled": _sha(li, ly), "unlabeled": _sha(ui)}
+                   "options": json.dumps(opts, sort_keys=True, default=str), "labeled": array_digest(li, ly), "unlabeled": array_digest(ui)}
 
     cuda_ids = [torch.cuda.current_device() if dev.index is None else dev.index] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_ids):
@@ -258,8 +263,8 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
         check_writable(out_dir)  # only now: bad input above leaves no directory behind
         hflip = dataset.channels == 3 if opts["hflip"] is None else bool(opts["hflip"])  # glyphs are not mirror-symmetric
         weak, strong = views_for(dataset.image_size, hflip=hflip)
-        # ---- data on the device: uint8 [N, C, H, W]; views are made per batch
-        x_pool = torch.from_numpy(dataset.x_train).permute(0, 3, 1, 2).contiguous().to(dev)
+        # ---- pixels: uint8 [B, C, H, W] batches on the device (whole pool there when it fits); views per batch
+        rows = PoolReader(dataset.x_train, dev)
         mean = torch.tensor(dataset.mean, device=dev).view(1, -1, 1, 1)
         std = torch.tensor(dataset.std, device=dev).view(1, -1, 1, 1)
 
@@ -267,7 +272,7 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
             return (x - mean) / std
 
         def images(idx: np.ndarray) -> torch.Tensor:
-            return x_pool[torch.from_numpy(idx).to(dev)].float() / 255.0
+            return rows(idx).float() / 255.0
 
         y_l_all = torch.from_numpy(ly).to(dev)
         start = 0
@@ -323,7 +328,7 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
                     torch.cuda.synchronize(dev)
                 busy, n_busy = busy + time.perf_counter() - t0, n_busy + 1
                 done = step + 1
-                if eval_every and done % eval_every == 0:
+                if eval_every and done % eval_every == 0 and dataset.has_test:
                     res = evaluate(ema, x_test_u8(dataset), dataset.y_test, num_classes=K, mean=mean, std=std, device=dev)
                     append_jsonl(metrics_path, {"step": done, "eval": True, "accuracy": res["accuracy"],
                                                 "balanced_accuracy": res["balanced_accuracy"]})
@@ -342,7 +347,8 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
                 if fault_at and done == fault_at:
                     os.kill(os.getpid(), signal.SIGKILL)
 
-        res = evaluate(ema, x_test_u8(dataset), dataset.y_test, num_classes=K, mean=mean, std=std, device=dev)
+        res = (evaluate(ema, x_test_u8(dataset), dataset.y_test, num_classes=K, mean=mean, std=std, device=dev)
+               if dataset.has_test else {"accuracy": None, "balanced_accuracy": None, "per_class_recall": None})
     result = {"method": method, "steps": steps, "accuracy": res["accuracy"],
               "balanced_accuracy": res["balanced_accuracy"], "per_class_recall": res["per_class_recall"],
               "n_labeled": int(len(li)), "n_unlabeled": int(len(ui)) if m.uses_unlabeled else 0}

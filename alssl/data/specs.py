@@ -1,138 +1,22 @@
-"""Datasets: four SPECs in, one validated `Dataset` of uint8 NHWC images out.
-
-SPECs: `digits` (scikit-learn, embedded), `FILE.npz`, `DIR/` (ImageFolder: DIR/train/<class>/*.png, DIR/test/...),
-`cifar10:DIR` (CIFAR-10 python batches). `imbalance=G` turns the training split into a CIFAR-10-LT style long tail
-(Cao et al., LDAM, arXiv:1906.07413; Cui et al., arXiv:1901.05555). Every bad input is a one-line `UserError`.
+"""The four labeled benchmark SPECs: `digits` (scikit-learn, embedded), `FILE.npz`, `DIR/` (ImageFolder:
+DIR/train/<class>/*.png and DIR/test/<class>/*), `cifar10:DIR` (CIFAR-10 python batches). Each becomes one validated
+in-memory `Dataset`; every bad input is a one-line `UserError`.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 import pickle
 import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from alssl.errors import UserError, suggest
+from alssl.data import CIFAR10_CLASSES, Dataset
+from alssl.errors import UserError
 
-SPECS = "digits, FILE.npz, DIR/ (ImageFolder with DIR/train/<class>/*.png and DIR/test/<class>/*.png), cifar10:DIR"
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp"}
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-@dataclass
-class Dataset:
-    """Images are uint8 [N, H, W, C] (C = 1 or 3); labels int64 [N]; `ids[i]` names training sample i."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    classes: list[str]
-    ids: list[str] | None = None  # None -> "train/<i>"
-    mean: tuple[float, ...] | None = None  # None -> computed from x_train
-    std: tuple[float, ...] | None = None
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        if self.ids is None:
-            self.ids = [f"train/{i}" for i in range(len(self.x_train))]
-        if self.mean is None or self.std is None:
-            self.mean, self.std = compute_mean_std(self.x_train)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def channels(self) -> int:
-        return int(self.x_train.shape[3])
-
-    @property
-    def hw(self) -> tuple[int, int]:
-        return int(self.x_train.shape[1]), int(self.x_train.shape[2])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.x_train.shape[1])
-
-
-# ---------------------------------------------------------------- public helpers
-def compute_mean_std(x: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 [N, H, W, C] images in [0, 1] units; std floored at 1e-3.
-
-    Exact and memory-bounded: a 256-bin histogram per channel, accumulated over chunks of images, then float64
-    moments from the histogram (6x faster than float64 sums on 10k CIFAR images)."""
-    c = x.shape[-1]
-    counts = np.zeros((c, 256), dtype=np.int64)
-    for i in range(0, len(x), chunk):
-        part = x[i : i + chunk].reshape(-1, c)  # [n*H*W, C]
-        counts += np.stack([np.bincount(part[:, j], minlength=256) for j in range(c)])
-    values = np.arange(256) / 255.0
-    n = np.maximum(counts.sum(1), 1).astype(np.float64)
-    mean = counts @ values / n  # [C]
-    std = np.sqrt(np.maximum(counts @ (values * values) / n - mean**2, 0.0))
-    return tuple(float(m) for m in mean), tuple(float(max(v, 1e-3)) for v in std)
-
-
-def to_tensor(x: np.ndarray, mean, std) -> torch.Tensor:
-    """uint8 [N, H, W, C] -> float32 [N, C, H, W], (x/255 - mean) / std per channel."""
-    if x.dtype != np.uint8 or x.ndim != 4:
-        raise ValueError(f"to_tensor expects uint8 [N, H, W, C], got {x.dtype} {x.shape}")
-    src = torch.from_numpy(x).permute(0, 3, 1, 2)  # [N, C, H, W] view, no copy
-    out = torch.empty(src.shape, dtype=torch.float32)
-    out.copy_(src)  # one pass: NHWC uint8 -> contiguous NCHW float32
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    return out.mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
-
-
-def long_tail_counts(n_max: int, num_classes: int, gamma: float) -> list[int]:
-    """CIFAR-10-LT profile: n_k = int(n_max * (1/gamma)^(k/(C-1))), k = 0 largest, at least 1 (arXiv:1906.07413)."""
-    if num_classes == 1:
-        return [n_max]
-    return [max(1, int(n_max * (1.0 / gamma) ** (k / (num_classes - 1)))) for k in range(num_classes)]
-
-
-def make_long_tail(y: np.ndarray, gamma: float, rng: np.random.Generator) -> np.ndarray:
-    """Sorted indices of y to keep: class rank k (by class id, among classes present) keeps n_k random samples,
-    n_max = the smallest class size, so the ratio largest/smallest is gamma (up to rounding)."""
-    present = np.unique(y)
-    by_class = [np.flatnonzero(y == c) for c in present]
-    counts = long_tail_counts(min(len(i) for i in by_class), len(present), gamma)
-    keep = [rng.choice(idx, size=n, replace=False) for idx, n in zip(by_class, counts)]
-    return np.sort(np.concatenate(keep))
-
-
-# ---------------------------------------------------------------- entry point
-def load_dataset(spec: str, *, imbalance: float | None = None, seed: int = 0) -> Dataset:
-    """Load a dataset SPEC (see module doc); `imbalance=G` makes the training split long-tailed (test untouched)."""
-    spec = str(spec)
-    if spec == "digits":
-        ds = _load_digits()
-    elif spec.startswith("cifar10:"):
-        ds = _load_cifar10(spec, Path(spec[len("cifar10:") :]).expanduser())
-    elif spec.endswith(".npz"):
-        ds = _load_npz(spec, Path(spec).expanduser())
-    elif Path(spec).expanduser().is_dir():
-        ds = _load_folder(spec, Path(spec).expanduser())
-    elif "/" in spec or "\\" in spec:
-        raise UserError(f"no such file or directory: {spec}; valid SPECs: {SPECS}")
-    else:
-        raise UserError(f'unknown dataset "{spec}"{suggest(spec, ["digits", "cifar10:DIR"])}; valid SPECs: {SPECS}')
-    if imbalance is None:
-        return ds
-    if not isinstance(imbalance, numbers.Real) or not math.isfinite(imbalance) or imbalance < 1:
-        raise UserError(f"--imbalance must be a number >= 1 (largest/smallest class ratio), got {imbalance}")
-    keep = make_long_tail(ds.y_train, float(imbalance), np.random.default_rng(seed))
-    return Dataset(x_train=ds.x_train[keep], y_train=ds.y_train[keep], x_test=ds.x_test, y_test=ds.y_test,
-                   classes=ds.classes, ids=[ds.ids[i] for i in keep], name=ds.name)
 
 
 # ---------------------------------------------------------------- validation
@@ -190,7 +74,7 @@ def _build(name: str, src: str, x_train, y_train, x_test, y_test, classes=None, 
 
 
 # ---------------------------------------------------------------- the four SPECs
-def _load_digits() -> Dataset:
+def load_digits() -> Dataset:
     """scikit-learn digits (8×8, 0..16 -> uint8), stratified 80/20 split fixed by random_state=0."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -201,7 +85,7 @@ def _load_digits() -> Dataset:
     return _build("digits", "digits", x_tr, y_tr, x_te, y_te, classes=[str(i) for i in range(10)])
 
 
-def _load_npz(spec: str, path: Path) -> Dataset:
+def load_npz(spec: str, path: Path) -> Dataset:
     if not path.is_file():
         raise UserError(f"no such file: {path}; pass an existing .npz file with keys {', '.join(NPZ_KEYS)}")
     fix = f"re-save it with np.savez({path.name!r}, x_train=..., y_train=..., x_test=..., y_test=...)"
@@ -224,7 +108,7 @@ def _load_npz(spec: str, path: Path) -> Dataset:
                   classes=None if classes is None else classes.tolist())
 
 
-def _load_folder(spec: str, root: Path) -> Dataset:
+def load_image_folder(spec: str, root: Path) -> Dataset:
     """ImageFolder: classes = sorted subfolders of train/; test classes must be a subset; sorted files."""
     from PIL import Image
 
@@ -299,7 +183,7 @@ class _BatchUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
 
-def _load_cifar10(spec: str, root: Path) -> Dataset:
+def load_cifar10(spec: str, root: Path) -> Dataset:
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     if not root.is_dir():
         raise UserError(f"no such directory: {root}; cifar10:DIR needs the CIFAR-10 python batches "

@@ -1,0 +1,448 @@
+"""An unlabeled image folder as an on-disk pool: scanned, decoded once in parallel, read back batch by batch.
+
+`build_pool` walks DIR recursively (sorted relative paths = the pool's one index space), reads every header, picks
+the image size and channel count, decodes every file in worker processes (`images.load_image`) straight into a
+uint8 `.npy` file, and writes a manifest of (path, bytes, mtime) for every file it saw. Unreadable files are
+skipped and listed. `open_pool` reuses a built pool after checking that the folder has not changed (a changed
+folder would shift the index space under a run, so it is refused). `DiskPool` reads rows with `os.pread`, not a
+memory map, so a process's resident memory holds a batch, never the pool.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from alssl.data.images import IMAGE_EXTS, decode_chunk, image_mode_is_gray, is_image_file, peek_chunk
+from alssl.errors import UserError, suggest
+
+MANIFEST = "manifest.json"
+PIXELS = "pixels.npy"
+TEST = "test.npz"
+FORMAT = 1
+CHUNK = 64  # files per worker task
+
+
+# ---------------------------------------------------------------- reading a built pool
+class DiskPool:
+    """uint8 [N, S, S, C] images stored in a `.npy` file, indexed like an array (int, slice, int array)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            self.offset = f.tell()
+        if dtype != np.uint8 or fortran or len(shape) != 4:
+            raise UserError(f"{self.path} is not an alssl pool (uint8 [N, S, S, C]); delete it and rerun to rebuild")
+        self.shape: tuple[int, ...] = tuple(int(s) for s in shape)
+        self.dtype, self.ndim = np.dtype(np.uint8), 4
+        self.row_bytes = int(np.prod(self.shape[1:]))
+        if os.path.getsize(self.path) < self.offset + self.shape[0] * self.row_bytes:
+            raise UserError(f"{self.path} is truncated; delete {self.path.parent} and rerun to rebuild the pool")
+        self._fd: int | None = None
+
+    def __getstate__(self) -> dict:  # picklable for worker processes: the descriptor is reopened there
+        return {**self.__dict__, "_fd": None}
+
+    def _file(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, start: int, n: int) -> bytes:
+        data = os.pread(self._file(), n * self.row_bytes, self.offset + start * self.row_bytes)
+        if len(data) != n * self.row_bytes:
+            raise UserError(f"{self.path} is truncated; delete {self.path.parent} and rerun to rebuild the pool")
+        return data
+
+    def __getitem__(self, key) -> np.ndarray:
+        n = len(self)
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (n if key < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"index {key} out of range for a pool of {n}")
+            return np.frombuffer(self._read(i, 1), np.uint8).reshape(self.shape[1:])
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            count = max(0, stop - start)
+            return np.frombuffer(self._read(start, count), np.uint8).reshape((count, *self.shape[1:])).copy()
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64).reshape(-1)
+        if len(idx) and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"index out of range for a pool of {n}")
+        idx = np.where(idx < 0, idx + n, idx)
+        out = np.empty((len(idx), *self.shape[1:]), np.uint8)
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        start = 0
+        while start < len(sorted_idx):  # one pread per run of consecutive rows
+            stop = start + 1
+            while stop < len(sorted_idx) and sorted_idx[stop] - sorted_idx[stop - 1] <= 1:
+                stop += 1
+            first = int(sorted_idx[start])
+            rows = np.frombuffer(self._read(first, int(sorted_idx[stop - 1]) - first + 1), np.uint8)
+            rows = rows.reshape((-1, *self.shape[1:]))
+            out[order[start:stop]] = rows[sorted_idx[start:stop] - first]
+            start = stop
+        return out
+
+
+# ---------------------------------------------------------------- scanning
+def scan_folder(root: Path) -> list[tuple[str, int, int]]:
+    """(relative POSIX path, bytes, mtime_ns) of every image file under root, sorted by path.
+
+    Hidden files and folders (names starting with ".") and alssl run dirs (holding state.json and run.toml) are
+    skipped; symlinked files are followed, symlinked folders are not (no loops)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")
+                       and not (os.path.isfile(os.path.join(dirpath, d, "state.json"))
+                                and os.path.isfile(os.path.join(dirpath, d, "run.toml")))]
+        for name in filenames:
+            p = Path(dirpath) / name
+            if not is_image_file(p):
+                continue
+            try:
+                st = p.stat()
+            except OSError:
+                continue  # a dangling symlink is not an image
+            out.append((p.relative_to(root).as_posix(), int(st.st_size), int(st.st_mtime_ns)))
+    out.sort(key=lambda r: r[0])
+    return out
+
+
+def folder_changes(old: list, new: list) -> str:
+    """'' when the two scans are equal, else a short description of what was added / removed / modified."""
+    a, b = {r[0]: tuple(r[1:]) for r in old}, {r[0]: tuple(r[1:]) for r in new}
+    added = sorted(set(b) - set(a))
+    removed = sorted(set(a) - set(b))
+    modified = sorted(k for k in set(a) & set(b) if a[k] != b[k])
+    parts = []
+    for what, names in (("added", added), ("removed", removed), ("modified", modified)):
+        if names:
+            parts.append(f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    return "; ".join(parts)
+
+
+class Workers:
+    """A pool of worker processes shared by the header and decode passes (`workers <= 1`: run inline).
+
+    fork on Linux: workers start in milliseconds and never re-import the caller's __main__ (spawn would re-run an
+    unguarded script); they only run PIL + numpy, never torch, so torch's / OpenMP's threads in the parent are
+    harmless. Elsewhere spawn, as the platform wants."""
+
+    def __init__(self, workers: int):
+        self.ex = None
+        if workers > 1:
+            ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            self.ex = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_ignore_sigint)
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.ex is not None:  # on Ctrl-C or a failure, drop the queued work instead of finishing it
+            self.ex.shutdown(wait=True, cancel_futures=exc_type is not None)
+
+    def map(self, fn, tasks: list, progress=None, weights: list[int] | None = None) -> list:
+        """fn over tasks, results in task order; `progress(n)` after each task with its weight."""
+        if self.ex is None or len(tasks) <= 1:
+            out = []
+            for i, t in enumerate(tasks):
+                out.append(fn(t))
+                if progress:
+                    progress(weights[i] if weights else 1)
+            return out
+        results: list = [None] * len(tasks)
+        futures = {self.ex.submit(fn, t): i for i, t in enumerate(tasks)}
+        for f in cf.as_completed(futures):
+            i = futures[f]
+            results[i] = f.result()
+            if progress:
+                progress(weights[i] if weights else 1)
+        return results
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent (one clean `error: interrupted` line, no traceback per worker)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ---------------------------------------------------------------- building
+@dataclass
+class BuiltPool:
+    pixels: DiskPool
+    ids: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+    skipped: list[tuple[str, str]]
+
+
+def _write_npy_header(path: Path, shape: tuple[int, ...]) -> int:
+    """Create `path` as an .npy of uint8 `shape` (sparse, zero-filled) and return the data offset."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        offset = f.tell()
+        f.truncate(offset + int(np.prod(shape)))
+    return offset
+
+
+def _mean_std(hist: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    values = np.arange(256) / 255.0
+    n = np.maximum(hist.sum(1), 1).astype(np.float64)
+    mean = hist @ values / n
+    std = np.sqrt(np.maximum(hist @ (values * values) / n - mean**2, 0.0))
+    return tuple(float(m) for m in mean), tuple(float(max(v, 1e-3)) for v in std)
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def decode_files(root: Path, rels: list[str], *, dest: Path, image_size: int | None, channels: int | None = None,
+                 workers: int, label: str, quiet: bool) -> dict:
+    """Headers, then pixels of `rels` (relative to root) into `dest` (.npy uint8 [n_ok, S, S, C]).
+
+    Returns {"kept": [rel...], "skipped": [(rel, reason)...], "image_size", "channels", "mean", "std"}."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    chunks = [rels[i : i + CHUNK] for i in range(0, len(rels), CHUNK)]
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   disable=quiet, transient=True)
+    if len(rels) < 4 * CHUNK:
+        workers = 1  # a few hundred files decode faster than worker processes start
+    with bar, Workers(workers) as pool:
+        task = bar.add_task(f"reading {label} headers", total=len(rels))
+        heads = [h for part in pool.map(peek_chunk, [(str(root), c) for c in chunks], lambda n: bar.advance(task, n),
+                                        [len(c) for c in chunks]) for h in part]
+        skipped = [(rel, h) for rel, h in zip(rels, heads) if isinstance(h, str)]
+        good = [(rel, h) for rel, h in zip(rels, heads) if not isinstance(h, str)]
+        if not good:
+            return {"kept": [], "skipped": skipped, "image_size": image_size, "channels": channels}
+        if image_size is None:
+            image_size = 32 if max(max(w, h) for _, (w, h, _) in good) <= 32 else 64
+        if channels is None:
+            channels = 1 if all(image_mode_is_gray(m) for _, (_, _, m) in good) else 3
+        staging = dest.with_name(dest.name + ".staging")
+        offset = _write_npy_header(staging, (len(good), image_size, image_size, channels))
+        names = [rel for rel, _ in good]
+        tasks = [(str(root), names[i : i + CHUNK], list(range(i, min(i + CHUNK, len(names)))), image_size, channels,
+                  str(staging), offset) for i in range(0, len(names), CHUNK)]
+        task2 = bar.add_task(f"decoding {label} to {image_size}px", total=len(names))
+        results = pool.map(decode_chunk, tasks, lambda n: bar.advance(task2, n), [len(t[1]) for t in tasks])
+    hist = sum(h for _, h in results)
+    failed = dict(pos_reason for part, _ in results for pos_reason in part)
+    skipped += [(names[p], r) for p, r in failed.items()]
+    kept = [n for p, n in enumerate(names) if p not in failed]
+    if failed:  # compact: copy the rows that decoded into the final file
+        final_offset = _write_npy_header(dest, (len(kept), image_size, image_size, channels))
+        row = image_size * image_size * channels
+        src, dst = os.open(staging, os.O_RDONLY), os.open(dest, os.O_WRONLY)
+        try:
+            for new, old in enumerate(p for p in range(len(names)) if p not in failed):
+                os.pwrite(dst, os.pread(src, row, offset + old * row), final_offset + new * row)
+        finally:
+            os.close(src)
+            os.close(dst)
+        staging.unlink()
+    else:
+        os.replace(staging, dest)
+    skipped.sort(key=lambda r: r[0])
+    mean, std = _mean_std(hist) if kept else ((), ())
+    return {"kept": kept, "skipped": skipped, "image_size": image_size, "channels": channels, "mean": mean, "std": std}
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in [*path.iterdir(), path]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def build_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: bool, workers: int,
+               quiet: bool) -> dict:
+    """Decode the folder into `pool_dir` (built in `pool_dir.partial`, then renamed: a kill leaves no half pool)."""
+    files = scan_folder(root)
+    if not files:
+        raise UserError(f"{root} holds no images ({', '.join(sorted(e.lstrip('.') for e in IMAGE_EXTS))}, any case, in any "
+                        f"subfolder); point --data at the folder with your images")
+    partial = pool_dir.with_name(pool_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        res = decode_files(root, [f[0] for f in files], dest=partial / PIXELS, image_size=image_size,
+                           workers=workers, label="pool", quiet=quiet)
+        if not res["kept"]:
+            rel, why = res["skipped"][0]
+            raise UserError(f"none of the {len(files)} images under {root} could be read (e.g. {rel}: {why}); "
+                            f"check that they are image files")
+        if strict and res["skipped"]:
+            rel, why = res["skipped"][0]
+            raise UserError(f"{root / rel} cannot be read ({why}) and --strict is set; replace or delete it "
+                            f"({len(res['skipped'])} unreadable in all), or drop --strict to skip unreadable files")
+        manifest = {"format": FORMAT, "root": str(root), "image_size": res["image_size"], "channels": res["channels"],
+                    "files": files, "pool": res["kept"], "skipped": res["skipped"], "mean": res["mean"],
+                    "std": res["std"]}
+        (partial / MANIFEST).write_text(json.dumps(manifest))
+        _fsync_tree(partial)
+        shutil.rmtree(pool_dir, ignore_errors=True)
+        os.replace(partial, pool_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_manifest(pool_dir: Path) -> dict | None:
+    try:
+        m = json.loads((pool_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    keys = {"format", "root", "image_size", "channels", "files", "pool", "skipped", "mean", "std"}
+    if not isinstance(m, dict) or not keys <= m.keys() or m["format"] != FORMAT or not (pool_dir / PIXELS).is_file():
+        return None
+    return m
+
+
+def open_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: bool, workers: int | None = None,
+              quiet: bool = True, expect: dict | None = None) -> tuple[BuiltPool, bool]:
+    """The pool of folder `root` kept in `pool_dir`: reused when the folder is unchanged, built when absent.
+
+    `expect` (the run's record: n, image_size, channels) makes a rebuilt pool prove it has the same index space.
+    Returns (pool, built_now)."""
+    m = read_manifest(pool_dir)
+    built = False
+    if m is None:
+        m = build_pool(root, pool_dir, image_size=image_size, strict=strict, workers=workers or default_workers(),
+                       quiet=quiet)
+        built = True
+        if expect and (len(m["pool"]), m["image_size"], m["channels"]) != (expect["n"], expect["image_size"],
+                                                                          expect["channels"]):
+            raise UserError(f"the pool rebuilt from {root} ({len(m['pool'])} images) does not match the run's "
+                            f"({expect['n']}); restore the folder as it was, or start a new run")
+    else:
+        if image_size is not None and image_size != m["image_size"]:
+            raise UserError(f"this run's pool was built at --image-size {m['image_size']} (not {image_size}); "
+                            f"rerun with --image-size {m['image_size']} or pick a new --out")
+        changed = folder_changes(m["files"], scan_folder(root)) if root.is_dir() else "the folder is missing"
+        if changed:
+            raise UserError(f"{root} changed since this run's pool was built: {changed}; a run's pool index space "
+                            f"must not shift, so restore the folder as it was or start a new run with another --out")
+    pixels = DiskPool(pool_dir / PIXELS)
+    if len(pixels) != len(m["pool"]):
+        raise UserError(f"{pool_dir} is inconsistent ({len(pixels)} images vs {len(m['pool'])} in its manifest); "
+                        f"delete {pool_dir} and rerun to rebuild it")
+    return BuiltPool(pixels=pixels, ids=list(m["pool"]), mean=tuple(m["mean"]), std=tuple(m["std"]),
+                     image_size=int(m["image_size"]), skipped=[tuple(s) for s in m["skipped"]]), built
+
+
+# ---------------------------------------------------------------- classes and the labeled test folder
+def parse_classes(text: str) -> list[str]:
+    """`a,b,c` or `@file.txt` (one name per line; blank lines and `#` comments ignored) -> class names."""
+    if text.startswith("@"):
+        path = Path(text[1:]).expanduser()
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read class list {path} ({type(exc).__name__}); give a UTF-8 text file with one "
+                            f"class name per line") from None
+        names = [l.strip() for l in lines if l.strip() and not l.strip().startswith("#")]
+    else:
+        names = [c.strip() for c in text.split(",")]
+        if any(not c for c in names):
+            raise UserError(f"--classes {text!r} has an empty name; write them like --classes cat,dog,bird")
+    if not names:
+        raise UserError(f"--classes {text!r} names no class; write them like --classes cat,dog or --classes @classes.txt")
+    dup = sorted({c for c in names if names.count(c) > 1})
+    if dup:
+        raise UserError(f"--classes repeats {', '.join(dup)}; give each class once")
+    return names
+
+
+def test_folder_classes(test_dir: Path) -> list[str]:
+    """Sorted class subfolders of a labeled test folder (ImageFolder layout)."""
+    if not test_dir.is_dir():
+        raise UserError(f"--test {test_dir} is not a folder; give a folder with one subfolder of images per class")
+    names = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not names:
+        raise UserError(f"--test {test_dir} has no class subfolders; put each class's images in {test_dir}/<class>/")
+    return names
+
+
+def resolve_classes(classes: list[str] | None, test_dir: Path | None) -> list[str]:
+    """The class list in logit order: --classes when given (the test folder's classes must be among them),
+    else the test folder's sorted subfolders, else [] (an unlabeled pool with no classes yet)."""
+    found = test_folder_classes(test_dir) if test_dir is not None else None
+    if classes is None:
+        return found or []
+    if found is not None:
+        extra = [c for c in found if c not in classes]
+        if extra:
+            hint = suggest(extra[0], classes)
+            raise UserError(f"--test {test_dir} has class folder(s) {', '.join(extra)} that are not in --classes "
+                            f"({', '.join(classes)}){hint}; make the two agree")
+    return list(classes)
+
+
+def load_test_folder(test_dir: Path, pool_dir: Path, *, classes: list[str], image_size: int, channels: int,
+                     workers: int | None = None, quiet: bool = True) -> tuple[np.ndarray, np.ndarray, list]:
+    """Labeled test images (uint8 [M, S, S, C], int64 [M]) cached in `pool_dir/test.npz`; rebuilt when the test
+    folder changed. Returns (x, y, skipped (abs path, reason))."""
+    files = []
+    for k, c in enumerate(classes):
+        if (test_dir / c).is_dir():
+            files += [(f"{c}/{rel}", size, mtime, k) for rel, size, mtime in scan_folder(test_dir / c)]
+    scan = [f[:3] for f in files]
+    cache = pool_dir / TEST
+    try:
+        with np.load(cache, allow_pickle=False) as f:
+            if json.loads(str(f["scan"])) == [list(s) for s in scan] and f["x"].shape[1:] == (image_size, image_size, channels):
+                return f["x"], f["y"], [tuple(s) for s in json.loads(str(f["skipped"]))]
+    except (OSError, ValueError, KeyError):
+        pass
+    if not files:
+        raise UserError(f"--test {test_dir} holds no images in its class subfolders; add images or drop --test")
+    tmp = pool_dir / "test-pixels.npy"
+    res = decode_files(test_dir, [f[0] for f in files], dest=tmp, image_size=image_size, channels=channels,
+                       workers=workers or default_workers(), label="test", quiet=quiet)
+    if not res["kept"]:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"none of the {len(files)} test images under {test_dir} could be read; check the test folder")
+    label_of = {f[0]: f[3] for f in files}
+    x = np.load(tmp)
+    tmp.unlink(missing_ok=True)
+    y = np.array([label_of[r] for r in res["kept"]], np.int64)
+    skipped = [(str(test_dir / r), why) for r, why in res["skipped"]]
+    from alssl.runs import atomic_write_bytes  # (imports torch: not at module level, worker processes import this)
+
+    buf = io.BytesIO()
+    np.savez(buf, x=x, y=y, scan=json.dumps([list(s) for s in scan]), skipped=json.dumps(skipped))
+    atomic_write_bytes(cache, buf.getvalue())
+    return x, y, skipped

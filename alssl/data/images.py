@@ -1,0 +1,143 @@
+"""Decode one image file to a small square uint8 array: the preprocessing every folder image gets.
+
+The same function serves the on-disk pool, the labeled test folder and `alssl predict`, so training and
+prediction see identical pixels. Steps (documented in docs/data.md and written into model.json):
+
+1. open with Pillow (first frame of a GIF / animated WebP); JPEGs are decoded at reduced scale with
+   `Image.draft` (libjpeg's DCT scaling: 1/2, 1/4 or 1/8 of the size, never below the target size), the cheap way
+   to read big photos into small training images;
+2. apply the EXIF orientation (`ImageOps.exif_transpose`);
+3. convert the mode: 1/L/LA/I/I;16/F → grayscale (16-bit and float pixels scaled to 0..255), everything else
+   (P, PA, RGBA, CMYK, YCbCr, LAB, HSV, ...) → RGB as `Image.convert("RGB")` does (alpha dropped, as
+   torchvision's ImageFolder loader does); a 1-channel pool keeps grayscale, a 3-channel pool repeats it;
+4. resize the shorter side to S (bilinear, antialiased; the longer side becomes int(S·long/short), as
+   torchvision's `Resize(S)`), then centre-crop S×S (torchvision's `CenterCrop(S)` offsets).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+
+
+def is_image_file(path: Path) -> bool:
+    """An image by extension (case-insensitive) and not a hidden file (`.name`, e.g. macOS `._x.jpg`)."""
+    return path.suffix.lower() in IMAGE_EXTS and not path.name.startswith(".")
+
+
+def resized_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(w, h) after resizing the shorter side to `size`, as torchvision's Resize(size) computes it."""
+    if w <= h:
+        return size, int(size * h / w)
+    return int(size * w / h), size
+
+
+def center_box(w: int, h: int, size: int) -> tuple[int, int, int, int]:
+    """The centre crop box (left, top, right, bottom) with torchvision's CenterCrop rounding."""
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    return left, top, left + size, top + size
+
+
+def _to_mode(im, channels: int):
+    """Convert a PIL image to "L" (channels=1) or "RGB" (channels=3); 16-bit / float gray scaled to 0..255."""
+    from PIL import Image
+
+    if im.mode in GRAY_MODES and im.mode not in ("1", "L", "LA"):
+        a = np.asarray(im, dtype=np.float64)
+        if a.max(initial=0) > 255:
+            a = a / 257.0  # 16-bit range 0..65535 -> 0..255
+        im = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    if im.mode == "LA":
+        im = im.convert("L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # PIL's own advice for palette images with transparency
+    target = "L" if channels == 1 else "RGB"
+    return im if im.mode == target else im.convert(target)
+
+
+def image_mode_is_gray(mode: str) -> bool:
+    return mode in GRAY_MODES
+
+
+def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
+    """uint8 [size, size, channels] pixels of one image file (see the module doc for the exact steps).
+
+    Raises whatever Pillow raises on a bad file (OSError, ValueError, SyntaxError, DecompressionBombError, ...);
+    callers turn that into a skip or a UserError."""
+    from PIL import Image, ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # palette-transparency, EXIF and decompression-bomb warnings
+        with Image.open(path) as im:
+            w, h = im.size
+            if w < 1 or h < 1:
+                raise ValueError(f"image has size {w}×{h}")
+            if im.format == "JPEG" and min(w, h) >= 2 * size:
+                s = min(w, h)
+                im.draft("L" if im.mode == "L" else "RGB", (math.ceil(w * size / s), math.ceil(h * size / s)))
+            im = ImageOps.exif_transpose(im)  # loads the pixels (at draft scale)
+            im = _to_mode(im, channels)
+            w, h = im.size
+            nw, nh = resized_size(w, h, size)
+            if (nw, nh) != (w, h):
+                im = im.resize((nw, nh), Image.BILINEAR)
+            im = im.crop(center_box(nw, nh, size))
+            a = np.asarray(im, dtype=np.uint8)
+    return a[..., None] if a.ndim == 2 else a
+
+
+# ---------------------------------------------------------------- worker tasks (spawned processes import only numpy + PIL)
+def peek_chunk(args: tuple[str, list[str]]) -> list[tuple[int, int, str] | str]:
+    """Header of each file: (width, height, mode), or the reason it cannot be read."""
+    from PIL import Image
+
+    root, rels = args
+    out: list[tuple[int, int, str] | str] = []
+    for rel in rels:
+        try:
+            if os.path.getsize(os.path.join(root, rel)) == 0:
+                out.append("empty file (0 bytes)")
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(os.path.join(root, rel)) as im:
+                    out.append((int(im.size[0]), int(im.size[1]), str(im.mode)))
+        except Exception as exc:  # noqa: BLE001 - any failure to read a header means a bad file
+            out.append(_reason(exc))
+    return out
+
+
+def decode_chunk(args: tuple[str, list[str], list[int], int, int, str, int]) -> tuple[list[tuple[int, str]], np.ndarray]:
+    """Decode files into rows `positions` of the staging file; returns (failures, per-channel histograms [C, 256])."""
+    root, rels, positions, size, channels, dest, offset = args
+    row = size * size * channels
+    hist = np.zeros((channels, 256), np.int64)
+    failed = []
+    fd = os.open(dest, os.O_WRONLY)
+    try:
+        for rel, pos in zip(rels, positions):
+            try:
+                a = load_image(os.path.join(root, rel), size, channels)
+                if a.shape[-1] != channels:
+                    a = np.repeat(a, channels, axis=-1)
+            except Exception as exc:  # noqa: BLE001
+                failed.append((pos, _reason(exc)))
+                continue
+            os.pwrite(fd, np.ascontiguousarray(a).tobytes(), offset + pos * row)
+            for c in range(channels):
+                hist[c] += np.bincount(a[..., c].reshape(-1), minlength=256)
+    finally:
+        os.close(fd)
+    return failed, hist
+
+
+def _reason(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__

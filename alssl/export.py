@@ -1,0 +1,227 @@
+"""A model you can take away: the best classifier a run has, as a state dict, TorchScript and a JSON card; predictions.
+
+The best classifier is the semi-supervised fine-tune trained on the run's current labeled set (its EMA/EMAN teacher,
+the model its accuracy was measured with; the most accurate if there are several), else the frozen stage-1 backbone
+with the linear probe folded into one `nn.Linear`: logits = W·(f − μ)/σ + b = (W/σ)·f + (b − W·μ/σ), so the exported
+model predicts exactly what `alssl probe` fits (scikit-learn's StandardScaler + LogisticRegression, seed 0).
+Classes the labeled set lacks get weight 0 and bias −1e9 (probability 0), as the probe reports them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from alssl import __version__
+from alssl.backbones import build_backbone, load_backbone_checkpoint
+from alssl.data import Dataset
+from alssl.errors import UserError, warn
+from alssl.probes import MISSING, cross_val_accuracy, fit_probe
+from alssl.runs import Run, atomic_write_bytes, atomic_write_text, torch_load
+
+PREPROCESSING = ("resize the shorter side to image_size (bilinear, antialiased; JPEGs may be decoded at 1/2-1/8 scale "
+                 "first with PIL's draft mode when the shorter side is at least 2x image_size), centre crop "
+                 "image_size x image_size, RGB (or grayscale when channels = 1), float in [0, 1], NCHW; "
+                 "the model normalises with mean/std itself")
+
+
+class Classifier(nn.Module):
+    """Float images [B, C, S, S] in [0, 1] -> logits [B, K]; the per-channel normalisation is inside."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone((x - self.mean) / self.std))
+
+
+def folded_linear_probe(probe, num_classes: int, dim: int) -> nn.Linear:
+    """The fitted linear probe (StandardScaler + LogisticRegression on present classes) as one Linear [K, D]."""
+    weight = np.zeros((num_classes, dim), np.float64)
+    bias = np.full(num_classes, MISSING, np.float64)
+    if probe.model is None:  # one class only: it wins everywhere
+        bias[probe.classes] = 0.0
+    else:
+        coef, intercept = probe.model.coef_, probe.model.intercept_  # [K', D], [K'] (binary: [1, D], [1])
+        mu, sigma = probe.scaler.mean_, probe.scaler.scale_
+        w, b = coef / sigma, intercept - (coef / sigma) @ mu
+        if len(probe.classes) == 2 and len(coef) == 1:  # binary: logits (0, d) as Probe._raw
+            weight[probe.classes[1]], bias[probe.classes[1]], bias[probe.classes[0]] = w[0], b[0], 0.0
+        else:
+            weight[probe.classes], bias[probe.classes] = w, b
+    head = nn.Linear(dim, num_classes)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight))
+        head.bias.copy_(torch.from_numpy(bias))
+    return head
+
+
+def _semi_candidates(run: Run, labeled_digest: str) -> list[tuple[Path, dict]]:
+    """Finished fine-tunes of this run trained on exactly the current labeled set: (dir, result.json)."""
+    out = []
+    for d in sorted((run.path / "semi").glob("*/")):
+        try:
+            result = json.loads((d / "result.json").read_text())
+            state = torch_load(d / "state.pt")
+        except (OSError, ValueError, UserError):
+            continue
+        if isinstance(state, dict) and state.get("fingerprint", {}).get("labeled") == labeled_digest:
+            out.append((d, result))
+    return out
+
+
+def best_classifier(run: Run, dataset: Dataset) -> tuple[Classifier, dict]:
+    """The best model the run has (module doc) and a record of how it was made."""
+    from alssl.features import pool_features
+    from alssl.semi.trainer import array_digest
+
+    idx = run.labeled_indices
+    if len(idx) == 0:
+        raise UserError(f"{run.path} has no labels yet, so there is no classifier to use; label some images first "
+                        f"(`alssl query {run.path} --budget 2%`, then `alssl label {run.path} --from FILE.csv`)")
+    y = run.labels[idx]
+    pre = run.state["stages"].get("pretrain", {})
+    record = {"n_labeled": int(len(idx)), "rounds": run.n_rounds, "pretrain": pre.get("method"),
+              "pretrain_epochs": pre.get("epochs")}
+    found = _semi_candidates(run, array_digest(idx, y))
+    if found:
+        d, result = max(found, key=lambda c: (c[1].get("accuracy") or -1.0, (c[0] / "result.json").stat().st_mtime))
+        teacher = torch_load(d / "state.pt")["teacher"]
+        backbone = build_backbone(result["backbone"], dataset.channels)
+        backbone.load_state_dict({k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")})
+        head = nn.Linear(backbone.dim, dataset.num_classes)
+        head.load_state_dict({"weight": teacher["head.weight"], "bias": teacher["head.bias"]})
+        acc = result.get("accuracy")
+        record |= {"classifier": f"semi:{result['method']}", "semi_method": result["method"],
+                   "semi_steps": result.get("steps"), "backbone": result["backbone"], "semi_dir": str(d.relative_to(run.path)),
+                   "accuracy": acc, "accuracy_on": f"test set ({len(dataset.x_test)} images)" if acc is not None else None}
+    else:
+        ckpt = run.checkpoints / "backbone.pt"
+        if not ckpt.exists():
+            raise UserError(f"{run.path} has no stage-1 backbone; run `alssl pretrain` first")
+        backbone, meta = load_backbone_checkpoint(ckpt, expect_channels=dataset.channels)
+        train, test = pool_features(run.path, dataset)
+        probe = fit_probe("linear", train[idx], y, num_classes=dataset.num_classes, seed=0)
+        head = folded_linear_probe(probe, dataset.num_classes, train.shape[1])
+        if dataset.has_test:
+            acc, on = probe.accuracy(test, dataset.y_test), f"test set ({len(test)} images)"
+        else:
+            acc, k = cross_val_accuracy("linear", train[idx], y, num_classes=dataset.num_classes)
+            on = f"{k}-fold cross-validation on the labeled set" if acc is not None else None
+        record |= {"classifier": "linear-probe", "semi_method": None, "backbone": meta["backbone"],
+                   "accuracy": None if acc is None else round(float(acc), 4), "accuracy_on": on}
+    return Classifier(backbone, head, dataset.mean, dataset.std).eval(), record
+
+
+def export(run: Run, dataset: Dataset, out: Path) -> dict:
+    """Write out/model.pt, out/model.ts and out/model.json; returns the model card."""
+    model, record = best_classifier(run, dataset)
+    S, C = dataset.image_size, dataset.channels
+    card = {"classes": list(dataset.classes), "image_size": S, "channels": C, "mean": list(dataset.mean),
+            "std": list(dataset.std), "input": f"float32 [B, {C}, {S}, {S}] in [0, 1]", "output": "logits [B, K]",
+            "preprocessing": PREPROCESSING, **record, "data": run.config["data"]["spec"], "alssl_version": __version__}
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.9+ marks TorchScript deprecated; it still runs everywhere
+        traced = torch.jit.trace(model, torch.rand(2, C, S, S), check_trace=True)
+        torch.jit.save(traced, buf)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sbuf = io.BytesIO()
+    torch.save(state, sbuf)
+    atomic_write_bytes(out / "model.pt", sbuf.getvalue())
+    atomic_write_bytes(out / "model.ts", buf.getvalue())
+    atomic_write_text(out / "model.json", json.dumps(card, indent=1) + "\n")
+    return card
+
+
+# ---------------------------------------------------------------- predictions
+@torch.no_grad()
+def predict_rows(model: Classifier, x, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(class ids [N], top-1 softmax probability [N]) for uint8 images [N, S, S, C] (an array or a DiskPool)."""
+    labels, conf = [], []
+    for i in range(0, len(x), batch_size):
+        xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).permute(0, 3, 1, 2).float().div_(255.0)
+        p = torch.softmax(model(xb).double(), dim=1)
+        c, k = p.max(dim=1)
+        labels.append(k.numpy())
+        conf.append(c.numpy())
+    if not labels:
+        return np.zeros(0, np.int64), np.zeros(0)
+    return np.concatenate(labels), np.concatenate(conf)
+
+
+def image_paths(sources: list[Path]) -> list[tuple[str, Path]]:
+    """(name to report, file) for every image in the given files and folders (folders: recursive, sorted)."""
+    from alssl.data.folder import scan_folder
+
+    out = []
+    for src in sources:
+        if src.is_dir():
+            out += [(os.path.join(str(src), rel), src / rel) for rel, _, _ in scan_folder(src)]
+        elif src.is_file():
+            out.append((str(src), src))
+        else:
+            raise UserError(f"{src} does not exist; give image files or folders of images to --data")
+    if not out:
+        raise UserError(f"no image files in {', '.join(map(str, sources))} (.jpg .jpeg .png .bmp .webp .tif .tiff "
+                        f".gif); give image files or folders")
+    return out
+
+
+def predictions_csv(names: list[str], labels: np.ndarray, conf: np.ndarray, classes: list[str],
+                    extra: dict[str, list] | None = None) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "label", "confidence", *(extra or {})])
+    cols = list((extra or {}).values())
+    for j, (name, k, c) in enumerate(zip(names, labels.tolist(), conf.tolist())):
+        w.writerow([name, classes[k], f"{c:.6f}", *(col[j] for col in cols)])
+    return buf.getvalue()
+
+
+def predict_files(run: Run, dataset: Dataset, sources: list[Path], out: Path, *, workers: int | None = None,
+                  quiet: bool = True) -> dict:
+    """Predict every image in `sources` with the run's best classifier; write `out` (path,label,confidence)."""
+    from alssl.data.folder import DiskPool, decode_files, default_workers
+
+    model, record = best_classifier(run, dataset)
+    files = image_paths(sources)
+    with tempfile.TemporaryDirectory(prefix="alssl-predict-") as tmp:
+        res = decode_files(Path("/"), [str(p.resolve()) for _, p in files], dest=Path(tmp) / "x.npy",
+                           image_size=dataset.image_size, channels=dataset.channels,
+                           workers=workers or default_workers(), label="images", quiet=quiet)
+        kept = set(res["kept"])
+        names = [n for n, p in files if str(p.resolve()) in kept]
+        labels, conf = predict_rows(model, DiskPool(Path(tmp) / "x.npy")) if kept else (np.zeros(0, int), np.zeros(0))
+    if res["skipped"]:
+        rel, why = res["skipped"][0]
+        warn(f"skipped {len(res['skipped'])} unreadable file(s), e.g. {rel}: {why}")
+    if not names:
+        raise UserError("none of the given images could be read; check the files")
+    atomic_write_text(out, predictions_csv(names, labels, conf, dataset.classes))
+    return {"predictions": str(out), "n": len(names), "skipped": len(res["skipped"]), "classifier": record["classifier"]}
+
+
+def predict_pool(run: Run, dataset: Dataset, out: Path) -> dict:
+    """Predict every unlabeled pool image (pre-annotations for labelers); columns path,label,confidence,index."""
+    model, record = best_classifier(run, dataset)
+    idx = np.flatnonzero(~run.labeled_mask)
+    labels, conf = np.zeros(0, np.int64), np.zeros(0)
+    parts = [predict_rows(model, dataset.x_train[idx[i : i + 4096]]) for i in range(0, len(idx), 4096)]
+    if parts:
+        labels, conf = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    atomic_write_text(out, predictions_csv([dataset.ids[i] for i in idx], labels, conf, dataset.classes,
+                                           extra={"index": idx.tolist()}))
+    return {"predictions": str(out), "n": int(len(idx)), "classifier": record["classifier"]}

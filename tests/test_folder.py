@@ -1,0 +1,180 @@
+"""The unlabeled image-folder pool: decoding one file, scanning, the on-disk pool, change detection, classes."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alssl.data import PoolReader, load_dataset
+from alssl.data.folder import DiskPool, build_pool, decode_files, folder_changes, parse_classes, resolve_classes, scan_folder
+from alssl.data.images import load_image
+from alssl.errors import UserError
+
+
+def rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- one file
+def test_resize_and_crop_match_torchvision(tmp_path):
+    """Shorter side to S (bilinear) + centre crop: the same pixels as torchvision's Resize(S) + CenterCrop(S)."""
+    from torchvision import transforms
+
+    for i, (h, w) in enumerate([(48, 40), (150, 200), (37, 91), (24, 24)]):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(rgb(h, w, i)).save(p)
+        ref = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32)])(Image.open(p).convert("RGB"))
+        assert np.array_equal(load_image(p, 32, 3), np.asarray(ref)), (h, w)
+
+
+def test_modes_become_rgb_or_gray(tmp_path):
+    base = rgb(20, 30)
+    Image.fromarray(base).convert("RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(base).convert("P", palette=Image.ADAPTIVE).save(tmp_path / "p.png")
+    Image.fromarray(base).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(base).convert("LA").save(tmp_path / "la.png")
+    Image.fromarray((np.arange(600).reshape(20, 30) * 100).astype(np.uint16)).save(tmp_path / "i16.png")
+    frames = [Image.fromarray(rgb(20, 30, s)) for s in (1, 2)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    for name in ("rgba.png", "p.png", "cmyk.jpg", "la.png", "i16.png", "anim.gif"):
+        a3, a1 = load_image(tmp_path / name, 16, 3), load_image(tmp_path / name, 16, 1)
+        assert a3.shape == (16, 16, 3) and a1.shape == (16, 16, 1) and a3.dtype == np.uint8, name
+    i16 = load_image(tmp_path / "i16.png", 16, 1)
+    assert 0 < i16.mean() < 255 and i16.max() > 200  # 16-bit scaled to 0..255, not clipped to white
+    frames[0].save(tmp_path / "first.gif")
+    frames[1].save(tmp_path / "second.gif")
+    gif = load_image(tmp_path / "anim.gif", 16, 3)
+    assert np.array_equal(gif, load_image(tmp_path / "first.gif", 16, 3))  # the first frame, not the second
+    assert not np.array_equal(gif, load_image(tmp_path / "second.gif", 16, 3))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :20] = 255  # left half white
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    im.save(tmp_path / "r.jpg", exif=exif, quality=95)
+    out = load_image(tmp_path / "r.jpg", 20, 1)[..., 0]
+    assert out[:5].mean() > 200 and out[-5:].mean() < 50  # displayed upright: the white half is on top
+
+
+def test_jpeg_draft_decoding_is_close_to_a_full_decode(tmp_path):
+    from torchvision import transforms
+
+    big = np.asarray(Image.fromarray(rgb(60, 80)).resize((800, 600), Image.BICUBIC))
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=95)
+    ref = np.asarray(transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32)])(Image.open(tmp_path / "big.jpg")))
+    diff = np.abs(load_image(tmp_path / "big.jpg", 32, 3).astype(int) - ref.astype(int))
+    assert diff.mean() < 4  # the 1/8-scale DCT decode differs from full decode + resize by a few grey levels
+
+
+# ---------------------------------------------------------------- the pool
+def make_pool(root: Path, n: int = 12, gray: bool = False) -> None:
+    for i in range(n):
+        d = root / ("a" if i % 2 else "b/c")
+        d.mkdir(parents=True, exist_ok=True)
+        im = Image.fromarray(rgb(20 + i, 30, i))
+        (im.convert("L") if gray else im).save(d / f"{i:02d}.{'PNG' if i % 3 else 'jpg'}")
+    (root / "readme.txt").write_text("x")
+    (root / ".hidden").mkdir()
+    Image.fromarray(rgb(8, 8)).save(root / ".hidden" / "x.png")
+
+
+def test_scan_is_recursive_sorted_and_skips_hidden_and_run_dirs(tmp_path):
+    make_pool(tmp_path / "p")
+    (tmp_path / "p" / "run").mkdir()
+    for f in ("state.json", "run.toml", "x.png"):
+        (tmp_path / "p" / "run" / f).write_text("")
+    rels = [r[0] for r in scan_folder(tmp_path / "p")]
+    assert rels == sorted(rels) and len(rels) == 12
+    assert any(r.endswith(".PNG") for r in rels) and not any(r.startswith((".hidden", "run/")) for r in rels)
+
+
+def test_pool_matches_serial_decoding_and_reads_like_an_array(tmp_path):
+    make_pool(tmp_path / "p", n=300)
+    (tmp_path / "p" / "bad.png").write_bytes(b"not a png")
+    m = build_pool(tmp_path / "p", tmp_path / "pool", image_size=None, strict=False, workers=2, quiet=True)
+    assert m["image_size"] == 64 and m["channels"] == 3  # images up to 319 px: default 64
+    assert [s[0] for s in m["skipped"]] == ["bad.png"] and len(m["pool"]) == 300
+    pool = DiskPool(tmp_path / "pool" / "pixels.npy")
+    ref = np.load(tmp_path / "pool" / "pixels.npy")
+    for i in (0, 17, 299):
+        assert np.array_equal(pool[i], load_image(tmp_path / "p" / m["pool"][i], 64, 3))
+    idx = np.array([5, 3, 4, 299, 3, 0])
+    assert np.array_equal(pool[idx], ref[idx]) and np.array_equal(pool[10:20], ref[10:20])
+    reader = PoolReader(pool)
+    assert tuple(reader(np.array([2, 1])).shape) == (2, 3, 64, 64)
+
+
+def test_default_size_32_and_gray_pool(tmp_path):
+    make_pool(tmp_path / "p", n=6, gray=True)  # heights 20..25 ≤ 32
+    m = build_pool(tmp_path / "p", tmp_path / "pool", image_size=None, strict=False, workers=1, quiet=True)
+    assert (m["image_size"], m["channels"]) == (32, 1)
+
+
+def test_strict_empty_and_all_corrupt(tmp_path):
+    make_pool(tmp_path / "p", n=3)
+    (tmp_path / "p" / "z.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match=r"z.jpg cannot be read \(empty file.*--strict"):
+        build_pool(tmp_path / "p", tmp_path / "pool", image_size=16, strict=True, workers=1, quiet=True)
+    assert not (tmp_path / "pool").exists() and not (tmp_path / "pool.partial").exists()
+    (tmp_path / "e").mkdir()
+    with pytest.raises(UserError, match="holds no images"):
+        build_pool(tmp_path / "e", tmp_path / "pool", image_size=16, strict=False, workers=1, quiet=True)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.png").write_bytes(b"junk")
+    with pytest.raises(UserError, match="none of the 1 images"):
+        build_pool(tmp_path / "c", tmp_path / "pool", image_size=16, strict=False, workers=1, quiet=True)
+
+
+def test_changed_folder_is_refused_and_a_deleted_pool_rebuilt(tmp_path):
+    make_pool(tmp_path / "p")
+    ds = load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool", image_size=16)
+    assert ds.fresh and not ds.has_ground_truth and ds.x_train.shape == (12, 16, 16, 3)
+    assert not load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool", image_size=16).fresh  # reused
+    expect = {"n": 12, "image_size": 16, "channels": 3}
+    import shutil
+
+    shutil.rmtree(tmp_path / "pool")
+    again = load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool", image_size=16, expect=expect)
+    assert again.fresh and np.array_equal(again.x_train[:], ds.x_train[:])
+    Image.fromarray(rgb(9, 9)).save(tmp_path / "p" / "new.png")
+    with pytest.raises(UserError, match=r"changed since this run's pool was built: 1 added \(new.png\)"):
+        load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool", image_size=16)
+    old = scan_folder(tmp_path / "p")
+    (tmp_path / "p" / "a" / "01.PNG").write_bytes(b"x" * 10)
+    assert "1 modified (a/01.PNG)" in folder_changes(old, scan_folder(tmp_path / "p"))
+
+
+def test_classes_and_test_folder(tmp_path):
+    assert parse_classes("cat, dog,bird") == ["cat", "dog", "bird"]
+    (tmp_path / "c.txt").write_text("# names\ncat\n\ndog\n")
+    assert parse_classes(f"@{tmp_path / 'c.txt'}") == ["cat", "dog"]
+    for bad, msg in [("cat,,dog", "empty name"), ("cat,cat", "repeats cat")]:
+        with pytest.raises(UserError, match=msg):
+            parse_classes(bad)
+    for c in ("dog", "cat"):
+        (tmp_path / "t" / c).mkdir(parents=True)
+        Image.fromarray(rgb(10, 10)).save(tmp_path / "t" / c / "0.png")
+    assert resolve_classes(None, tmp_path / "t") == ["cat", "dog"]
+    assert resolve_classes(["dog", "cat", "bird"], tmp_path / "t") == ["dog", "cat", "bird"]
+    with pytest.raises(UserError, match=r"class folder\(s\) cat that are not in --classes"):
+        resolve_classes(["dog", "bird"], tmp_path / "t")
+    make_pool(tmp_path / "p", n=4)
+    ds = load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool", test=tmp_path / "t", classes=["dog", "cat"])
+    assert ds.classes == ["dog", "cat"] and sorted(ds.y_test.tolist()) == [0, 1] and ds.x_test.shape[1:] == (32, 32, 3)
+
+
+def test_decode_files_keeps_order_and_reports_bad_files(tmp_path):
+    make_pool(tmp_path / "p", n=5)
+    (tmp_path / "p" / "trunc.png").write_bytes((tmp_path / "p" / "a" / "01.PNG").read_bytes()[:60])
+    rels = [r[0] for r in scan_folder(tmp_path / "p")]
+    res = decode_files(tmp_path / "p", rels, dest=tmp_path / "x.npy", image_size=8, workers=1, label="t", quiet=True)
+    assert res["kept"] == [r for r in rels if r != "trunc.png"] and res["skipped"][0][0] == "trunc.png"
+    assert np.load(tmp_path / "x.npy").shape == (5, 8, 8, 3)
