@@ -180,10 +180,9 @@ def test_bad_inputs_on_an_existing_pool_run(photos, tmp_path):
     _refused(["predict", str(run), "--data", str(small), "--out", str(tmp_path / "p.csv")], run, "no labels yet")
     _refused(["export", str(run), "--out", str(tmp_path / "m")], run, "no labels yet")
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "m").exists()
-    _refused(["label", str(run), "--oracle"], run, "no open query")
+    _refused(["label", str(run), "--oracle"], run, "unlabeled pool with no ground truth")
     q = run_cli("query", str(run), "--budget", "5")
     assert q.returncode == 0, q.stderr
-    _refused(["label", str(run), "--oracle"], run, "unlabeled pool with no ground truth")
     (tmp_path / "l.csv").write_text("id,label\nnot/in/pool.jpg,cat\n")
     _refused(["label", str(run), "--from", str(tmp_path / "l.csv")], run, "'not/in/pool.jpg' is not an image of the pool")
     first = list(csv.DictReader(open(q.stdout.strip())))[0]["id"]
