@@ -1,9 +1,18 @@
-"""Backbones in a dict registry. Each maps images `[B, C, H, W]` to features `[B, module.dim]`.
+"""Backbones. Each maps images `[B, C, H, W]` to features `[B, module.dim]`.
 
-- `cnn`: a small conv net (≈0.3 M params) that trains fast on CPU; 1 or 3 channels, 8–32 px inputs.
+Built in (a dict registry), sized for small images:
+- `cnn`: a small conv net (≈0.3 M params) that trains fast on CPU; 1 or 3 channels, 8–64 px inputs.
 - `resnet18`: torchvision's ResNet-18 with the CIFAR stem (3×3 conv, stride 1, no max-pool), 512-d.
 - `wrn28_2`: Wide-ResNet-28-2 (Zagoruyko & Komodakis 2016, arXiv 1605.07146) as used by FixMatch,
   SimMatch and DASO (BN momentum 0.001, leaky ReLU 0.1), 128-d.
+From the ecosystem, by name:
+- `torchvision:NAME` (resnet18/34/50, convnext_tiny, efficientnet_b0, ... any classification model of
+  `torchvision.models`): the model with its last `nn.Linear` (the classifier) replaced by `Identity`, so the features
+  are what the classifier reads (`dim` = that layer's in_features); its state dict keeps torchvision's key names, so
+  `alssl export` can hand back a plain `torchvision.models.NAME(num_classes=K)` state dict.
+- `timm:NAME` (any timm model): `timm.create_model(NAME, num_classes=0, in_chans=C)`, `dim` = `num_features`.
+One-channel pools go into torchvision models as the gray channel repeated three times; timm models get `in_chans=1`.
+Starting weights (`--init PATH | hub`) are loaded by `load_init_weights`.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import torch
 import torchvision
 from torch import nn
 
-from alssl.errors import UserError, unknown
+from alssl.errors import UserError, suggest, unknown
 from alssl.runs import torch_load
 
 
@@ -108,13 +117,167 @@ BACKBONES: dict[str, Callable[[int], nn.Module]] = {
     "resnet18": ResNet18Cifar,
     "wrn28_2": lambda c: WideResNet(c, depth=28, widen=2),
 }
+PREFIXES = ("torchvision:", "timm:")
+NAMES = "cnn | resnet18 (CIFAR stem) | wrn28_2 | torchvision:NAME (e.g. torchvision:resnet18) | timm:NAME"
+
+
+class TorchvisionBackbone(nn.Module):
+    """A torchvision classification model without its classifier: features [B, dim] before the last Linear."""
+
+    def __init__(self, arch: str, in_channels: int):
+        super().__init__()
+        net = torchvision.models.get_model(arch, weights=None)
+        linears = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+        self.head_name, head = linears[-1]  # e.g. "fc", "classifier.2", "heads.head"
+        net.set_submodule(self.head_name, nn.Identity())
+        self.net, self.arch, self.dim, self.in_channels = net, arch, head.in_features, in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_channels == 1:
+            x = x.expand(-1, 3, -1, -1)  # gray -> the 3 channels torchvision models take
+        return self.net(x)
+
+
+class TimmBackbone(nn.Module):
+    """A timm model with `num_classes=0`: pooled features [B, num_features]."""
+
+    def __init__(self, arch: str, in_channels: int):
+        super().__init__()
+        import timm
+
+        self.net = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_channels)
+        self.arch, self.dim = arch, int(self.net.num_features)
+        self.head_name = self.net.pretrained_cfg.get("classifier") or "head"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def check_backbone_name(name: str) -> None:
+    """Refuse an unknown backbone name with a suggestion (before anything is built or written)."""
+    if name.startswith("torchvision:"):
+        arch, known = name[len("torchvision:"):], torchvision.models.list_models(module=torchvision.models)
+        if arch not in known:
+            raise unknown("torchvision classification model", arch, known)
+    elif name.startswith("timm:"):
+        import timm
+
+        arch = name[len("timm:"):]
+        if not timm.is_model(arch):
+            hint = suggest(arch, timm.list_models(f"*{arch[:4]}*") or timm.list_models())
+            raise UserError(f'unknown timm model "{arch}"{hint}; see `python -c "import timm; print(timm.list_models())"`')
+    elif name not in BACKBONES:
+        raise UserError(f'unknown backbone "{name}"{suggest(name, BACKBONES)}; choose one of: {NAMES}')
 
 
 def build_backbone(name: str, in_channels: int) -> nn.Module:
-    """A fresh backbone by registry name; `module.dim` is its feature dimension."""
-    if name not in BACKBONES:
-        raise unknown("backbone", name, BACKBONES)
+    """A fresh (randomly initialised) backbone by name; `module.dim` is its feature dimension."""
+    check_backbone_name(name)
+    if name.startswith("torchvision:"):
+        return TorchvisionBackbone(name[len("torchvision:"):], in_channels)
+    if name.startswith("timm:"):
+        return TimmBackbone(name[len("timm:"):], in_channels)
     return BACKBONES[name](in_channels)
+
+
+def check_input_size(model: nn.Module, name: str, channels: int, size: int) -> None:
+    """One forward of zeros at the pool's image size: a model that cannot take it is refused up front."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, channels, size, size))
+    except Exception as exc:  # noqa: BLE001 - any failure here means this model cannot take these images
+        msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"backbone {name} cannot take {size}×{size} images ({msg}); pick another --image-size or "
+                        f"backbone") from None
+    finally:
+        model.train(was)
+
+
+# ---------------------------------------------------------------- starting weights (--init)
+def _read_state_dict(path: Path) -> dict:
+    """A state dict from .pt/.pth (weights_only) or .safetensors; unwraps {"state_dict"|"model": ...} and
+    alssl's own backbone.pt, and strips a DDP "module." prefix."""
+    if not path.is_file():
+        raise UserError(f"--init {path} does not exist; give a state dict file (.pt, .pth or .safetensors) or `hub`")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"--init {path} is not a readable .safetensors file ({type(exc).__name__}); re-save it") from None
+    else:
+        sd = torch_load(path)
+    if isinstance(sd, dict) and sd.get("kind") == "alssl-backbone":
+        sd = sd["state_dict"]
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"--init {path} does not hold a state dict (a mapping of names to tensors); save one with "
+                        f"torch.save(model.state_dict(), PATH)")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _hub_state_dict(name: str) -> dict:
+    """The model's published weights through torchvision's / timm's own download (cached on the user's machine)."""
+    if name.startswith("torchvision:"):
+        arch = name[len("torchvision:"):]
+        try:
+            weights = torchvision.models.get_model_weights(arch).DEFAULT
+        except (ValueError, KeyError):
+            raise UserError(f"torchvision publishes no weights for {arch}; give --init PATH or drop --init") from None
+        target = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        try:
+            return weights.get_state_dict(progress=False)
+        except Exception as exc:  # noqa: BLE001 - offline, proxy, disk: the user needs the same two facts
+            raise UserError(f"cannot download {weights.url} ({type(exc).__name__}); download it on a machine with "
+                            f"internet and put it at {target} (or pass --init PATH)") from None
+    if name.startswith("timm:"):
+        import timm
+
+        arch = name[len("timm:"):]
+        try:
+            return timm.create_model(arch, pretrained=True, num_classes=0).state_dict()
+        except Exception as exc:  # noqa: BLE001
+            hub_id = timm.create_model(arch, pretrained=False).pretrained_cfg.get("hf_hub_id") or arch
+            raise UserError(f"cannot get timm's weights for {arch} ({type(exc).__name__}: offline?); on a machine "
+                            f"with internet run `huggingface-cli download {hub_id}` (it fills ~/.cache/huggingface) "
+                            f"or save the state dict and pass --init PATH") from None
+    raise UserError(f"--init hub needs a torchvision:NAME or timm:NAME backbone; {name} has no published weights")
+
+
+def load_init_weights(model: nn.Module, name: str, init: str) -> dict:
+    """Load starting weights into a fresh backbone (`init` = a file path or "hub"); returns what was loaded.
+
+    The source's classifier (torchvision's last Linear, timm's classifier) is dropped: alssl trains its own head.
+    Any other key that is missing, unexpected or of another shape is a UserError listing them."""
+    sd = _hub_state_dict(name) if init == "hub" else _read_state_dict(Path(init).expanduser())
+    target = model.net if isinstance(model, (TorchvisionBackbone, TimmBackbone)) else model
+    head = getattr(model, "head_name", None)
+    if head is not None:
+        sd = {k: v for k, v in sd.items() if not (k == head or k.startswith(head + "."))}
+    own = target.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    if missing or unexpected or shapes:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                parts.append(f"{len(keys)} {what} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} of another shape ({k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+                         f"{', ...' if len(shapes) > 1 else ''})")
+        raise UserError(f"--init {init} does not fit backbone {name}: {'; '.join(parts)}; give weights of the same "
+                        f"architecture (and channel count)")
+    target.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+    return {"init": str(init), "init_tensors": len(sd)}
 
 
 def backbone_checkpoint(model: nn.Module, *, name: str, in_channels: int, **meta: object) -> dict:

@@ -88,8 +88,9 @@ def pretrain(
     strict: bool = typer.Option(False, help="Image folders only: stop at the first unreadable file instead of skipping it"),
     workers: Optional[int] = typer.Option(None, min=1, help="Processes that decode an image folder (default: CPU count, at most 8)"),
     method: str = typer.Option("simsiam", help="simsiam | moco | byol"),
-    backbone: str = typer.Option("cnn", help="cnn | resnet18 | wrn28_2"),
-    epochs: int = typer.Option(20, min=0, help="Epochs; 0 = random-init baseline"),
+    backbone: str = typer.Option("cnn", help="cnn | resnet18 (CIFAR stem) | wrn28_2 | torchvision:NAME | timm:NAME"),
+    init: Optional[str] = typer.Option(None, help="Start from these weights: a state dict .pt/.pth/.safetensors, or hub (torchvision's / timm's published weights)"),
+    epochs: int = typer.Option(20, min=0, help="Epochs; 0 = no training (random init, or the --init weights as they are)"),
     batch_size: int = typer.Option(256, min=2),
     lr: Optional[float] = typer.Option(None, help="Default: the method's recipe (SimSiam 0.05·bs/256)"),
     eman: bool = typer.Option(False, help="EMAN teacher (MoCo, BYOL)"),
@@ -116,7 +117,7 @@ def pretrain(
     """
     import shutil
 
-    from alssl.backbones import BACKBONES
+    from alssl.backbones import check_backbone_name
     from alssl.data import is_pool_spec, load_dataset
     from alssl.errors import unknown, warn
     from alssl.pretrain import METHODS, check_args, pretrain as run_pretrain
@@ -124,8 +125,9 @@ def pretrain(
 
     if method not in METHODS:
         raise unknown("method", method, METHODS)
-    if backbone not in BACKBONES:
-        raise unknown("backbone", backbone, BACKBONES)
+    check_backbone_name(backbone)
+    if init is not None and init != "hub":
+        init = str(Path(init).expanduser().resolve())
     if image_size is not None and image_size < 1:
         raise UserError(f"--image-size must be at least 1 pixel (got {image_size}); e.g. --image-size 64")
     dev: int | str = int(devices) if devices.isdigit() else devices
@@ -137,7 +139,7 @@ def pretrain(
              "image_size": image_size, "strict": strict or None}
     args = {"method": method, "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "eman": eman, "seed": seed, "hflip": hflip, "momentum": momentum,
-            "momentum_schedule": momentum_schedule, "queue_size": queue_size, "temperature": temperature}
+            "momentum_schedule": momentum_schedule, "queue_size": queue_size, "temperature": temperature, "init": init}
     preloaded = None  # an in-memory SPEC is checked whole before anything is written (folders: while decoding)
     if not folder:
         preloaded = load_dataset(data, imbalance=imbalance, seed=seed,
@@ -159,6 +161,7 @@ def pretrain(
                         data_cfg |= {"classes": dataset.classes or None, "image_size": dataset.image_size,
                                      "pool": {"n": dataset.n_pool, "image_size": dataset.image_size,
                                               "channels": dataset.channels}}
+                    _prepare_backbone(backbone, init, dataset.channels, dataset.image_size)
                     run = Run.create(out, n_pool=dataset.n_pool, config={"data": data_cfg, "pretrain": args})
                 except BaseException:
                     shutil.rmtree(out / "pool", ignore_errors=True)
@@ -171,7 +174,7 @@ def pretrain(
                                    lr=lr, eman=eman, devices=dev, accelerator=accelerator, precision=precision,
                                    strategy=strategy, seed=seed, ckpt_every_steps=ckpt_every_steps, hflip=hflip,
                                    momentum=momentum, momentum_schedule=momentum_schedule, queue_size=queue_size,
-                                   temperature=temperature, knn_every=knn_every, quiet=_quiet(quiet))
+                                   temperature=temperature, knn_every=knn_every, init=init, quiet=_quiet(quiet))
             if summary is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
                 run.state["stages"]["pretrain"] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
                 run.save_state()
@@ -183,6 +186,17 @@ def pretrain(
             with contextlib.suppress(OSError):
                 out.rmdir()
         raise
+
+
+def _prepare_backbone(name: str, init: Optional[str], channels: int, size: int) -> None:
+    """Build the backbone, load --init and run it once at the pool's image size: refuses a model that cannot take
+    these images or weights that do not fit, before the run dir is made."""
+    from alssl.backbones import build_backbone, check_input_size, load_init_weights
+
+    model = build_backbone(name, channels)
+    if init is not None:
+        load_init_weights(model, name, init)
+    check_input_size(model, name, channels, size)
 
 
 def _check_same_run(run, out: Path, args: dict, data_cfg: dict) -> None:
@@ -395,7 +409,8 @@ def semi_finetune(
     lr: float = typer.Option(0.03),
     teacher: str = typer.Option("ema", help="ema | eman"),
     from_scratch: bool = typer.Option(False, help="Ignore the stage-1 backbone and start from random init"),
-    backbone: Optional[str] = typer.Option(None, help="With --from-scratch: which backbone (default: the run's)"),
+    backbone: Optional[str] = typer.Option(None, help="With --from-scratch or --init: which backbone (default: the run's)"),
+    init: Optional[str] = typer.Option(None, help="Start from these weights instead of the stage-1 backbone: a state dict .pt/.pth/.safetensors, or hub"),
     unlabeled_profile: str = typer.Option("same", help="same | reversed (DASO-style mismatched unlabeled pool; simulation)"),
     unlabeled_imbalance: Optional[float] = typer.Option(None, help="Imbalance of the reshaped unlabeled pool"),
     ckpt_every: int = typer.Option(100, min=1),
@@ -420,6 +435,15 @@ def semi_finetune(
         raise unknown("teacher", teacher, ["ema", "eman"])
     if unlabeled_profile not in ("same", "reversed"):
         raise unknown("unlabeled profile", unlabeled_profile, ["same", "reversed"])
+    if init is not None and from_scratch:
+        raise UserError("--init and --from-scratch both replace the stage-1 backbone; give one of them")
+    if backbone is not None:
+        from alssl.backbones import check_backbone_name
+
+        check_backbone_name(backbone)
+    if init is not None and init != "hub":
+        init = str(Path(init).expanduser().resolve())
+    fresh = from_scratch or init is not None  # start from random init / the user's weights, not from stage 1
     options = {"unlabeled_profile": unlabeled_profile, "unlabeled_imbalance": unlabeled_imbalance, "hflip": hflip,
                **_key_values(option)}
     args = dict(method=method, steps=steps, batch_size=batch_size, mu=mu, tau=tau, lambda_u=lambda_u, lr=lr,
@@ -430,13 +454,14 @@ def semi_finetune(
         if len(idx) == 0:
             raise UserError(f"{run_dir} has no labeled samples yet; run `alssl query {run_dir} --budget 2%` then `alssl label {run_dir} --from FILE.csv` (or --oracle)")
         ckpt = run.checkpoints / "backbone.pt"
-        if not from_scratch and not ckpt.exists():
+        if not fresh and not ckpt.exists():
             raise UserError(f"{run_dir} has no stage-1 backbone; run `alssl pretrain` first or pass --from-scratch")
-        tag = hashlib.sha256(json.dumps([args, options, from_scratch, backbone, idx.tolist()], sort_keys=True).encode()).hexdigest()[:8]
+        tag = hashlib.sha256(json.dumps([args, options, from_scratch, backbone, idx.tolist()] + ([init] if init else []),
+                                        sort_keys=True).encode()).hexdigest()[:8]
         out = run.path / "semi" / f"{method}-{len(idx)}lab-{tag}"
         res = run_semi(dataset, labeled_idx=idx, labeled_y=run.labels[idx], out_dir=out,
-                       backbone=backbone or run.config["pretrain"]["backbone"],
-                       init_checkpoint=None if from_scratch else ckpt, ckpt_every=ckpt_every,
+                       backbone=backbone or run.config["pretrain"]["backbone"], init_weights=init,
+                       init_checkpoint=None if fresh else ckpt, ckpt_every=ckpt_every,
                        quiet=_quiet(quiet), options=options, **args)
         run.log_metrics({"stage": "semi", "dir": str(out.relative_to(run.path)), **{k: v for k, v in res.items() if k != "per_class_recall"}})
     typer.echo(json.dumps(res))

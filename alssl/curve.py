@@ -193,7 +193,7 @@ def save_grid(out: Path, grid: Grid) -> None:
 def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path | None = None, jobs: int = 1,
                    quiet: bool = True, title: str | None = None) -> tuple[Path, Path, Path]:
     """Pretrain once (or reuse `from_run`), then compute the grid and draw it. Returns (csv, png, svg)."""
-    from alssl.backbones import BACKBONES
+    from alssl.backbones import check_backbone_name
     from alssl.plots import curve_table, plot_curve
     from alssl.runs import Run, check_writable, run_lock
     from alssl.pretrain import METHODS, pretrain
@@ -215,8 +215,7 @@ def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path
     else:
         if pretrain_args["method"] not in METHODS:
             raise unknown("method", pretrain_args["method"], METHODS)
-        if pretrain_args["backbone"] not in BACKBONES:
-            raise unknown("backbone", pretrain_args["backbone"], BACKBONES)
+        check_backbone_name(pretrain_args["backbone"])
         run_path = out / "pretrain"
     check_writable(out)
     with run_lock(out):

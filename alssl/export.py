@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from alssl import __version__
-from alssl.backbones import build_backbone, load_backbone_checkpoint
+from alssl.backbones import TimmBackbone, TorchvisionBackbone, build_backbone, load_backbone_checkpoint
 from alssl.data import Dataset
 from alssl.errors import UserError, warn
 from alssl.probes import MISSING, cross_val_accuracy, fit_probe
@@ -137,13 +137,32 @@ def export(run: Run, dataset: Dataset, out: Path) -> dict:
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.9+ marks TorchScript deprecated; it still runs everywhere
         traced = torch.jit.trace(model, torch.rand(2, C, S, S), check_trace=True)
         torch.jit.save(traced, buf)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = plain_state_dict(model)
+    if getattr(model.backbone, "head_name", None) is not None:  # torchvision:NAME / timm:NAME
+        card["state_dict_of"] = (f"torchvision.models.{model.backbone.arch}(num_classes={len(dataset.classes)})"
+                                 if isinstance(model.backbone, TorchvisionBackbone) else
+                                 f"timm.create_model({model.backbone.arch!r}, num_classes={len(dataset.classes)}, "
+                                 f"in_chans={C})")
     sbuf = io.BytesIO()
     torch.save(state, sbuf)
     atomic_write_bytes(out / "model.pt", sbuf.getvalue())
     atomic_write_bytes(out / "model.ts", buf.getvalue())
     atomic_write_text(out / "model.json", json.dumps(card, indent=1) + "\n")
     return card
+
+
+def plain_state_dict(model: Classifier) -> dict:
+    """model.pt's contents. For torchvision:NAME / timm:NAME backbones exactly the state dict of the library's own
+    model with K classes (`torchvision.models.NAME(num_classes=K)`, `timm.create_model(NAME, num_classes=K)`): the
+    trained classifier sits where the library's classifier sits, and normalisation is left to the user (mean/std are
+    in model.json). Other backbones: `backbone.*`, `head.*` and the `mean`/`std` buffers."""
+    bb = model.backbone
+    if isinstance(bb, (TorchvisionBackbone, TimmBackbone)):
+        state = dict(bb.net.state_dict())
+        state[f"{bb.head_name}.weight"], state[f"{bb.head_name}.bias"] = model.head.weight, model.head.bias
+    else:
+        state = model.state_dict()
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 # ---------------------------------------------------------------- predictions

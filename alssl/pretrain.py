@@ -48,7 +48,7 @@ from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
 from alssl.augment import SSLView, normalise
-from alssl.backbones import backbone_checkpoint, build_backbone
+from alssl.backbones import backbone_checkpoint, build_backbone, load_init_weights
 from alssl.data import Dataset, PoolReader
 from alssl.errors import UserError
 from alssl.runs import Run, atomic_torch_save, torch_load
@@ -220,12 +220,15 @@ def pretrain(
     knn_t: float = 0.1,
     knn_every: int = 1,
     hflip: bool | None = None,
+    init: str | None = None,
     quiet: bool = True,
 ) -> dict | None:
     """Pretrain `backbone` on the run's pool; resume from `RUN/checkpoints/pretrain-state.pt` when it exists.
 
     Writes `RUN/checkpoints/backbone.pt` (the student backbone) at the end and returns a summary dict on rank 0
-    (None on other ranks). `epochs=0` writes the seeded random-init backbone: the baseline every curve needs.
+    (None on other ranks). `epochs=0` writes the seeded random-init backbone: the baseline every curve needs;
+    `init` (a state dict file or "hub") starts the backbone from those weights (`--epochs 0 --init PATH`: the frozen
+    pretrained-features baseline).
     """
     fabric = check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
                         accelerator=accelerator, devices=devices, strategy=strategy, precision=precision)
@@ -247,6 +250,8 @@ def pretrain(
 
     torch.manual_seed(seed)  # same initial weights (and MoCo queue) on every rank
     net = SSLNet(method, build_backbone(backbone, dataset.channels))
+    if init is not None:  # after SSLNet: the heads draw the same random numbers with or without --init
+        load_init_weights(net.encoder.backbone, backbone, init)
     rows = PoolReader(dataset.x_train, fabric.device)  # uint8 [B, C, H, W] batches on the device
     view = SSLView(dataset.image_size, dataset.channels, dataset.mean, dataset.std, hflip=hflip)
     if eman and not state_path.exists():

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from alssl.backbones import build_backbone, load_backbone_checkpoint
+from alssl.backbones import build_backbone, load_backbone_checkpoint, load_init_weights
 from alssl.data import PoolReader
 from alssl.errors import UserError, unknown
 from alssl.runs import append_jsonl, atomic_torch_save, atomic_write_text, check_writable, read_jsonl, torch_load
@@ -203,6 +203,7 @@ def _all_finite(model: nn.Module) -> bool:
 # ---------------------------------------------------------------- the entry point
 def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, out_dir: Path,
                   method: str = "fixmatch", backbone: str = "cnn", init_checkpoint: Path | None = None,
+                  init_weights: str | None = None,
                   steps: int = 1000, batch_size: int = 64, mu: int = 7, tau: float = 0.95, lambda_u: float = 1.0,
                   lr: float = 0.03, weight_decay: float = 5e-4, teacher: str = "ema", ema_decay: float = 0.999,
                   unlabeled_idx: np.ndarray | None = None, seed: int = 0, ckpt_every: int = 100,
@@ -211,7 +212,8 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
 
     Returns {"method", "steps", "accuracy", "balanced_accuracy", "per_class_recall", "n_labeled", "n_unlabeled"}
     measured on the test split with the EMA/EMAN teacher. `init_checkpoint` (a stage-1 backbone.pt) overrides
-    `backbone`. `out_dir` receives state.pt (resumable), metrics.jsonl and result.json.
+    `backbone`; `init_weights` (a state dict file or "hub", see backbones.load_init_weights) starts `backbone` from
+    the user's weights instead. `out_dir` receives state.pt (resumable), metrics.jsonl and result.json.
     """
     from alssl.semi import METHODS
 
@@ -240,6 +242,11 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
     init_sha = None
     if init_checkpoint is not None:
         init_sha = hashlib.sha256(Path(init_checkpoint).read_bytes()).hexdigest()[:16] if Path(init_checkpoint).exists() else None
+    if init_weights is not None and init_weights != "hub":
+        p = Path(init_weights).expanduser()
+        init_sha = "weights:" + (hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else str(p))
+    elif init_weights == "hub":
+        init_sha = "hub"
     fingerprint = {"method": method, "backbone": backbone if init_checkpoint is None else None, "init": init_sha,
                    "steps": steps, "batch_size": batch_size, "mu": mu, "tau": tau, "lambda_u": lambda_u, "lr": lr,
                    "weight_decay": weight_decay, "teacher": teacher, "ema_decay": ema_decay, "seed": seed,
@@ -254,6 +261,8 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
             backbone = ck["backbone"]
         else:
             bb = build_backbone(backbone, dataset.channels)
+            if init_weights is not None:
+                load_init_weights(bb, backbone, init_weights)
         m = cls(num_classes=K, labeled_y=torch.from_numpy(ly), steps=steps, tau=tau, lambda_u=lambda_u, options=opts)
         net = Net(bb, K, proj_dim=m.proj_dim).to(dev)
         if dev.type == "cpu":  # oneDNN's fast conv layout: ~1.2x per WRN-28-2 step on this CPU (inputs follow)
