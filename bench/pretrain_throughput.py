@@ -1,17 +1,22 @@
 """Stage-1 throughput: alssl's SimSiam loop vs lightly's documented SimSiam example loop, in one run.
 
-Same backbone (alssl `cnn`), heads (lightly SimSiam projection/prediction), loss, optimizer, batch size and images
-(`../shared/data/cifar10_10k.npz`, 32 px). The peer is lightly's example (docs "SimSiam" / examples/pytorch/simsiam.py):
-a map-style dataset of PIL images + `SimSiamTransform(input_size=32)` + `DataLoader(shuffle, drop_last)`; it is timed
-with num_workers 0 and 2 and the faster one is the reference. alssl is timed through `alssl.pretrain.pretrain` (kNN monitor
-off, checkpoints on). The last line is `ratio=X.XX` = alssl images/s ÷ lightly images/s.
+Same backbone (alssl `cnn` by default), heads (lightly SimSiam projection/prediction), loss, optimizer, batch size and
+images (`../shared/data/cifar10_10k.npz`, 32 px). The peer is lightly's example (docs "SimSiam" /
+examples/pytorch/simsiam.py): a map-style dataset of PIL images + `SimSiamTransform(input_size=32)` +
+`DataLoader(shuffle, drop_last)`; it is timed with each `--workers` value and the fastest is the reference. alssl is
+timed through `alssl.pretrain.pretrain` (kNN monitor off, checkpoints on). The two sides alternate for `--rounds`
+rounds (A B A B ...), so a change in background load hits both; the last line is `ratio=X.XX`, the median over rounds
+of alssl images/s ÷ lightly images/s (min and max on the line before).
 
-    .venv/bin/python bench/pretrain_throughput.py [--steps 30] [--batch-size 256]
+    .venv/bin/python bench/pretrain_throughput.py [--steps 30] [--batch-size 256] [--rounds 5]
+    python bench/pretrain_throughput.py --device cuda --backbone resnet18 --batch-size 512 --workers 8 --precision bf16-mixed
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -58,10 +63,12 @@ class LightlySimSiam(nn.Module):
         return z.detach(), self.prediction_head(z)
 
 
-def lightly_loop(x: np.ndarray, y: np.ndarray, *, steps: int, batch_size: int, workers: int) -> float:
+def lightly_loop(x: np.ndarray, y: np.ndarray, *, steps: int, batch_size: int, workers: int, backbone: str = "cnn",
+                 device: str = "cpu", precision: str = "32-true") -> float:
     """Images/s of lightly's example loop over `steps` batches (after one warm-up batch)."""
     torch.manual_seed(0)
-    model = LightlySimSiam(build_backbone("cnn", 3))
+    model = LightlySimSiam(build_backbone(backbone, 3)).to(device)
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     criterion = NegativeCosineSimilarity()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05 * batch_size / 256, momentum=0.9, weight_decay=5e-4)
     loader = DataLoader(PILDataset(x, y, SimSiamTransform(input_size=32)), batch_size=batch_size, shuffle=True,
@@ -74,27 +81,37 @@ def lightly_loop(x: np.ndarray, y: np.ndarray, *, steps: int, batch_size: int, w
         except StopIteration:
             it = iter(loader)
             continue
-        z0, p0 = model(x0)
-        z1, p1 = model(x1)
-        loss = 0.5 * (criterion(z0, p1) + criterion(z1, p0))
+        x0, x1 = x0.to(device, non_blocking=True), x1.to(device, non_blocking=True)
+        with autocast:
+            z0, p0 = model(x0)
+            z1, p1 = model(x1)
+            loss = 0.5 * (criterion(z0, p1) + criterion(z1, p0))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         done += 1
         if done == 0:
+            _sync(device)
             t0 = time.perf_counter()  # the first batch (worker start-up) is warm-up
+    _sync(device)
     return steps * batch_size / (time.perf_counter() - t0)
 
 
-def alssl_loop(*, steps: int, batch_size: int) -> float:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def alssl_loop(*, steps: int, batch_size: int, data: str = str(DATA), backbone: str = "cnn", device: str = "cpu",
+               precision: str = "32-true") -> float:
     """Images/s of alssl.pretrain.pretrain on the same data, `steps` batches (kNN monitor off)."""
-    ds = load_dataset(str(DATA), seed=0)
+    ds = load_dataset(data, seed=0)
     n = (steps + 1) * batch_size  # one batch more, as warm-up for the loop's first step
     ds.x_train, ds.y_train = ds.x_train[:n], ds.y_train[:n]
     with tempfile.TemporaryDirectory() as tmp:
         run = Run.create(Path(tmp) / "run", n_pool=n, config={})
-        summary = pretrain(ds, run, method="simsiam", backbone="cnn", epochs=1, batch_size=batch_size,
-                           knn_every=0, quiet=True, accelerator="cpu")
+        summary = pretrain(ds, run, method="simsiam", backbone=backbone, epochs=1, batch_size=batch_size,
+                           knn_every=0, quiet=True, accelerator=device.split(":")[0], precision=precision)
     return summary["images_per_s"]
 
 
@@ -102,16 +119,31 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (A B A B ...)")
+    ap.add_argument("--workers", default="0,2", help="lightly DataLoader num_workers values; the fastest is the peer")
+    ap.add_argument("--backbone", default="cnn")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--precision", default="32-true", help="32-true | bf16-mixed (both sides)")
+    ap.add_argument("--data", default=str(DATA))
     a = ap.parse_args()
-    with np.load(DATA) as f:
+    with np.load(a.data) as f:
         x, y = f["x_train"], f["y_train"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cifar10_10k 32 px, cnn, bs {a.batch_size}, {a.steps} steps")
-    peer = {w: lightly_loop(x, y, steps=a.steps, batch_size=a.batch_size, workers=w) for w in (0, 2)}
-    for w, v in peer.items():
-        print(f"lightly example loop (num_workers={w}): {v:8.1f} img/s")
-    ours = alssl_loop(steps=a.steps, batch_size=a.batch_size)
-    print(f"alssl loop (kornia views on the batch, no DataLoader): {ours:8.1f} img/s")
-    print(f"ratio={ours / max(peer.values()):.2f}")
+    gpu = torch.cuda.get_device_name() if a.device.startswith("cuda") else "no GPU"
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), "
+          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}, device {a.device} ({gpu}), {a.precision}")
+    print(f"# cifar10_10k 32 px, {a.backbone}, bs {a.batch_size}, {a.steps} steps per side per round, {a.rounds} rounds")
+    ratios = []
+    for r in range(a.rounds):
+        ours = alssl_loop(steps=a.steps, batch_size=a.batch_size, data=a.data, backbone=a.backbone, device=a.device,
+                          precision=a.precision)
+        peer = {int(w): lightly_loop(x, y, steps=a.steps, batch_size=a.batch_size, workers=int(w), backbone=a.backbone,
+                                     device=a.device, precision=a.precision) for w in a.workers.split(",")}
+        best = max(peer, key=peer.get)
+        ratios.append(ours / peer[best])
+        print(f"round {r}: alssl {ours:8.1f} img/s | lightly example " +
+              " ".join(f"(num_workers={w}) {v:8.1f}" for w, v in peer.items()) + f" img/s | ratio {ratios[-1]:.2f}")
+    print(f"rounds={len(ratios)} min={min(ratios):.2f} max={max(ratios):.2f}")
+    print(f"ratio={statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":
