@@ -147,6 +147,16 @@ def test_stage1_checkpoint_is_the_starting_point(digits, tmp_path):
     (dict(options={"unlabeled_profile": "reverse"}), 'did you mean "reversed"'),
     (dict(lr=-1.0), "lr must be a positive number"),
     (dict(unlabeled_idx=np.array([1, 5])), "overlap"),
+    (dict(seed=-1), "seed must be an integer in 0.."),
+    (dict(seed=2**70), "seed must be an integer in 0.."),
+    (dict(options={"hflip": "maybe"}), "hflip must be true or false"),
+    (dict(options={"hflip": 1}), "hflip must be true or false"),
+    (dict(options={"daso_queue": "big"}), "daso_queue must be an integer"),
+    (dict(options={"daso_queue": 2.5}), "daso_queue must be an integer"),
+    (dict(options={"daso_T_proto": float("nan")}), "daso_T_proto must be a number"),
+    (dict(options={"daso_T_dist": -1}), "daso_T_dist must be a number >= 0"),
+    (dict(options={"unlabeled_imbalance": "x"}), "unlabeled_imbalance must be a number"),
+    (dict(options={"bn_batch": 3}), "bn_batch must be a str"),
 ])
 def test_bad_input_is_a_user_error(digits, tmp_path, kwargs, match):
     args = dict(labeled_idx=np.array([1, 2, 3]), labeled_y=np.array([0, 1, 2]), out_dir=tmp_path / "out", method="daso",
