@@ -191,3 +191,17 @@ def test_long_tailed_pool_with_reversed_unlabeled_profile(tmp_path):
     assert res["n_unlabeled"] == sum(max(1, int(int(n_max) * 10 ** (-(r / 9)))) for r in range(10))
     assert res["n_unlabeled"] < len(rest)
     assert len(res["per_class_recall"]) == 10
+
+
+@pytest.mark.parametrize("edit, match", [(lambda st: st.pop("fingerprint"), "fingerprint is missing"),
+                                         (lambda st: st.update(step=-3), "step is missing or mistyped"),
+                                         (lambda st: st.update(model={"x": torch.ones(1)}), "does not fit this model")])
+def test_damaged_semi_state_is_a_user_error(digits, tmp_path, edit, match):
+    _tiny(digits, tmp_path, "fixmatch", steps=4)
+    st = torch.load(tmp_path / "state.pt", weights_only=True)
+    edit(st)
+    atomic_torch_save(st, tmp_path / "state.pt")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(UserError, match=match):
+        _tiny(digits, tmp_path, "fixmatch", steps=4)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

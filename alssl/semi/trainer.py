@@ -297,15 +297,23 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
             st = torch_load(state_path)
             if not isinstance(st, dict) or st.get("kind") != "alssl-semi":
                 raise UserError(f"{state_path} is not an alssl semi-supervised checkpoint; delete it or choose another output dir")
+            bad = next((k for k in ("fingerprint", "model", "teacher", "optimizer", "method") if not isinstance(st.get(k), dict)), None)
+            if bad or type(st.get("step")) is not int or not 0 <= st["step"] <= steps:
+                raise UserError(f"{state_path} is damaged ({bad or 'step'} is missing or mistyped); delete it to start "
+                                "this fine-tune over, or choose another output dir")
             if st["fingerprint"] != fingerprint:
                 diff = sorted(k for k in fingerprint if st["fingerprint"].get(k) != fingerprint[k])
                 raise UserError(f"{out_dir} holds a semi-supervised run with other arguments ({', '.join(diff)}); "
                                 "rerun with the same arguments to resume, or choose another output dir")
-            net.load_state_dict(st["model"])
-            ema.model.load_state_dict(st["teacher"])
-            opt.load_state_dict(st["optimizer"])
-            m.load_state_dict(st["method"])
-            start = int(st["step"])
+            try:
+                net.load_state_dict(st["model"])
+                ema.model.load_state_dict(st["teacher"])
+                opt.load_state_dict(st["optimizer"])
+                m.load_state_dict(st["method"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"{state_path} does not fit this model ({str(exc).strip().splitlines()[0][:120]}); delete "
+                                "it to start this fine-tune over, or choose another output dir") from None
+            start = st["step"]
             kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= start]  # drop lines past the checkpoint
             write_jsonl(metrics_path, kept)
         else:
