@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from alssl.errors import UserError
 
@@ -73,6 +72,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save into memory, then an atomic write: a killed save never leaves a truncated checkpoint."""
+    import torch  # here, not at the top: `alssl status` and state checks need no torch (fast startup)
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -141,6 +142,8 @@ def torch_load(path: str | os.PathLike) -> Any:
     `weights_only=True` means the unpickler only rebuilds tensors and plain containers, so a planted
     malicious pickle cannot run code: it fails here and the user gets one `error:` line.
     """
+    import torch
+
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; run `alssl pretrain` first")
