@@ -286,6 +286,23 @@ def backbone_checkpoint(model: nn.Module, *, name: str, in_channels: int, **meta
     return {"kind": "alssl-backbone", "backbone": name, "in_channels": in_channels, "state_dict": state, "meta": dict(meta)}
 
 
+def _checkpoint_problem(ckpt: dict) -> str | None:
+    """What is wrong with the fields of a backbone checkpoint dict, or None."""
+    missing = [k for k in ("backbone", "in_channels", "state_dict") if k not in ckpt]
+    if missing:
+        return f"key {missing[0]!r} is missing"
+    name, ch, sd = ckpt["backbone"], ckpt["in_channels"], ckpt["state_dict"]
+    if not isinstance(name, str) or not (name in BACKBONES or name.startswith(PREFIXES)):
+        return f"backbone is {name!r}, not one of {NAMES}"
+    if type(ch) is not int or not 1 <= ch <= 64:
+        return f"in_channels is {ch!r}, not a channel count"
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        return "state_dict is not a dict of named tensors"
+    if not isinstance(ckpt.get("meta", {}), dict):
+        return "meta is not a dict"
+    return None
+
+
 def load_backbone_checkpoint(path: str | Path, *, expect_channels: int | None = None) -> tuple[nn.Module, dict]:
     """Rebuild a backbone from `backbone.pt` (loaded with weights_only=True); returns (model in eval mode, checkpoint).
 
@@ -294,6 +311,9 @@ def load_backbone_checkpoint(path: str | Path, *, expect_channels: int | None = 
     ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "alssl-backbone":
         raise UserError(f"{path} is not an alssl backbone checkpoint; rerun `alssl pretrain` to rewrite it")
+    problem = _checkpoint_problem(ckpt)
+    if problem:
+        raise UserError(f"{path} is damaged ({problem}); delete it and rerun `alssl pretrain` with the run's arguments")
     if expect_channels is not None and ckpt["in_channels"] != expect_channels:
         raise UserError(
             f"{path} was trained on {ckpt['in_channels']}-channel images but the data has {expect_channels}; "

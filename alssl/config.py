@@ -1,50 +1,154 @@
-"""Pipeline configs (`alssl run pipelines/NAME.toml`): tomllib + dataclasses, unknown keys rejected with a suggestion."""
+"""Pipeline configs (`alssl run pipelines/NAME.toml`): tomllib + dataclasses, unknown keys rejected with a suggestion.
+
+Each section checks its own values in `__post_init__` (type, range, registry name), so a bad value is refused
+before `alssl run` writes anything, with one message naming the key and the fix.
+"""
 
 from __future__ import annotations
 
+import math
 import tomllib
+import types
+import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from alssl import names
 from alssl.errors import UserError, suggest
 
 
+# ---------------------------------------------------------------- value rules
+def _rule(default: Any = None, *, factory: Callable[[], Any] | None = None, lo: float | None = None,
+          gt: float | None = None, hi: float | None = None,
+          choices: tuple[str, Iterable[str]] | None = None,
+          kind: str = "", nonempty: bool = False) -> Any:
+    """A dataclass field with its checks: lo ≤ v ≤ hi, v > gt, v (or each item) a name in choices, not empty."""
+    meta = {"lo": lo, "gt": gt, "hi": hi, "choices": choices, "kind": kind, "nonempty": nonempty}
+    return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
+
+
+_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if hint is int:
+        return type(value) is int  # TOML true is not 1
+    if hint is float:
+        return type(value) in (int, float) and math.isfinite(value)  # nan / inf are not settings
+    return type(value) is hint
+
+
+def _describe(hint: Any) -> str:
+    if isinstance(hint, types.UnionType):
+        parts = [h for h in typing.get_args(hint) if h is not type(None)]
+        text = " or ".join(_describe(h) for h in parts)
+        return text + (" (or leave the key out)" if len(parts) < len(typing.get_args(hint)) else "")
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return "a list of " + _describe(item).replace("an integer", "integers").replace("a string", "strings")
+    return _WORDS.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_section(obj: Any) -> None:
+    """Type-, range- and name-check every field of a config section (called from `__post_init__`)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        key, value, m = f"{obj.SECTION}.{f.name}", getattr(obj, f.name), f.metadata
+        hint = hints[f.name]
+        want = m.get("kind") or _describe(hint)
+        if not _type_ok(value, hint):
+            raise UserError(f"{key} must be {want} (got {value!r}); fix it in the config")
+        if value is None:
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if (m.get("lo") is not None and value < m["lo"]) or (m.get("hi") is not None and value > m["hi"]) \
+                    or (m.get("gt") is not None and value <= m["gt"]):
+                raise UserError(f"{key} must be {want} (got {value!r}); fix it in the config")
+        if m.get("nonempty") and not value:
+            raise UserError(f"{key} must not be empty; fix it in the config")
+        if m.get("choices") is not None:
+            noun, known = m["choices"][0], sorted(m["choices"][1])
+            for v in value if isinstance(value, list) else [value]:
+                if v not in known:
+                    raise UserError(f'{key}: unknown {noun} "{v}"{suggest(v, known)}; choose from {", ".join(known)}')
+        if isinstance(value, list) and len(set(map(str, value))) != len(value):
+            raise UserError(f"{key} lists a value twice ({value}); list each once")
+
+
+# ---------------------------------------------------------------- sections
 @dataclass
 class DataSection:
-    spec: str = "digits"
-    imbalance: float | None = None
-    seed: int = 0
+    SECTION: ClassVar[str] = "data"
+    spec: str = _rule("digits", nonempty=True)
+    imbalance: float | None = _rule(None, lo=1.0, kind="a ratio >= 1 (largest / smallest class)")
+    seed: int = _rule(0, lo=0, hi=2**32 - 1, kind=f"an integer in 0..{2**32 - 1}")
+
+    def __post_init__(self) -> None:
+        check_section(self)
 
 
 @dataclass
 class PretrainSection:
-    method: str = "simsiam"
-    backbone: str = "cnn"
-    epochs: int = 20
-    batch_size: int = 256
-    lr: float | None = None
-    eman: bool = False
-    seed: int = 0
-    from_run: str | None = None  # reuse another run's stage-1 backbone instead of pretraining
+    SECTION: ClassVar[str] = "pretrain"
+    method: str = _rule("simsiam", choices=("method", names.PRETRAIN_METHODS))
+    backbone: str = _rule("cnn", nonempty=True, kind=f"a backbone name ({' | '.join(names.BACKBONES)} | torchvision:NAME | timm:NAME)")
+    epochs: int = _rule(20, lo=0, kind="an integer >= 0 (0 = random-init baseline)")
+    batch_size: int = _rule(256, lo=2, kind="an integer >= 2")
+    lr: float | None = _rule(None, gt=0, kind="a positive number (or leave the key out for the method's recipe)")
+    eman: bool = _rule(False)
+    seed: int = _rule(0, lo=0, hi=2**32 - 1, kind=f"an integer in 0..{2**32 - 1}")
+    from_run: str | None = _rule(None, nonempty=True,  # reuse another run's stage-1 backbone instead of pretraining
+                                 kind="a run dir path (a string), or leave the key out to pretrain")
+
+    def __post_init__(self) -> None:
+        check_section(self)
+        if not self.backbone.startswith(("torchvision:", "timm:")) and self.backbone not in names.BACKBONES:
+            raise UserError(f'pretrain.backbone: unknown backbone "{self.backbone}"{suggest(self.backbone, names.BACKBONES)}; '
+                            f"choose from {', '.join(names.BACKBONES)}, torchvision:NAME or timm:NAME")
 
 
 @dataclass
 class CurveSection:
-    strategies: list[str] = field(default_factory=lambda: ["random", "entropy", "kcenter", "typiclust"])
-    budgets: list[str] = field(default_factory=lambda: ["1%", "2%", "5%", "10%"])
-    seeds: int = 3
-    probes: list[str] = field(default_factory=lambda: ["linear"])
-    semi: str | None = None
-    semi_steps: int = 500
-    jobs: int = 1
-    delta: float | None = None
+    SECTION: ClassVar[str] = "curve"
+    strategies: list[str] = _rule(factory=lambda: ["random", "entropy", "kcenter", "typiclust"],
+                                  choices=("strategy", names.STRATEGIES),
+                                  nonempty=True)
+    budgets: list[str | int] = _rule(factory=lambda: ["1%", "2%", "5%", "10%"], nonempty=True,
+                                     kind='a list of budgets like ["1%", "2%"] or [10, 20]')
+    seeds: int = _rule(3, lo=1, kind="an integer >= 1")
+    probes: list[str] = _rule(factory=lambda: ["linear"], choices=("probe", names.PROBES), nonempty=True)
+    semi: str | None = _rule(None, choices=("semi method", names.SEMI_METHODS),
+                             kind='a semi method name such as "fixmatch" (or leave the key out)')
+    semi_steps: int = _rule(500, lo=1, kind="an integer >= 1")
+    jobs: int = _rule(1, lo=1, kind="an integer >= 1")
+    delta: float | None = _rule(None, gt=0, kind="a positive number (ProbCover radius), or leave the key out")
+
+    def __post_init__(self) -> None:
+        check_section(self)
+        for b in self.budgets:
+            if isinstance(b, int) and b < 1:
+                raise UserError(f"curve.budgets: {b} is not a budget (a count >= 1 or a percentage like \"2%\"); fix it in the config")
 
 
 @dataclass
 class OutputSection:
-    dir: str = "runs/pipeline"
-    title: str | None = None
+    SECTION: ClassVar[str] = "output"
+    dir: str = _rule("runs/pipeline", nonempty=True)
+    title: str | None = _rule(None)
+
+    def __post_init__(self) -> None:
+        check_section(self)
 
 
 @dataclass
@@ -60,15 +164,7 @@ def _build(cls: type, raw: dict, where: str) -> Any:
     for key in raw:
         if key not in names:
             raise UserError(f"unknown key {where}{key}{suggest(key, names)}; valid keys: {', '.join(names)}")
-    kwargs = {}
-    for key, value in raw.items():
-        f = names[key]
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        if default is not None and type(default) is not type(value) and not (isinstance(default, float) and isinstance(value, int)):
-            if not (isinstance(default, list) and isinstance(value, list)):
-                raise UserError(f"{where}{key} must be {type(default).__name__} (got {value!r}); fix it in the config")
-        kwargs[key] = value
-    return cls(**kwargs)
+    return cls(**raw)  # the section's __post_init__ checks every value
 
 
 def load_config(path: str | Path) -> PipelineConfig:
@@ -77,9 +173,11 @@ def load_config(path: str | Path) -> PipelineConfig:
     if not path.is_file():
         raise UserError(f"config {path} does not exist; see pipelines/ for examples")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"config {path} is not valid TOML ({exc}); fix the syntax") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config {path} ({exc.strerror}); check its permissions") from None
     sections = {f.name: f for f in fields(PipelineConfig)}
     parts = {}
     for name, body in raw.items():
@@ -87,5 +185,8 @@ def load_config(path: str | Path) -> PipelineConfig:
             raise UserError(f"unknown section [{name}] in {path}{suggest(name, sections)}; valid sections: {', '.join(sections)}")
         if not isinstance(body, dict):
             raise UserError(f"{name} must be a [{name}] table in {path}")
-        parts[name] = _build(sections[name].default_factory, body, f"{name}.")
+        try:
+            parts[name] = _build(sections[name].default_factory, body, f"{name}.")
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
     return PipelineConfig(**parts)

@@ -78,11 +78,68 @@ def _chain_file(out: Path, probe: str, strategy: str, seed: int) -> Path:
     return out / "cells" / f"{probe}__{strategy}__s{seed}.json"
 
 
+def _damaged(path: Path, problem: str, fix: str) -> UserError:
+    return UserError(f"{path} is damaged ({problem}); {fix}")
+
+
+def read_cell(path: Path, *, n_pool: int | None = None, counts: list[int] | None = None) -> dict:
+    """A chain's `cells/<chain>.json` ({"labeled": [pool indices], "rows": [curve rows]}), validated.
+
+    Damage is a UserError whose fix is to delete the file: that chain is then recomputed on the next run."""
+    fix = "delete it and rerun the same command: that chain is recomputed"
+    try:
+        cell = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror}); {fix}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise _damaged(path, "not JSON", fix) from None
+    if not isinstance(cell, dict) or not isinstance(cell.get("labeled"), list) or not isinstance(cell.get("rows"), list):
+        raise _damaged(path, 'not an object with "labeled" and "rows" lists', fix)
+    labeled = cell["labeled"]
+    if not all(type(i) is int and 0 <= i < (n_pool if n_pool is not None else 2**62) for i in labeled) \
+            or len(set(labeled)) != len(labeled):
+        raise _damaged(path, "labeled holds a non-index or a duplicate", fix)
+    for r in cell["rows"]:
+        if not isinstance(r, dict) or set(COLUMNS) - set(r):
+            raise _damaged(path, f"a row lacks the columns {', '.join(COLUMNS)}", fix)
+        if type(r["round"]) is not int or not 0 <= r["round"] < (len(counts) if counts is not None else 2**31):
+            raise _damaged(path, f"a row has round {r['round']!r}", fix)
+        if type(r["seed"]) is not int or not all(isinstance(r[k], (int, float)) and not isinstance(r[k], bool)
+                                               for k in ("n_labeled", "fraction", "accuracy", "balanced_accuracy")):
+            raise _damaged(path, "a row has a non-numeric value", fix)
+    if counts is not None:
+        done = {r["round"] for r in cell["rows"]}
+        if done and (done != set(range(max(done) + 1)) or len(labeled) != counts[max(done)]):
+            raise _damaged(path, f"its rows (rounds {sorted(done)}) do not match its {len(labeled)} labeled samples", fix)
+    return cell
+
+
+def check_grid_dir(out: Path, grid: Grid, *, n_pool: int, counts: list[int]) -> None:
+    """Refuse a damaged or foreign grid dir (grid.json, cells/*.json) before anything in it is rewritten."""
+    f = out / "grid.json"
+    if f.exists():
+        fix = "delete it and rerun with the arguments that made this grid, or pick a new --out"
+        try:
+            old = json.loads(f.read_bytes().decode("utf-8"))
+        except OSError as exc:
+            raise UserError(f"cannot read {f} ({exc.strerror}); {fix}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise _damaged(f, "not JSON", fix) from None
+        if not isinstance(old, dict):
+            raise _damaged(f, "not a JSON object", fix)
+        new = asdict(grid)
+        diff = [k for k in new if old.get(k) != new[k]]
+        if diff:
+            raise UserError(f"{out} holds a grid made with other {diff[0]} ({old.get(diff[0])}); rerun with the same arguments to resume, or pick a new --out")
+    for c in sorted((out / "cells").glob("*.json")):
+        read_cell(c, n_pool=n_pool, counts=counts)
+
+
 def publish(out: Path) -> Path:
     """Rebuild `curve.csv` from every chain's finished cells (atomic write, under a lock for --jobs)."""
     rows = []
     for f in sorted((out / "cells").glob("*.json")):
-        rows += json.loads(f.read_text())["rows"]
+        rows += read_cell(f)["rows"]
     rows.sort(key=lambda r: (r["arm"], r["probe"], r["strategy"], r["seed"], r["round"]))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
@@ -106,7 +163,7 @@ def run_chain(out: Path, grid: Grid, counts: list[int], chain: tuple[str, str, i
     train, test = pool_features(run_path, dataset)
     n_pool, C = len(dataset.y_train), dataset.num_classes
     cfile = _chain_file(out, probe, strategy, seed)
-    saved = json.loads(cfile.read_text()) if cfile.exists() else {"labeled": [], "rows": []}
+    saved = read_cell(cfile, n_pool=n_pool, counts=counts) if cfile.exists() else {"labeled": [], "rows": []}
     labeled_list: list[int] = saved["labeled"]
     done = 0
     for k, target in enumerate(counts):
@@ -174,20 +231,13 @@ def run_grid(out: Path, grid: Grid, counts: list[int], *, run_path: Path, jobs: 
 
 
 def _cells_done(out: Path) -> int:
-    return sum(len({r["round"] for r in json.loads(f.read_text())["rows"]}) for f in (out / "cells").glob("*.json"))
+    return sum(len({r["round"] for r in read_cell(f)["rows"]}) for f in (out / "cells").glob("*.json"))
 
 
 def save_grid(out: Path, grid: Grid) -> None:
-    """Write grid.json, or check that an existing one asks for the same grid."""
-    f = out / "grid.json"
-    new = asdict(grid)
-    if f.exists():
-        old = json.loads(f.read_text())
-        diff = [k for k in new if old.get(k) != new[k]]
-        if diff:
-            raise UserError(f"{out} holds a grid made with other {diff[0]} ({old.get(diff[0])}); rerun with the same arguments to resume, or pick a new --out")
-        return
-    atomic_write_text(f, json.dumps(new, indent=1))
+    """Write grid.json unless it exists (`check_grid_dir` has checked that an existing one asks for the same grid)."""
+    if not (out / "grid.json").exists():
+        atomic_write_text(out / "grid.json", json.dumps(asdict(grid), indent=1))
 
 
 def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path | None = None, jobs: int = 1,
@@ -208,23 +258,29 @@ def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1 (got {jobs})")
     if from_run is not None:
+        from alssl.backbones import load_backbone_checkpoint
+
         src = Run.open(from_run)
         if src.state["n_pool"] != len(dataset.y_train) or not (Path(from_run) / "checkpoints" / "backbone.pt").exists():
             raise UserError(f"--from {from_run} was not pretrained on this data (or has no backbone.pt); pretrain it with `alssl pretrain --data ...`")
+        load_backbone_checkpoint(Path(from_run) / "checkpoints" / "backbone.pt", expect_channels=dataset.channels)
         run_path = Path(from_run)
     else:
         if pretrain_args["method"] not in METHODS:
             raise unknown("method", pretrain_args["method"], METHODS)
         check_backbone_name(pretrain_args["backbone"])
         run_path = out / "pretrain"
+    if out.is_dir():
+        check_grid_dir(out, grid, n_pool=len(dataset.y_train), counts=counts)  # before pretraining rewrites anything
     check_writable(out)
     with run_lock(out):
+        check_grid_dir(out, grid, n_pool=len(dataset.y_train), counts=counts)  # again, under the lock
+        run = Run.open(run_path) if from_run is None and Run.exists(run_path) else None
+        if run is not None and run.config.get("pretrain") != pretrain_args:
+            raise UserError(f"{run_path} was pretrained with other arguments; use the same ones, or a new --out")
         save_grid(out, grid)
         if from_run is None:
-            run = Run.open(run_path) if Run.exists(run_path) else Run.create(
-                run_path, n_pool=len(dataset.y_train), config={"data": grid.data, "pretrain": pretrain_args})
-            if run.config.get("pretrain") != pretrain_args:
-                raise UserError(f"{run_path} was pretrained with other arguments; use the same ones, or a new --out")
+            run = run or Run.create(run_path, n_pool=len(dataset.y_train), config={"data": grid.data, "pretrain": pretrain_args})
             pretrain(dataset, run, **pretrain_args, quiet=quiet)
         pool_features(run_path, dataset)  # embed once, before any worker forks
         csv_path = run_grid(out, grid, counts, run_path=run_path, jobs=jobs, quiet=quiet)

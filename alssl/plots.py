@@ -14,13 +14,48 @@ from pathlib import Path
 import numpy as np
 
 
+NEEDED = ("arm", "probe", "strategy", "seed", "round", "fraction", "labels_per_class", "accuracy")
+
+
 def read_curve(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for k in ("fraction", "accuracy", "labels_per_class"):
-            r[k] = float(r[k])
-        r["seed"], r["round"] = int(r["seed"]), int(r["round"])
+    """The rows of a tidy curve.csv, validated: a malformed file is a UserError (curve.csv is rebuilt from cells/)."""
+    from alssl.errors import UserError
+
+    path = Path(path)
+    fix = "rerun the `alssl curve` (or `alssl run`) command that made it: curve.csv is rebuilt from cells/"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [k for k in NEEDED if k not in (reader.fieldnames or [])]
+            if missing:
+                raise UserError(f"{path} is not a curve.csv (no column {', '.join(missing)}); {fix}")
+            rows = list(reader)
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror}); {fix}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path} is malformed ({type(exc).__name__}); {fix}") from None
+    seen = set()
+    for line, r in enumerate(rows, start=2):
+        try:
+            for k in ("fraction", "accuracy", "labels_per_class"):
+                r[k] = float(r[k])
+                if not np.isfinite(r[k]) or r[k] < 0:
+                    raise ValueError(k)
+            r["seed"], r["round"] = int(r["seed"]), int(r["round"])
+            if not 0 < r["fraction"] <= 1 or r["accuracy"] > 1 or r["round"] < 0 or not r["arm"] or not r["strategy"]:
+                raise ValueError("range")
+        except (TypeError, ValueError):
+            raise UserError(f"{path} is malformed (line {line}: a missing, non-numeric or out-of-range value); {fix}") from None
+        key = (r["arm"], r["probe"], r["strategy"], r["seed"], r["round"])
+        if key in seen:
+            raise UserError(f"{path} is malformed (line {line} repeats {key}); {fix}")
+        seen.add(key)
+    chains: dict = defaultdict(set)
+    for key in seen:
+        chains[key[:4]].add(key[4])
+    gap = next((c for c, rounds in chains.items() if rounds != set(range(max(rounds) + 1))), None)
+    if gap is not None:
+        raise UserError(f"{path} is malformed ({gap} skips a round: {sorted(chains[gap])}); {fix}")
     return rows
 
 

@@ -51,7 +51,7 @@ from alssl.augment import SSLView, normalise
 from alssl.backbones import backbone_checkpoint, build_backbone, load_init_weights
 from alssl.data import Dataset, PoolReader
 from alssl.errors import UserError
-from alssl.runs import Run, atomic_torch_save, torch_load
+from alssl.runs import Run, atomic_torch_save, read_jsonl, torch_load, write_jsonl
 
 METHODS = ("simsiam", "moco", "byol")
 BASE_LR = {"simsiam": 0.05, "moco": 0.06, "byol": 0.06}  # per 256 images (lightly's CIFAR-10 benchmark recipes)
@@ -174,8 +174,10 @@ def _fabric(accelerator: str, devices, strategy: str, precision: str):
 
 
 def check_args(*, method: str, eman: bool, momentum: float, momentum_schedule: str | None, accelerator: str,
-               devices, strategy: str, precision: str):
+               devices, strategy: str, precision: str, seed: int = 0):
     """Validate the stage-1 arguments (before anything is written); returns the configured (unlaunched) Fabric."""
+    if type(seed) is not int or not 0 <= seed < 2**32:
+        raise UserError(f"--seed must be an integer in 0..{2**32 - 1}, got {seed!r}; pick another seed")
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if eman and method == "simsiam":
@@ -185,6 +187,30 @@ def check_args(*, method: str, eman: bool, momentum: float, momentum_schedule: s
     if not 0.0 <= momentum < 1.0:
         raise UserError(f"--momentum must be in [0, 1), got {momentum}")
     return _fabric(accelerator, devices, strategy, precision)
+
+
+def _saved_problem(saved, method: str) -> str | None:
+    """What is wrong with a loaded pretrain-state.pt (kind, keys, types), or None."""
+    if not isinstance(saved, dict) or saved.get("kind") != "alssl-pretrain-state":
+        return "not an alssl pretraining state"
+    need = {"method": str, "total": int, "step": int, "model": dict, "optimizer": dict, "scheduler": dict,
+            "teacher": dict, "history": list}
+    if method == "moco" and saved.get("method") == "moco":
+        need |= {"queue": torch.Tensor, "queue_ptr": torch.Tensor}
+    for key, kind in need.items():
+        if key not in saved:
+            return f"key {key!r} is missing"
+        if not isinstance(saved[key], kind) or (kind is int and isinstance(saved[key], bool)):
+            return f"{key} is a {type(saved[key]).__name__}, not a {kind.__name__}"
+    if not 0 <= saved["step"] <= saved["total"]:
+        return f"step {saved['step']} is outside 0..{saved['total']}"
+    if not all(isinstance(h, dict) for h in saved["history"]):
+        return "history holds a non-dict entry"
+    sums = saved.get("epoch_sums")
+    if sums is not None and not (isinstance(sums, dict) and isinstance(sums.get("loss"), torch.Tensor)
+                                 and isinstance(sums.get("std"), float) and type(sums.get("n")) is int):
+        return "epoch_sums is malformed"
+    return None
 
 
 def _fault_after_steps(done_here: int) -> None:
@@ -231,7 +257,7 @@ def pretrain(
     pretrained-features baseline).
     """
     fabric = check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
-                        accelerator=accelerator, devices=devices, strategy=strategy, precision=precision)
+                        accelerator=accelerator, devices=devices, strategy=strategy, precision=precision, seed=seed)
     if method == "byol":
         momentum_schedule = momentum_schedule or "cosine"  # BYOL: τ from 0.99 to 1 with a cosine schedule
     fabric.launch()
@@ -240,6 +266,10 @@ def pretrain(
     state_path = ckpt_dir / STATE_FILE
 
     n_pool = dataset.n_pool
+    data_key = [n_pool, dataset.channels, dataset.image_size]  # what a checkpoint must have been trained on
+    if run.state.get("n_pool", n_pool) != n_pool:
+        raise UserError(f"{run.path} was made from a pool of {run.state['n_pool']} images but this data has {n_pool}; "
+                        "resume with the original data (see run.toml) or pick a new --out")
     per_rank = n_pool // world
     bs = min(batch_size, per_rank)
     if bs < 2:
@@ -271,28 +301,45 @@ def pretrain(
     if teacher is not None:
         teacher = teacher.to(fabric.device, memory_format=torch.channels_last)
 
-    step, history = 0, []
+    step, history, carry = 0, [], None  # carry: the partial-epoch loss sums of a mid-epoch checkpoint
     if state_path.exists():
         saved = torch_load(state_path)
-        if saved.get("method") != method or saved.get("total") != total:
+        problem = _saved_problem(saved, method)
+        if problem:
+            raise UserError(f"{state_path} is damaged ({problem}); delete it to pretrain from scratch, or pick a new --out")
+        if saved["method"] != method or saved["total"] != total:
             raise UserError(f"{state_path} belongs to another pretraining setup; rerun with the arguments in "
                             f"{run.path / 'run.toml'} or pick a new --out")
-        net.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if teacher is not None:
-            teacher.load_state_dict(saved["teacher"])
-        if method == "moco":
-            criterion.memory_bank.bank.copy_(saved["queue"])
-            criterion.memory_bank.bank_ptr.copy_(saved["queue_ptr"])
-        step, history = int(saved["step"]), list(saved["history"])
+        if saved.get("data", data_key) != data_key:
+            raise UserError(f"{state_path} was trained on other data (pool, channels, size {saved['data']}, not {data_key}); "
+                            "resume with the original data (see run.toml) or pick a new --out")
+        try:
+            net.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            if teacher is not None:
+                teacher.load_state_dict(saved["teacher"])
+            if method == "moco":
+                criterion.memory_bank.bank.copy_(saved["queue"])
+                criterion.memory_bank.bank_ptr.copy_(saved["queue_ptr"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{state_path} does not fit this model and data ({str(exc).strip().splitlines()[0][:120]}); "
+                            "resume with the original data and arguments (see run.toml) or pick a new --out") from None
+        step, history, carry = saved["step"], list(saved["history"]), saved.get("epoch_sums")
+    if rank == 0:  # steps after the checkpoint are redone: forget what they logged, so no epoch line is doubled
+        start, records = (step if history else -1), read_jsonl(run.metrics_file)
+        kept = [r for r in records if r.get("stage") != "pretrain" or (type(r.get("step")) is int and r["step"] <= start)]
+        if len(kept) != len(records):
+            write_jsonl(run.metrics_file, kept)
+    loss_sum, std_sum, n_steps = torch.zeros((), device=fabric.device), 0.0, 0
 
     def save() -> None:
         if rank != 0:
             return
-        state = {"kind": "alssl-pretrain-state", "method": method, "total": total, "step": step,
+        state = {"kind": "alssl-pretrain-state", "method": method, "total": total, "step": step, "data": data_key,
                  "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "teacher": teacher.state_dict() if teacher is not None else {}, "history": history}
+                 "teacher": teacher.state_dict() if teacher is not None else {}, "history": history,
+                 "epoch_sums": {"loss": loss_sum.detach().cpu(), "std": std_sum, "n": n_steps}}
         if method == "moco":
             state["queue"] = criterion.memory_bank.bank.detach().cpu()
             state["queue_ptr"] = criterion.memory_bank.bank_ptr.detach().cpu()
@@ -331,6 +378,9 @@ def pretrain(
             perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
             shard = perm[rank::world][: steps_per_epoch * bs].to(fabric.device)
             loss_sum, std_sum, n_steps = torch.zeros((), device=fabric.device), 0.0, 0
+            if it and carry is not None and carry.get("n") == it:  # resumed mid-epoch: the epoch's loss covers all its steps
+                loss_sum, std_sum, n_steps = carry["loss"].to(fabric.device), float(carry["std"]), it
+            carry = None
             for it in range(it, steps_per_epoch):
                 torch.manual_seed(_step_seed(seed, step, rank))
                 x = rows(shard[it * bs : (it + 1) * bs]).float().div_(255)

@@ -15,12 +15,12 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from alssl.errors import UserError
 
@@ -53,7 +53,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        if isinstance(exc, OSError) and exc.errno in (errno.EISDIR, errno.ENOTDIR):
+            raise UserError(f"cannot write {path}: a directory is in the way; move it away and rerun (nothing was changed)") from None
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
             raise UserError(f"cannot write {path} ({exc.strerror}); free disk space or fix permissions, then rerun (nothing was changed)") from None
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
@@ -70,23 +72,68 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save into memory, then an atomic write: a killed save never leaves a truncated checkpoint."""
+    import torch  # here, not at the top: `alssl status` and state checks need no torch (fast startup)
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line; the whole file is rewritten atomically (metrics files are small)."""
+    """Append one JSON line by rewriting the whole file atomically (metrics files are small), so it cannot tear.
+
+    A torn last line left by an older writer (or a hand edit) is closed with a newline first: the new record always
+    starts on a line of its own, and the reader skips the torn one.
+    """
     path = Path(path)
-    old = path.read_bytes() if path.exists() else b""
+    try:
+        old = path.read_bytes()
+    except FileNotFoundError:
+        old = b""
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror}); move it away and rerun") from None
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
     atomic_write_bytes(path, old + (json.dumps(record, sort_keys=True) + "\n").encode())
 
 
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    """Replace a JSONL file with `records`, one per line (atomic)."""
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+class DamagedFileWarning(UserWarning):
+    """A run-dir file had unreadable parts that were skipped (the rest was used)."""
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The JSON-object lines of `path` ([] when it does not exist). Never raises on a bad line: a torn tail (a crash
+    mid-append) or a garbled / non-UTF-8 / non-object line is skipped and reported with one DamagedFileWarning."""
     path = Path(path)
-    if not path.exists():
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        warnings.warn(f"cannot read {path} ({exc.strerror}); its records are ignored", DamagedFileWarning, stacklevel=2)
+        return []
+    records, bad = [], []
+    for no, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            rec = None
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            bad.append(no)
+    if bad:
+        where = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        warnings.warn(f"{path}: skipped {len(bad)} unreadable line{'s' if len(bad) > 1 else ''} (line {where}: torn by a "
+                      "crash or edited by hand); the other records are used", DamagedFileWarning, stacklevel=2)
+    return records
 
 
 def torch_load(path: str | os.PathLike) -> Any:
@@ -95,6 +142,8 @@ def torch_load(path: str | os.PathLike) -> Any:
     `weights_only=True` means the unpickler only rebuilds tensors and plain containers, so a planted
     malicious pickle cannot run code: it fails here and the user gets one `error:` line.
     """
+    import torch
+
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; run `alssl pretrain` first")
@@ -124,6 +173,93 @@ def toml_dumps(data: dict, _prefix: str = "") -> str:
         if isinstance(v, dict):
             lines += ["", f"[{_prefix}{k}]", toml_dumps(v, f"{_prefix}{k}.")]
     return "\n".join(lines).strip("\n") + "\n"
+
+
+# ---------------------------------------------------------------- the state.json schema
+ROUND_KEYS = {"round": int, "n": int, "strategy": str, "budget": str, "source": str}  # what `alssl status` shows
+OPEN_QUERY_KEYS = {"round": int, "file": str, "indices": list, "budget": str, "strategy": str, "seed": int, "probe": str}
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int  # bool is an int subclass; JSON true must not pass as 1
+
+
+def _int_list_problem(name: str, v: Any, n: int, lo: int, hi: int) -> str | None:
+    if not isinstance(v, list) or len(v) != n:
+        return f"{name} must be a list of {n} integers (one per pool sample)"
+    bad = next((i for i, x in enumerate(v) if not _is_int(x) or not lo <= x <= hi), None)
+    return None if bad is None else f"{name}[{bad}] = {v[bad]!r} is not an integer in {lo}..{hi}"
+
+
+def state_problem(state: Any) -> str | None:
+    """What is wrong with a loaded state.json (types, ranges, keys, cross-references), or None when it is valid."""
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    v = state.get("format_version")
+    if not _is_int(v) or v < 1:
+        return f"format_version must be a positive integer, got {v!r}"
+    for key, kind in (("n_pool", int), ("labeled_round", list), ("labels", list), ("rounds", list),
+                      ("config", dict), ("stages", dict)):
+        if key not in state:
+            return f"key {key!r} is missing"
+        if not (_is_int(state[key]) if kind is int else isinstance(state[key], kind)):
+            return f"{key} must be a{'n' if kind is int else ''} {'integer' if kind is int else 'JSON ' + ('array' if kind is list else 'object')}"
+    n = state["n_pool"]
+    if n < 1:
+        return f"n_pool must be at least 1, got {n}"
+    rounds = state["rounds"]
+    for k, r in enumerate(rounds):
+        if not isinstance(r, dict):
+            return f"rounds[{k}] must be an object"
+        for key, kind in ROUND_KEYS.items():
+            if key not in r:
+                return f"rounds[{k}] lacks key {key!r}"
+            if not (_is_int(r[key]) if kind is int else isinstance(r[key], kind)):
+                return f"rounds[{k}].{key} must be {'an integer' if kind is int else 'a string'}, got {r[key]!r}"
+        if r["round"] != k:
+            return f"rounds[{k}].round is {r['round']} (must be {k})"
+    if (p := _int_list_problem("labeled_round", state["labeled_round"], n, -1, len(rounds) - 1)):
+        return p + " (-1 = unlabeled, k = labeled in round k)"
+    if (p := _int_list_problem("labels", state["labels"], n, -1, 2**31 - 1)):
+        return p
+    lr, labels = state["labeled_round"], state["labels"]
+    bad = next((i for i in range(n) if (lr[i] >= 0) != (labels[i] >= 0)), None)
+    if bad is not None:
+        return f"sample {bad} has labeled_round {lr[bad]} but label {labels[bad]} (both -1, or both set)"
+    counts = [0] * len(rounds)
+    for k in lr:
+        if k >= 0:
+            counts[k] += 1
+    for k, r in enumerate(rounds):
+        if r["n"] != counts[k]:
+            return f"rounds[{k}].n is {r['n']} but {counts[k]} samples are labeled in round {k}"
+    data = state["config"].get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("spec"), str) or not data["spec"]:
+        return "config.data.spec (the data SPEC the run was made from) is missing"
+    for name, st in state["stages"].items():
+        if not isinstance(st, dict):
+            return f"stages.{name} must be an object"
+    q = state.get("open_query")
+    if q is not None:
+        if not isinstance(q, dict):
+            return "open_query must be null or an object"
+        for key, kind in OPEN_QUERY_KEYS.items():
+            if key not in q:
+                return f"open_query lacks key {key!r}"
+            if not (_is_int(q[key]) if kind is int else isinstance(q[key], kind)):
+                return f"open_query.{key} has the wrong type ({q[key]!r})"
+        if q["round"] != len(rounds):
+            return f"open_query.round is {q['round']} but {len(rounds)} rounds are done (must be {len(rounds)})"
+        idx = q["indices"]
+        bad = next((i for i in idx if not _is_int(i) or not 0 <= i < n), None)
+        if bad is not None or not idx:
+            return f"open_query.indices must be pool indices in 0..{n - 1}" + (f" (found {bad!r})" if idx else " (found none)")
+        if len(set(idx)) != len(idx):
+            return "open_query.indices has duplicates"
+        done = next((i for i in idx if lr[i] >= 0), None)
+        if done is not None:
+            return f"open_query.indices holds {done}, which is already labeled"
+    return None
 
 
 # ---------------------------------------------------------------- the run dir
@@ -168,22 +304,31 @@ class Run:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Run":
+        """Open a run dir; a missing, unreadable, damaged or newer `state.json` is a UserError naming the fix."""
         path = Path(path)
         if not path.is_dir():
             raise UserError(f"run dir {path} does not exist; create it with `alssl pretrain --out {path}`")
         sfile = path / "state.json"
         if not sfile.exists():
             raise UserError(f"{path} is not an alssl run dir (no state.json); create one with `alssl pretrain --out DIR`")
+        if not sfile.is_file():
+            raise UserError(f"{sfile} is not a file; move it away and restore the run's state.json, or start a new run")
         try:
-            state = json.loads(sfile.read_text())
-            version = int(state["format_version"])
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            state = json.loads(sfile.read_bytes().decode("utf-8"))
+        except OSError as exc:
+            raise UserError(f"cannot read {sfile} ({exc.strerror}); fix its permissions and rerun") from None
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise UserError(f"{sfile} is corrupt (not alssl run state); restore it or start a new run") from None
-        if version > FORMAT_VERSION:
+        version = state.get("format_version") if isinstance(state, dict) else None
+        if _is_int(version) and version > FORMAT_VERSION:
             raise UserError(
                 f"{path} was written by a newer alssl (run format {version}, this alssl reads ≤ {FORMAT_VERSION}); "
                 "upgrade alssl with `pip install -U alssl`"
             )
+        problem = state_problem(state)
+        if problem:
+            raise UserError(f"{sfile} is damaged ({problem}); restore it from a backup, or start a new run with "
+                            "`alssl pretrain --out NEW_DIR`")
         return cls(path, state)
 
     def save_state(self) -> None:
@@ -260,7 +405,15 @@ def run_lock(path: str | os.PathLike) -> Iterator[None]:
         yield
         return
     lock = path / ".lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except IsADirectoryError:
+        raise UserError(f"{lock} is a directory, not alssl's lock file; remove it (rmdir {lock}) and rerun") from None
+    except OSError as exc:  # EACCES / EPERM / EROFS: a run dir of another user, or read-only
+        if exc.errno == errno.ELOOP:
+            raise UserError(f"{lock} is a symbolic link, not alssl's lock file; remove it and rerun") from None
+        raise UserError(f"cannot lock run dir {path} ({exc.strerror} on {lock}); run alssl as the user who owns it, "
+                        "or copy the run to a directory you can write") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

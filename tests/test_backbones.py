@@ -1,5 +1,6 @@
-"""Backbones from the ecosystem: torchvision:NAME and timm:NAME at 64 px through every stage, --init weights, and an
-export that plain torchvision loads with strict=True and that predicts what `alssl predict` does."""
+"""Backbones: torchvision:NAME and timm:NAME at 64 px through every stage, --init weights, an export that plain
+torchvision loads with strict=True and that predicts what `alssl predict` does; backbone.pt with missing or mistyped
+fields is a UserError naming the file and the fix."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torchvision
 
-from alssl.backbones import build_backbone, check_backbone_name, load_init_weights
+from alssl.backbones import backbone_checkpoint, build_backbone, check_backbone_name, load_backbone_checkpoint, load_init_weights
 from alssl.errors import UserError
 from conftest import run_cli
 from photo_folder import make_photo_folder
@@ -128,3 +129,39 @@ def test_init_changes_the_features_and_bad_init_exits_2(folder, tmp_path):
     bad = run_cli(*base, "--out", str(tmp_path / "bad"), "--init", str(tmp_path / "r34.pth"))
     assert_user_error(bad, "does not fit backbone torchvision:resnet18", "unexpected")
     assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------- damaged backbone.pt
+@pytest.fixture
+def good(tmp_path):
+    path = tmp_path / "backbone.pt"
+    torch.save(backbone_checkpoint(build_backbone("cnn", 1), name="cnn", in_channels=1, epochs=0), path)
+    return path
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda ck: ck.pop("in_channels"), "'in_channels' is missing"),
+    (lambda ck: ck.pop("backbone"), "'backbone' is missing"),
+    (lambda ck: ck.pop("state_dict"), "'state_dict' is missing"),
+    (lambda ck: ck.update(in_channels="1"), "in_channels is '1'"),
+    (lambda ck: ck.update(in_channels=True), "in_channels is True"),
+    (lambda ck: ck.update(in_channels=0), "in_channels is 0"),
+    (lambda ck: ck.update(backbone=7), "backbone is 7"),
+    (lambda ck: ck.update(backbone="resnet99"), "backbone is 'resnet99'"),
+    (lambda ck: ck.update(state_dict=[1, 2]), "state_dict"),
+    (lambda ck: ck.update(state_dict={}), "state_dict"),
+    (lambda ck: ck.update(state_dict={"w": 3}), "state_dict"),
+    (lambda ck: ck.update(meta=[1]), "meta"),
+])
+def test_damaged_fields(good, edit, needle):
+    ck = torch.load(good, weights_only=True)
+    edit(ck)
+    torch.save(ck, good)
+    with pytest.raises(UserError) as exc:
+        load_backbone_checkpoint(good)
+    assert needle in str(exc.value) and str(good) in str(exc.value) and "rerun `alssl pretrain`" in str(exc.value)
+
+
+def test_good_checkpoint_loads(good):
+    model, ck = load_backbone_checkpoint(good, expect_channels=1)
+    assert ck["backbone"] == "cnn" and not model.training

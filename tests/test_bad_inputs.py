@@ -268,3 +268,169 @@ def test_unsupported_precision_on_cpu(tmp_path):
 def test_unknown_semi_option_suggests(run_dir):
     check(run_dir, ["semi-finetune", str(run_dir), "--method", "fixmatch", "--option", "bn_bach=split"], 'did you mean "bn_batch"')
     check(run_dir, ["semi-finetune", str(run_dir), "--option", "novalue"], "KEY=VALUE")
+
+
+# ================================================================ issue 17: damaged run-dir files, configs, grids
+# (runs.py schema / JSONL reader / lock, backbones.py, pretrain.py, semi/trainer.py, config.py, curve.py, plots.py)
+import json  # noqa: E402
+
+
+def _edit_state(run_dir: Path, edit) -> None:
+    s = json.loads((run_dir / "state.json").read_text())
+    edit(s)
+    (run_dir / "state.json").write_text(json.dumps(s))
+
+
+def test_torn_metrics_line_is_skipped_and_reported(run_dir):
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "probe", "rou')  # a crash mid-append
+    r = run_cli("status", str(run_dir), "--json")
+    assert r.returncode == 0, r.stderr
+    assert "skipped 1 unreadable line" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads(r.stdout)["last_metrics"]["stage"] == "pretrain"
+    assert run_cli("probe", str(run_dir)).returncode == 0  # logs one more record ...
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert lines[-2] == '{"stage": "probe", "rou' and json.loads(lines[-1])["stage"] == "probe"  # ... on a new line
+
+
+STATE_CASES = {  # hand-edited or damaged state.json (issue 17), through status and probe
+    "format-version-1e999": ("status", lambda s: s.update(format_version=float("inf")), "format_version"),
+    "labeled-round-all": ("probe", lambda s: s.update(labeled_round="all"), "labeled_round"),
+    "rounds-null": ("status", lambda s: s.update(rounds=None), "rounds"),
+    "config-without-data": ("probe", lambda s: s["config"].pop("data"), "config.data.spec"),
+    "open-query-out-of-range": ("status", lambda s: s["open_query"].update(indices=[10**6]), "open_query.indices"),
+    "round-missing-keys": ("status", lambda s: s["rounds"][0].pop("source"), "'source'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STATE_CASES))
+def test_damaged_state_json(run_dir, case):
+    cmd, edit, needle = STATE_CASES[case]
+    _edit_state(run_dir, edit)
+    check(run_dir, [cmd, str(run_dir)], needle, "state.json is damaged", "start a new run")
+
+
+def test_state_json_is_a_directory(run_dir):
+    (run_dir / "state.json").unlink()
+    (run_dir / "state.json").mkdir()
+    check(run_dir, ["status", str(run_dir)], "is not a file")
+
+
+def test_lock_is_a_directory(run_dir):
+    (run_dir / ".lock").mkdir()
+    check(run_dir, ["label", str(run_dir), "--oracle"], ".lock is a directory", "rmdir")
+    assert (run_dir / ".lock").is_dir()
+
+
+def test_backbone_checkpoint_without_in_channels(run_dir):  # other damage: tests/test_backbones.py
+    path = run_dir / "checkpoints" / "backbone.pt"
+    ck = torch.load(path, weights_only=True)
+    del ck["in_channels"]
+    torch.save(ck, path)
+    shutil.rmtree(run_dir / "features", ignore_errors=True)
+    check(run_dir, ["probe", str(run_dir)], "'in_channels' is missing", "rerun `alssl pretrain`")
+
+
+PRETRAIN_AGAIN = ["--data", "digits", "--epochs", "0", "-q"]  # the base run's own pretrain arguments
+
+
+@pytest.mark.parametrize("content, needle", [([1, 2], "not an alssl pretraining state"), ("drop-model", "'model' is missing")])
+def test_damaged_pretrain_state(run_dir, content, needle):
+    path = run_dir / "checkpoints" / "pretrain-state.pt"
+    if content == "drop-model":
+        content = torch.load(path, weights_only=True)
+        del content["model"]
+    torch.save(content, path)
+    check(run_dir, ["pretrain", "--out", str(run_dir), *PRETRAIN_AGAIN], needle, "pretrain-state.pt is damaged")
+
+
+def _rgb_pool(path: Path) -> str:  # as many images as digits' pool, but 3 channels
+    return _npz(path, x_train=np.full((1437, 8, 8, 3), 7, np.uint8), y_train=np.arange(1437) % 2,
+                x_test=np.zeros((4, 8, 8, 3), np.uint8))
+
+
+@pytest.mark.parametrize("case", ["smaller-pool", "other-channels"])  # weights that do not fit: test_pretrain.py
+def test_resume_pretrain_with_other_data(run_dir, tmp_path, case):
+    spec = _npz(tmp_path / "small.npz") if case == "smaller-pool" else _rgb_pool(tmp_path / "rgb.npz")
+    check(run_dir, ["pretrain", "--out", str(run_dir), *PRETRAIN_AGAIN[2:], "--data", spec], "original data", "new --out")
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**70)])
+def test_semi_seed_out_of_range(closed_run, seed):
+    check(closed_run, ["semi-finetune", str(closed_run), "--steps", "2", "--seed", seed], "seed must be an integer in 0..")
+
+
+def test_semi_bool_option_takes_only_true_or_false(closed_run):  # other option types: tests/test_semi.py
+    check(closed_run, ["semi-finetune", str(closed_run), "--steps", "2", "--option", "hflip=maybe"], "hflip must be true or false")
+
+
+TOML_CASES = {  # every value type-checked before `alssl run` writes anything (the full table: tests/test_config.py)
+    "lr-string": ('[pretrain]\nlr = "fast"\n', "pretrain.lr"),
+    "semi-int": ("[curve]\nsemi = 5\n", "curve.semi"),
+    "strategies-ints": ("[curve]\nstrategies = [1, 2]\n", "curve.strategies"),
+    "from-run-int": ("[pretrain]\nfrom_run = 5\n", "pretrain.from_run"),
+    "batch-size-0": ("[pretrain]\nbatch_size = 0\n", "pretrain.batch_size must be an integer >= 2"),
+    "epochs-negative": ("[pretrain]\nepochs = -3\n", "pretrain.epochs must be an integer >= 0"),
+    "delta-string": ('[curve]\ndelta = "wide"\n', "curve.delta"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOML_CASES))
+def test_config_value_types(tmp_path, case):
+    text, needle = TOML_CASES[case]
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('[data]\nspec = "digits"\n' + text)
+    check(tmp_path, ["run", str(cfg), "--out", str(tmp_path / "o"), "-q"], needle, "p.toml")
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- curve grids
+CURVE = ["curve", "--data", "digits", "--strategies", "random", "--budgets", "1%,2%", "--seeds", "1", "--epochs", "0", "-q"]
+
+
+@pytest.fixture(scope="module")
+def base_grid(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("grid") / "g"
+    r = run_cli(*CURVE, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture
+def grid_dir(base_grid, tmp_path) -> Path:
+    d = tmp_path / "g"
+    shutil.copytree(base_grid, d)
+    return d
+
+
+CELL = "cells/linear__random__s0.json"
+GRID_CASES = {
+    "grid-not-json": ("grid.json", lambda t: t[: len(t) // 2], "grid.json is damaged"),
+    "cell-not-json": (CELL, lambda t: "\x00garbage", "linear__random__s0.json is damaged"),
+    "cell-row-lacks-columns": (CELL, lambda t: json.dumps({**json.loads(t), "rows": [{"round": 0}]}), "lacks the columns"),
+}  # more cell / curve.csv damage: tests/test_curve.py
+
+
+@pytest.mark.parametrize("case", sorted(GRID_CASES))
+def test_damaged_grid_dir_changes_nothing(grid_dir, case):
+    """Refused before pretraining: pretrain-state.pt, backbone.pt and curve.csv stay byte-identical."""
+    name, edit, needle = GRID_CASES[case]
+    f = grid_dir / name
+    f.write_text(edit(f.read_text()))
+    check(grid_dir, [*CURVE, "--out", str(grid_dir)], needle)
+
+
+def test_plot_only_on_malformed_curve_csv(grid_dir):
+    (grid_dir / "curve.csv").write_text("arm,probe,strategy,seed,round,fraction,labels_per_class,accuracy\n"
+                                        "probe,linear,random,0,0,0.01,1.4,high\n")
+    check(grid_dir, ["curve", "--plot-only", str(grid_dir)], "line 2", "rebuilt from cells/")
+
+
+def test_curve_from_a_run_with_a_damaged_backbone(run_dir, tmp_path):
+    path = run_dir / "checkpoints" / "backbone.pt"
+    ck = torch.load(path, weights_only=True)
+    ck["in_channels"] = 3
+    torch.save(ck, path)
+    out = tmp_path / "grid"
+    check(run_dir, [*CURVE, "--from", str(run_dir), "--out", str(out)], "3-channel")
+    assert not out.exists()

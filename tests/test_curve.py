@@ -93,3 +93,62 @@ def test_shipped_pipelines_parse():
     for f in files:
         cfg = load_config(f)
         assert cfg.curve.strategies and cfg.curve.budgets
+
+
+# ---------------------------------------------------------------- damaged grid files (issue 17; CLI cases in test_bad_inputs.py)
+def _damage_cell(uninterrupted, tmp_path, edit):
+    import json
+    import shutil
+
+    out = tmp_path / "g"
+    shutil.copytree(uninterrupted, out)
+    f = out / "cells" / "linear__kcenter__s1.json"
+    cell = json.loads(f.read_text())
+    edit(cell)
+    f.write_text(json.dumps(cell))
+    return out
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c.update(labeled=c["labeled"][:10]), "do not match its 10 labeled"),
+    (lambda c: c.update(labeled=c["labeled"] + c["labeled"][:1]), "duplicate"),
+    (lambda c: c.update(labeled=[-1] + c["labeled"][1:]), "non-index"),
+    (lambda c: c["rows"][0].update(round=7), "round 7"),
+    (lambda c: c["rows"][0].update(accuracy="high"), "non-numeric"),
+    (lambda c: c["rows"].pop(0), "rounds [1, 2]"),
+    (lambda c: c.pop("rows"), '"labeled" and "rows"'),
+])
+def test_damaged_cell_is_refused_before_anything_is_rewritten(uninterrupted, tmp_path, edit, needle):
+    from alssl.curve import Grid, check_grid_dir
+    from alssl.errors import UserError
+
+    out = _damage_cell(uninterrupted, tmp_path, edit)
+    import json
+
+    grid = Grid(**json.loads((out / "grid.json").read_text()))
+    with pytest.raises(UserError, match="linear__kcenter__s1.json is damaged") as exc:
+        check_grid_dir(out, grid, n_pool=1437, counts=[14, 29, 72])
+    assert needle in str(exc.value) and "delete it" in str(exc.value)
+
+
+@pytest.mark.parametrize("text, needle", [
+    (b"\xff\xfe\x00", "malformed"),
+    (b"a,b\n1,2\n", "no column"),
+    (b"arm,probe,strategy,seed,round,fraction,labels_per_class,accuracy\nprobe,linear,random,0,0,0,1.4,0.5\n", "line 2"),
+    (b"arm,probe,strategy,seed,round,fraction,labels_per_class,accuracy\nprobe,linear,random,x,0,0.1,1.4,0.5\n", "line 2"),
+    (b"arm,probe,strategy,seed,round,fraction,labels_per_class,accuracy\nprobe,linear,random,0,0,0.1,1.4\n", "line 2"),
+    (b"arm,probe,strategy,seed,round,fraction,labels_per_class,accuracy\nprobe,linear,random,0,0,0.1,1.4,nan\n", "line 2"),
+    (b"arm,probe,strategy,seed,round,fraction,labels_per_class,accuracy\nprobe,linear,random,0,0,0.1,1.4,0.5\n"
+     b"probe,linear,random,0,0,0.1,1.4,0.5\n", "repeats"),
+    (b"arm,probe,strategy,seed,round,fraction,labels_per_class,accuracy\nprobe,linear,random,0,1,0.1,1.4,0.5\n", "skips a round"),
+])
+def test_malformed_curve_csv_is_a_user_error(tmp_path, text, needle):
+    from alssl.errors import UserError
+    from alssl.plots import plot_curve
+
+    f = tmp_path / "curve.csv"
+    f.write_bytes(text)
+    with pytest.raises(UserError, match="rebuilt from cells/") as exc:
+        plot_curve(f)
+    assert needle in str(exc.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.csv"]

@@ -114,6 +114,9 @@ def test_killed_pretrain_resumes_to_the_same_weights(tmp_path):
     killed = run_cli(*args, "--out", str(cut), env={"ALSSL_FAULT_AFTER_STEPS": "7"})
     assert killed.returncode == -signal.SIGKILL
     assert load_state(cut)["step"] == 6  # 5 steps per epoch: checkpoints at steps 3, 5 (epoch end) and 6
+    # as if the process had logged epoch 2 and died before its checkpoint, tearing a last line on the way
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "pretrain", "epoch": 2, "step": 10, "loss": 0.5}\n{"stage": "pretr')
     again = run_cli(*args, "--out", str(cut))
     assert again.returncode == 0, again.stderr
     a, b = load_state(full), load_state(cut)
@@ -122,6 +125,18 @@ def test_killed_pretrain_resumes_to_the_same_weights(tmp_path):
         diff = max((a[part][k].float() - b[part][k].float()).abs().max().item() for k in a[part])
         assert diff <= 1e-6, (part, diff)
     assert torch.equal(a["queue"], b["queue"])
+    # the metrics: one line per epoch, and the resumed epoch's loss averages all its steps, as uninterrupted
+    import json
+
+    def epochs(run):
+        return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+    ea, eb = epochs(full), epochs(cut)
+    assert [r["epoch"] for r in ea] == [r["epoch"] for r in eb] == [0, 1, 2]
+    for ra, rb in zip(ea, eb):
+        assert ra["step"] == rb["step"] and ra["knn_accuracy"] == rb["knn_accuracy"]
+        for k in ("loss", "collapse_std"):
+            assert (ra[k] is None and rb[k] is None) or abs(ra[k] - rb[k]) <= 1e-6, (k, ra, rb)
 
 
 def test_ddp_two_ranks_on_cpu(tmp_path):
@@ -137,3 +152,45 @@ def test_ddp_two_ranks_on_cpu(tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # epochs 0 and 1, written once (rank 0 only)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["backbone.pt", "pretrain-state.pt"]
+
+
+# ---------------------------------------------------------------- damaged state, other data, seeds (issue 17)
+def test_seed_must_fit_32_bits():
+    from alssl.errors import UserError
+    from alssl.pretrain import check_args
+
+    for bad in (-1, 2**32, 2**70, True, 1.5):
+        with pytest.raises(UserError, match="--seed must be an integer"):
+            check_args(method="simsiam", eman=False, momentum=0.99, momentum_schedule=None, accelerator="cpu",
+                       devices=1, strategy="auto", precision="32-true", seed=bad)
+
+
+def test_old_checkpoint_of_other_data_is_refused(tmp_path, digits):
+    """A pretrain-state.pt written before checkpoints recorded their data: the weights do not fit → UserError."""
+    from alssl.errors import UserError
+    from alssl.runs import atomic_torch_save
+
+    run = Run.create(tmp_path / "r", n_pool=len(digits.y_train), config={})
+    pretrain(digits, run, epochs=0, batch_size=128, quiet=True, knn_every=0)
+    st = load_state(run.path)
+    del st["data"]
+    atomic_torch_save(st, run.checkpoints / "pretrain-state.pt")
+    before = {p.name: p.read_bytes() for p in run.checkpoints.iterdir()}
+    x = np.repeat(digits.x_train, 3, axis=-1)  # same pool size, 3 channels
+    np.savez(tmp_path / "rgb.npz", x_train=x, y_train=digits.y_train, x_test=np.repeat(digits.x_test, 3, axis=-1),
+             y_test=digits.y_test)
+    with pytest.raises(UserError, match="does not fit this model and data.*original data"):
+        pretrain(load_dataset(str(tmp_path / "rgb.npz")), run, epochs=0, batch_size=128, quiet=True, knn_every=0)
+    assert {p.name: p.read_bytes() for p in run.checkpoints.iterdir()} == before
+
+
+def test_a_killed_first_attempt_leaves_no_duplicate_epoch_line(tmp_path, digits):
+    """Killed after logging epoch 0 but before the first checkpoint: the rerun logs epoch 0 once."""
+    run = Run.create(tmp_path / "r", n_pool=len(digits.y_train), config={})
+    run.log_metrics({"stage": "pretrain", "epoch": 0, "step": 0, "loss": None})
+    run.log_metrics({"stage": "probe", "round": 0, "accuracy": 0.5})  # other stages' lines are kept
+    pretrain(digits, run, epochs=0, batch_size=128, quiet=True, knn_every=0)
+    import json
+
+    recs = [json.loads(l) for l in run.metrics_file.read_text().splitlines()]
+    assert [r["stage"] for r in recs] == ["probe", "pretrain"]

@@ -147,6 +147,16 @@ def test_stage1_checkpoint_is_the_starting_point(digits, tmp_path):
     (dict(options={"unlabeled_profile": "reverse"}), 'did you mean "reversed"'),
     (dict(lr=-1.0), "lr must be a positive number"),
     (dict(unlabeled_idx=np.array([1, 5])), "overlap"),
+    (dict(seed=-1), "seed must be an integer in 0.."),
+    (dict(seed=2**70), "seed must be an integer in 0.."),
+    (dict(options={"hflip": "maybe"}), "hflip must be true or false"),
+    (dict(options={"hflip": 1}), "hflip must be true or false"),
+    (dict(options={"daso_queue": "big"}), "daso_queue must be an integer"),
+    (dict(options={"daso_queue": 2.5}), "daso_queue must be an integer"),
+    (dict(options={"daso_T_proto": float("nan")}), "daso_T_proto must be a number"),
+    (dict(options={"daso_T_dist": -1}), "daso_T_dist must be a number >= 0"),
+    (dict(options={"unlabeled_imbalance": "x"}), "unlabeled_imbalance must be a number"),
+    (dict(options={"bn_batch": 3}), "bn_batch must be a str"),
 ])
 def test_bad_input_is_a_user_error(digits, tmp_path, kwargs, match):
     args = dict(labeled_idx=np.array([1, 2, 3]), labeled_y=np.array([0, 1, 2]), out_dir=tmp_path / "out", method="daso",
@@ -181,3 +191,17 @@ def test_long_tailed_pool_with_reversed_unlabeled_profile(tmp_path):
     assert res["n_unlabeled"] == sum(max(1, int(int(n_max) * 10 ** (-(r / 9)))) for r in range(10))
     assert res["n_unlabeled"] < len(rest)
     assert len(res["per_class_recall"]) == 10
+
+
+@pytest.mark.parametrize("edit, match", [(lambda st: st.pop("fingerprint"), "fingerprint is missing"),
+                                         (lambda st: st.update(step=-3), "step is missing or mistyped"),
+                                         (lambda st: st.update(model={"x": torch.ones(1)}), "does not fit this model")])
+def test_damaged_semi_state_is_a_user_error(digits, tmp_path, edit, match):
+    _tiny(digits, tmp_path, "fixmatch", steps=4)
+    st = torch.load(tmp_path / "state.pt", weights_only=True)
+    edit(st)
+    atomic_torch_save(st, tmp_path / "state.pt")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(UserError, match=match):
+        _tiny(digits, tmp_path, "fixmatch", steps=4)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

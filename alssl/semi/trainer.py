@@ -27,12 +27,14 @@ from torch import nn
 from alssl.backbones import build_backbone, load_backbone_checkpoint, load_init_weights
 from alssl.data import PoolReader
 from alssl.errors import UserError, unknown
-from alssl.runs import append_jsonl, atomic_torch_save, atomic_write_text, check_writable, read_jsonl, torch_load
+from alssl.runs import (append_jsonl, atomic_torch_save, atomic_write_text, check_writable, read_jsonl, torch_load,
+                        write_jsonl)
 from alssl.semi.common import Batch, Method, Net
 from alssl.semi.teacher import TEACHERS, Teacher
 from alssl.semi.views import views_for
 
 COMMON_OPTIONS = {"unlabeled_profile": "same", "unlabeled_imbalance": None, "hflip": None}  # None: colour images only
+OPTION_TYPES = {"unlabeled_imbalance": float, "hflip": bool}  # options whose default (None) does not show their type
 FAULT_ENV = "ALSSL_FAULT_AFTER_STEPS"  # test hook: SIGKILL this process right after optimizer step k (global count)
 
 
@@ -126,6 +128,8 @@ def _resolve_options(cls: type[Method], steps: int, options: dict | None) -> dic
     for k in given:
         if k not in defaults:
             raise unknown(f"option for method {cls.name}", k, defaults)
+    for k, v in given.items():
+        _check_option(k, v, OPTION_TYPES.get(k) or type(defaults[k]))
     opts = {**defaults, **given}
     if opts["unlabeled_profile"] not in ("same", "reversed"):
         raise unknown("unlabeled profile", str(opts["unlabeled_profile"]), ["same", "reversed"])
@@ -136,8 +140,26 @@ def _resolve_options(cls: type[Method], steps: int, options: dict | None) -> dic
     return opts
 
 
-def _check_args(*, steps, batch_size, mu, tau, lambda_u, lr, weight_decay, ema_decay, ckpt_every, eval_every) -> None:
+def _check_option(key: str, value, kind: type) -> None:
+    """An option value must have its default's type: bool options take only true/false, numbers are finite, >= 0."""
+    if kind is bool:
+        ok, want = type(value) is bool, "true or false"
+    elif kind is int:
+        ok, want = type(value) is int and value >= 0, "an integer >= 0"
+    elif kind is float:
+        ok = type(value) in (int, float) and math.isfinite(value) and value >= 0
+        want = "a number >= 0"
+    else:
+        ok, want = isinstance(value, kind), f"a {kind.__name__}"
+    if not ok:
+        raise UserError(f"option {key} must be {want}, got {value!r}; write e.g. --option {key}="
+                        f"{'true' if kind is bool else 'split' if key == 'bn_batch' else '1'}")
+
+
+def _check_args(*, steps, batch_size, mu, tau, lambda_u, lr, weight_decay, ema_decay, ckpt_every, eval_every,
+                seed=0) -> None:
     checks = [
+        (type(seed) is int and 0 <= seed < 2**32, f"seed must be an integer in 0..{2**32 - 1}, got {seed!r}"),
         (isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps}"),
         (isinstance(batch_size, int) and batch_size >= 1, f"batch size must be an integer >= 1, got {batch_size}"),
         (isinstance(mu, int) and mu >= 1, f"mu must be an integer >= 1, got {mu}"),
@@ -222,7 +244,7 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
     if teacher not in TEACHERS:
         raise unknown("teacher", teacher, TEACHERS)
     _check_args(steps=steps, batch_size=batch_size, mu=mu, tau=tau, lambda_u=lambda_u, lr=lr,
-                weight_decay=weight_decay, ema_decay=ema_decay, ckpt_every=ckpt_every, eval_every=eval_every)
+                weight_decay=weight_decay, ema_decay=ema_decay, ckpt_every=ckpt_every, eval_every=eval_every, seed=seed)
     cls = METHODS[method]
     opts = _resolve_options(cls, steps, options)
     K = dataset.num_classes
@@ -289,17 +311,25 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
             st = torch_load(state_path)
             if not isinstance(st, dict) or st.get("kind") != "alssl-semi":
                 raise UserError(f"{state_path} is not an alssl semi-supervised checkpoint; delete it or choose another output dir")
+            bad = next((k for k in ("fingerprint", "model", "teacher", "optimizer", "method") if not isinstance(st.get(k), dict)), None)
+            if bad or type(st.get("step")) is not int or not 0 <= st["step"] <= steps:
+                raise UserError(f"{state_path} is damaged ({bad or 'step'} is missing or mistyped); delete it to start "
+                                "this fine-tune over, or choose another output dir")
             if st["fingerprint"] != fingerprint:
                 diff = sorted(k for k in fingerprint if st["fingerprint"].get(k) != fingerprint[k])
                 raise UserError(f"{out_dir} holds a semi-supervised run with other arguments ({', '.join(diff)}); "
                                 "rerun with the same arguments to resume, or choose another output dir")
-            net.load_state_dict(st["model"])
-            ema.model.load_state_dict(st["teacher"])
-            opt.load_state_dict(st["optimizer"])
-            m.load_state_dict(st["method"])
-            start = int(st["step"])
+            try:
+                net.load_state_dict(st["model"])
+                ema.model.load_state_dict(st["teacher"])
+                opt.load_state_dict(st["optimizer"])
+                m.load_state_dict(st["method"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"{state_path} does not fit this model ({str(exc).strip().splitlines()[0][:120]}); delete "
+                                "it to start this fine-tune over, or choose another output dir") from None
+            start = st["step"]
             kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= start]  # drop lines past the checkpoint
-            atomic_write_text(metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+            write_jsonl(metrics_path, kept)
         else:
             net.train()
             ema.train()
