@@ -181,3 +181,24 @@ def test_long_tailed_pool_with_reversed_unlabeled_profile(tmp_path):
     assert res["n_unlabeled"] == sum(max(1, int(int(n_max) * 10 ** (-(r / 9)))) for r in range(10))
     assert res["n_unlabeled"] < len(rest)
     assert len(res["per_class_recall"]) == 10
+
+
+@pytest.mark.parametrize("method,schedule", [("daso", "constant"), ("fixmatch", "cosine"), ("simmatch", "cosine")])
+def test_default_lr_schedule_and_da_queue_follow_the_reference(method, schedule, digits, tmp_path):
+    """DASO keeps lr constant (official SOLVER.APPLY_SCHEDULER = False; USB: scheduler = None); FixMatch/SimMatch
+    decay it with cos(7πk/16K); SimMatch aligns over USB's CIFAR queue of 32 batch means."""
+    li = forty_labels(digits)
+    run = dict(FAST, steps=4, batch_size=8)
+    semi_finetune(digits, labeled_idx=li, labeled_y=digits.y_train[li], method=method, out_dir=tmp_path / "a",
+                  ckpt_every=4, options={"hflip": False}, **run)
+    lr = [r["lr"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "lr" in r][-1]  # lr of the last step (k = 3)
+    assert lr == pytest.approx(0.03 if schedule == "constant" else 0.03 * np.cos(7 * np.pi * 3 / 64))
+    if method == "daso":  # the deviation is an option
+        semi_finetune(digits, labeled_idx=li, labeled_y=digits.y_train[li], method=method, out_dir=tmp_path / "b",
+                      ckpt_every=4, options={"hflip": False, "lr_schedule": "cosine"}, **run)
+        assert [r["lr"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if "lr" in r][-1] < 0.03
+    if method == "simmatch":
+        assert METHODS["simmatch"].defaults(4, {})["da_len"] == 32
+    with pytest.raises(UserError, match="lr_schedule"):
+        semi_finetune(digits, labeled_idx=li, labeled_y=digits.y_train[li], method=method, out_dir=tmp_path / "c",
+                      options={"lr_schedule": "step"}, **run)

@@ -20,7 +20,9 @@ With `--teacher eman` (DASO on FixMatch-EMAN): the linear pseudo-label p and the
 teacher (eval mode), so queues, prototypes and semantic pseudo-labels all live in the teacher's feature space; the
 alignment loss still trains the student's strong-view features.
 Defaults (official configs): T_proto = 0.05, T_dist = 1.5 when labeled and unlabeled share a profile, 0.3 when the
-unlabeled profile is reversed, L = 256, λ_align = 1, π̂ refreshed every 100 steps.
+unlabeled profile is reversed, L = 256, λ_align = 1, π̂ refreshed every 100 steps, and a CONSTANT learning rate
+(official `SOLVER.APPLY_SCHEDULER = False`; USB's imbalanced algorithms set `scheduler = None` on CIFAR);
+`lr_schedule=cosine` gives FixMatch's schedule instead.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class DASO(Method):
     @classmethod
     def defaults(cls, steps: int, options: dict) -> dict:
         reversed_ = options.get("unlabeled_profile") == "reversed"
-        return {"bn_batch": "concat", "daso_warmup": max(1, round(0.02 * steps)), "daso_T_proto": 0.05,
+        return {"bn_batch": "concat", "lr_schedule": "constant", "daso_warmup": max(1, round(0.02 * steps)), "daso_T_proto": 0.05,
                 "daso_T_dist": 0.3 if reversed_ else 1.5, "daso_queue": 256, "daso_lambda_align": 1.0,
                 "daso_dist_period": 100}
 
