@@ -5,6 +5,8 @@ The full digits table of docs/acquisition.md comes from `python bench/acq_digits
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -258,16 +260,79 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def test_vaal_queries_what_does_not_look_labeled(one_torch_thread):
-    rng = np.random.default_rng(0)
-    dark = rng.integers(0, 40, size=(60, 8, 8, 1), dtype=np.uint8)
-    bright = rng.integers(200, 256, size=(30, 8, 8, 1), dtype=np.uint8)
-    images = np.concatenate([dark, bright])  # rows 0..29 labeled (dark), 30..59 dark unlabeled, 60..89 bright
-    emb = images.reshape(90, -1).astype(np.float32)
-    ctx = make_ctx(emb, range(30), np.zeros(90, int), num_classes=1, images=images,
-                   options={"vaal_epochs": 8, "vaal_batch_size": 32, "vaal_width": 8})
-    picked = select("vaal", ctx, 20, np.random.default_rng(0))
-    assert (picked >= 60).sum() >= 18, picked
+def test_vaal_trains_like_the_official_solver(one_torch_thread, monkeypatch):
+    """Separate labeled / unlabeled VAE passes (never one mixed BatchNorm batch), inputs in [-1, 1], 2 VAE steps and
+    1 discriminator step per iteration, ⌈epochs·N / batch⌉ iterations; the least 'labeled'-looking are queried."""
+    import alssl.acquisition.vaal as vaal
+
+    images = np.concatenate([np.zeros((20, 8, 8, 1), np.uint8), np.full((40, 8, 8, 1), 255, np.uint8)])
+    batches, counts = [], {"vae": 0, "disc": 0}
+    real_build, real_vaal, real_disc = vaal.build, vaal.vaal_loss, vaal.disc_loss
+
+    def spy_build(*a, **k):
+        vae, disc = real_build(*a, **k)
+        vae.register_forward_pre_hook(lambda mod, args: batches.append(args[0].detach().clone()))
+        return vae, disc
+
+    def spy_vaal(lab, unl, *a, **k):
+        counts["vae"] += 1
+        return real_vaal(lab, unl, *a, **k)
+
+    def spy_disc(*a, **k):
+        counts["disc"] += 1
+        return real_disc(*a, **k)
+
+    monkeypatch.setattr(vaal, "build", spy_build)
+    monkeypatch.setattr(vaal, "vaal_loss", spy_vaal)
+    monkeypatch.setattr(vaal, "disc_loss", spy_disc)
+    ctx = make_ctx(images.reshape(60, -1), range(20), np.zeros(60, int), num_classes=1, images=images,
+                   options={"vaal_epochs": 2, "vaal_batch_size": 16, "vaal_width": 4})
+    picked = select("vaal", ctx, 5, np.random.default_rng(0))
+    steps = math.ceil(2 * 60 / 16)  # 8 iterations
+    assert counts == {"vae": 2 * steps, "disc": steps}
+    assert all(set(x.unique().tolist()) in ({-1.0}, {1.0}) for x in batches)  # one pool per forward, in [-1, 1]
+    assert sum(1 for x in batches if float(x[0, 0, 0, 0]) == -1.0) == 3 * steps  # labeled: 2 VAE + 1 disc pass
+    assert picked.min() >= 20
+
+
+def test_vaal_losses_use_the_official_reductions_by_hand():
+    """sinhasam/vaal solver.py: MSE mean over elements + β·KL SUMMED over batch and dims; batch-mean BCE terms."""
+    import torch
+
+    from alssl.acquisition.vaal import disc_loss, vaal_loss, vae_loss
+
+    x = torch.tensor([[0.0, 1.0], [1.0, 1.0]]).view(2, 1, 1, 2)
+    recon = torch.tensor([[0.5, 0.5], [1.0, 0.0]]).view(2, 1, 1, 2)  # squared errors 0.25, 0.25, 0, 1: mean 0.375
+    mu = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    logvar = torch.tensor([[0.0, 0.0], [0.0, math.log(2.0)]])
+    # KL terms −½(1 + lv − μ² − e^lv): 0.5, 0, 0, 2.5 − ½ln2  → sum 3 − ½ln2
+    assert vae_loss(x, recon, mu, logvar).item() == pytest.approx(0.375 + 3 - 0.5 * math.log(2.0), abs=1e-6)
+    perfect = (x[:1], x[:1], torch.zeros(1, 2), torch.zeros(1, 2))  # exact reconstruction, posterior = prior: 0
+    d_l, d_u = torch.zeros(2, 1), torch.zeros(1, 1)  # D says 1/2 everywhere: BCE = ln 2 per pool
+    assert vaal_loss((x, recon, mu, logvar), perfect, d_l, d_u).item() == pytest.approx(
+        0.375 + 3 - 0.5 * math.log(2.0) + 2 * math.log(2.0), abs=1e-6)
+    # discriminator: labeled logit 0 → ln 2; unlabeled logit ln 3 (P = 3/4, target 0) → −ln(1/4)
+    assert disc_loss(torch.zeros(1, 1), torch.full((1, 1), math.log(3.0))).item() == pytest.approx(3 * math.log(2.0))
+
+
+def test_vaal_width_128_is_the_official_architecture_on_32px():
+    from torch import nn
+
+    from alssl.acquisition.vaal import build
+
+    vae, disc = build(3, 32, 128)
+    layers = [(type(m).__name__, tuple(m.weight.shape)) for m in [*vae.encoder, vae.fc_mu, vae.fc_logvar, *vae.decoder, *disc]
+              if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d))]
+    official = [  # sinhasam/vaal model.py, VAE(z_dim=32, nc=3) and Discriminator(32)
+        ("Conv2d", (128, 3, 4, 4)), ("BatchNorm2d", (128,)), ("Conv2d", (256, 128, 4, 4)), ("BatchNorm2d", (256,)),
+        ("Conv2d", (512, 256, 4, 4)), ("BatchNorm2d", (512,)), ("Conv2d", (1024, 512, 4, 4)), ("BatchNorm2d", (1024,)),
+        ("Linear", (32, 4096)), ("Linear", (32, 4096)),
+        ("Linear", (16384, 32)), ("ConvTranspose2d", (1024, 512, 4, 4)), ("BatchNorm2d", (512,)),
+        ("ConvTranspose2d", (512, 256, 4, 4)), ("BatchNorm2d", (256,)), ("ConvTranspose2d", (256, 128, 4, 4)),
+        ("BatchNorm2d", (128,)), ("ConvTranspose2d", (128, 3, 1, 1)),
+        ("Linear", (512, 32)), ("Linear", (512, 512)), ("Linear", (1, 512))]
+    assert layers == official
+    assert all(m.bias is None for m in vae.encoder if isinstance(m, nn.Conv2d))
 
 
 # ------------------------------------------------------------------ digits: strategies vs random
