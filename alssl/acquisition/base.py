@@ -19,9 +19,9 @@ OPTIONS = {
     "probcover_alpha": "probcover purity threshold for choosing delta (default 0.95)",
     "typiclust_max_clusters": "typiclust's cap on the number of k-means clusters (default 500)",
     "typiclust_knn": "typiclust's K for typicality (default 20)",
-    "vaal_epochs": "VAAL training length in passes over the pool (default 2)",
-    "vaal_batch_size": "VAAL batch size for each of the labeled and unlabeled batches (default 64)",
-    "vaal_width": "VAAL conv width of the first layer, doubled at each downsampling (default 32)",
+    "vaal_epochs": "VAAL training length in passes over the pool (default 2; official 100)",
+    "vaal_batch_size": "VAAL batch size for each of the labeled and unlabeled batches (default 64; official 128)",
+    "vaal_width": "VAAL conv width of the first layer, doubled at each downsampling (default 32; official 128)",
     "device": "torch device for VAAL (default: cuda when available, else cpu)",
 }
 
