@@ -5,6 +5,7 @@ The full digits table of docs/acquisition.md comes from `python bench/acq_digits
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -396,3 +397,70 @@ def test_typiclust_beats_random_at_one_percent_of_digits(digits):
         acc[name] = float(np.mean(accs))
     assert acc["typiclust"] >= acc["random"] + 0.05, acc
     assert acc["typiclust"] >= 0.6, acc
+
+
+# ------------------------------------------------------------------ ProbCover: one delta per feature set, visible random fill
+def test_probcover_delta_is_estimated_once_per_feature_set_and_stored(tmp_path):
+    from alssl.acquisition.probcover import delta_cache_path
+
+    x, _ = _ten_blobs(0)
+    deltas = []
+    for seed in (1, 2, 3):  # query seeds differ; delta must not
+        ctx = make_ctx(x, num_classes=10, cache_dir=tmp_path)
+        select("probcover", ctx, 5, np.random.default_rng(seed))
+        deltas.append((ctx.info["delta"], ctx.info["delta_source"]))
+    assert deltas[0][1] == "estimated" and [s for _, s in deltas[1:]] == ["cached", "cached"]
+    assert len({d for d, _ in deltas}) == 1
+    stored = json.loads(delta_cache_path(tmp_path, x).read_text())
+    assert stored["delta"] == {"alpha=0.95,classes=10": pytest.approx(deltas[0][0], abs=1e-6)}
+    fresh = make_ctx(x, num_classes=10)  # no cache dir: re-estimated, still the same (k-means seed 0)
+    select("probcover", fresh, 5, np.random.default_rng(9))
+    assert fresh.info["delta"] == deltas[0][0] and fresh.info["delta_source"] == "estimated"
+    given = make_ctx(x, num_classes=10, cache_dir=tmp_path, options={"delta": 0.5})
+    select("probcover", given, 5, np.random.default_rng(9))
+    assert given.info["delta"] == 0.5 and given.info["delta_source"] == "option"
+
+
+def test_probcover_says_when_coverage_runs_out_and_counts_random_picks(capsys):
+    # pairs {0, 1}, {2, 3}, {4, 5} (points 0.04 apart) and a lone 6; 4 and 6 labeled, delta 0.5: one pick per free
+    # pair covers everything, so a budget of 4 is 2 coverage picks + 2 random ones
+    emb = np.array([[1, 0], [0.999, 0.04], [-1, 0], [-0.999, 0.04], [0, 1], [0.04, 0.999], [0, -1]], np.float32)
+    ctx = make_ctx(emb, labeled_idx=[4, 6], num_classes=2, options={"delta": 0.5})
+    picked = select("probcover", ctx, 4, np.random.default_rng(0))
+    err = capsys.readouterr().err
+    assert ctx.info["random_fill"] == 2
+    assert err.count("warning:") == 1 and "2 of the 4 picks are random" in err and "probcover" in err
+    assert {0, 1} & set(picked.tolist()) and {2, 3} & set(picked.tolist())
+    ctx2 = make_ctx(emb, labeled_idx=[4, 6], num_classes=2, options={"delta": 0.5})
+    select("probcover", ctx2, 2, np.random.default_rng(0))
+    assert ctx2.info["random_fill"] == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_cli_probcover_on_two_copies_of_a_run_with_other_seeds_uses_the_same_delta(tmp_path):
+    """Acceptance (issue 16): δ belongs to the run's feature set; `alssl status` shows it."""
+    import shutil
+
+    from conftest import run_cli_inprocess as cli
+
+    base = tmp_path / "base"
+    assert cli("pretrain", "--data", "digits", "--out", str(base), "--epochs", "0", "-q").returncode == 0
+    assert cli("query", str(base), "--budget", "10", "--strategy", "random").returncode == 0
+    assert cli("label", str(base), "--oracle").returncode == 0
+    got = []
+    for name, seed in (("a", "1"), ("b", "2")):
+        run = tmp_path / name
+        shutil.copytree(base, run)
+        r = cli("query", str(run), "--budget", "20", "--strategy", "probcover", "--seed", seed)
+        assert r.returncode == 0, r.stderr
+        state = json.loads((run / "state.json").read_text())
+        info = state["open_query"]["info"]
+        status = json.loads(cli("status", str(run), "--json").stdout)
+        (sha, deltas), = status["probcover_delta"].items()
+        assert deltas["alpha=0.95,classes=10"] == pytest.approx(info["delta"], abs=1e-6)
+        assert info["random_fill"] == 0
+        got.append((info["delta"], state["open_query"]["indices"]))
+        assert cli("label", str(run), "--oracle").returncode == 0  # the round keeps the metadata
+        assert json.loads((run / "state.json").read_text())["rounds"][-1]["info"]["delta"] == info["delta"]
+        r = cli("query", str(run), "--budget", "5", "--strategy", "probcover", "--seed", seed)  # later query: reused
+        assert json.loads((run / "state.json").read_text())["open_query"]["info"]["delta_source"] == "cached"
+    assert got[0][0] == got[1][0]
