@@ -364,6 +364,8 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
         "rounds": run.state["rounds"],
         "open_query": None if run.state["open_query"] is None else {k: v for k, v in run.state["open_query"].items() if k != "indices"},
         "last_metrics": (read_jsonl(run.metrics_file) or [None])[-1],
+        "probcover_delta": {f.name.split(".")[0]: json.loads(f.read_text())["delta"]  # per feature set (embeddings sha)
+                            for f in sorted((Path(run_dir) / "features").glob("*.probcover.json"))},
     }
     if as_json:
         typer.echo(json.dumps(info))
@@ -385,6 +387,8 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
     if info["open_query"]:
         q = info["open_query"]
         con.print(f"  open query: round {q['round']} ({q['strategy']}, {q['budget']}) → {q['file']}")
+    for sha, deltas in info["probcover_delta"].items():
+        con.print(f"  probcover delta (features {sha}): " + ", ".join(f"{v:.4g} ({k})" for k, v in deltas.items()))
     if info["last_metrics"]:
         con.print(f"  last metrics: {info['last_metrics']}")
 

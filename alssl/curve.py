@@ -32,7 +32,7 @@ from alssl.rounds import strategy_rng
 from alssl.runs import atomic_write_text
 
 COLUMNS = ["arm", "probe", "strategy", "seed", "round", "budget", "n_labeled", "fraction", "labels_per_class",
-           "accuracy", "balanced_accuracy", "seconds"]
+           "accuracy", "balanced_accuracy", "seconds", "random_fill"]
 
 
 @dataclass
@@ -176,7 +176,8 @@ def run_chain(out: Path, grid: Grid, counts: list[int], chain: tuple[str, str, i
         first = strategy in NEEDS_LABELS and not mask.any()
         name = "random" if first else strategy
         ctx = AcquisitionContext(embeddings=train, labeled=mask, labels=labels, num_classes=C,
-                                 images=dataset.x_train, probe=probe, options=dict(grid.options))
+                                 images=dataset.x_train, probe=probe, options=dict(grid.options),
+                                 cache_dir=run_path / "features")
         picked = select(name, ctx, target - int(mask.sum()), strategy_rng(seed, k, name))
         labeled_list = labeled_list + [int(i) for i in picked]
         idx = np.asarray(labeled_list)
@@ -184,7 +185,7 @@ def run_chain(out: Path, grid: Grid, counts: list[int], chain: tuple[str, str, i
         pred = model.predict(test)
         base = {"probe": probe, "strategy": strategy, "seed": seed, "round": k, "budget": grid.budgets[k],
                 "n_labeled": len(idx), "fraction": round(len(idx) / n_pool, 6),
-                "labels_per_class": round(len(idx) / C, 3)}
+                "labels_per_class": round(len(idx) / C, 3), "random_fill": ctx.info.get("random_fill", 0)}
         rows = [{**base, "arm": "probe", "accuracy": round(float((pred == dataset.y_test).mean()), 4),
                  "balanced_accuracy": round(_balanced_accuracy(dataset.y_test, pred, C), 4),
                  "seconds": round(time.perf_counter() - t0, 2)}]

@@ -58,7 +58,7 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
     k = run.n_rounds
     ctx = AcquisitionContext(
         embeddings=train_emb, labeled=labeled, labels=run.labels, num_classes=dataset.num_classes,
-        images=dataset.x_train, probe=probe, options=dict(options or {}),
+        images=dataset.x_train, probe=probe, options=dict(options or {}), cache_dir=run.path / "features",
     )
     picked = np.sort(select(strategy, ctx, n, strategy_rng(seed, k, strategy)))
     rel = f"queries/round-{k}.csv"
@@ -66,7 +66,7 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
     if thumbnails:
         atomic_write_bytes(run.path / f"queries/round-{k}.png", contact_sheet(dataset.x_train, picked))
     fault_point("query-after-csv")
-    run.state["open_query"] = {**ask, "round": k, "file": rel, "indices": picked.tolist()}
+    run.state["open_query"] = {**ask, "round": k, "file": rel, "indices": picked.tolist(), **({"info": ctx.info} if ctx.info else {})}
     run.save_state()
     return run.path / rel, False
 
@@ -258,7 +258,8 @@ def label_any(run: Run, dataset: Dataset, path: Path) -> int:
 
 def _close(run: Run, idx: np.ndarray, y: np.ndarray, *, source: str) -> int:
     open_q = run.state["open_query"]
-    run.add_labels(idx, y, round_meta={"strategy": open_q["strategy"], "budget": open_q["budget"], "seed": open_q["seed"], "source": source})
+    run.add_labels(idx, y, round_meta={"strategy": open_q["strategy"], "budget": open_q["budget"], "seed": open_q["seed"], "source": source,
+                                       **({"info": open_q["info"]} if open_q.get("info") else {})})
     run.state["open_query"] = None
     run.save_state()
     return len(idx)

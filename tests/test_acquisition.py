@@ -5,6 +5,9 @@ The full digits table of docs/acquisition.md comes from `python bench/acq_digits
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pytest
 
@@ -208,6 +211,50 @@ def test_typiclust_picks_the_dense_core_of_the_largest_unlabeled_cluster():
     assert 20 <= picked[0] < 32 and 50 <= picked[1] < 70
 
 
+def _ten_blobs(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """10 well-separated Gaussian blobs of 20..200 points in 32-d (unequal sizes)."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(20, 200, 10)
+    centres = rng.normal(size=(10, 32)) * 10
+    x = np.concatenate([c + rng.normal(size=(n, 32)) for c, n in zip(centres, sizes)]).astype(np.float32)
+    return x, np.repeat(np.arange(10), sizes)
+
+
+def test_typiclust_cold_start_covers_all_10_blobs_for_5_of_5_seeds():
+    """Acceptance (issue 16): budget 10 from nothing on 10 blobs → one pick per blob. One faiss k-means run from a
+    random init (the old clustering) covered 7-8 blobs here; k-means++ with 10 restarts (official) covers all."""
+    for seed in range(5):
+        x, y = _ten_blobs(seed)
+        ctx = make_ctx(x, num_classes=10)
+        picked = select("typiclust", ctx, 10, np.random.default_rng(seed))
+        assert len(set(y[picked].tolist())) == 10, (seed, np.bincount(y[picked], minlength=10))
+        again = select("typiclust", make_ctx(x, num_classes=10), 10, np.random.default_rng(seed))
+        assert np.array_equal(picked, again)  # deterministic for a seed
+
+
+def test_typiclust_clusters_like_the_official_code(monkeypatch):
+    """k ≤ 50: KMeans(k-means++, n_init=10); k > 50: MiniBatchKMeans(batch_size=5000, n_init=3)."""
+    import sklearn.cluster
+
+    from alssl.acquisition.typiclust import kmeans_assign
+
+    used = []
+    for name in ("KMeans", "MiniBatchKMeans"):
+        real = getattr(sklearn.cluster, name)
+
+        def make(real=real, name=name):
+            class Spy(real):
+                def __init__(self, **kw):
+                    used.append((name, kw["n_clusters"], kw["n_init"], kw.get("batch_size")))
+                    super().__init__(**kw)
+            return Spy
+        monkeypatch.setattr(sklearn.cluster, name, make())
+    x = np.random.default_rng(0).normal(size=(300, 4)).astype(np.float32)
+    assert len(np.unique(kmeans_assign(x, 50, seed=0))) == 50
+    kmeans_assign(x, 51, seed=0)
+    assert used == [("KMeans", 50, 10, None), ("MiniBatchKMeans", 51, 3, 5000)]
+
+
 def test_probcover_covers_two_separated_blobs_before_a_second_point_in_either():
     rng = np.random.default_rng(0)
     e = np.eye(6)
@@ -258,16 +305,79 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def test_vaal_queries_what_does_not_look_labeled(one_torch_thread):
-    rng = np.random.default_rng(0)
-    dark = rng.integers(0, 40, size=(60, 8, 8, 1), dtype=np.uint8)
-    bright = rng.integers(200, 256, size=(30, 8, 8, 1), dtype=np.uint8)
-    images = np.concatenate([dark, bright])  # rows 0..29 labeled (dark), 30..59 dark unlabeled, 60..89 bright
-    emb = images.reshape(90, -1).astype(np.float32)
-    ctx = make_ctx(emb, range(30), np.zeros(90, int), num_classes=1, images=images,
-                   options={"vaal_epochs": 8, "vaal_batch_size": 32, "vaal_width": 8})
-    picked = select("vaal", ctx, 20, np.random.default_rng(0))
-    assert (picked >= 60).sum() >= 18, picked
+def test_vaal_trains_like_the_official_solver(one_torch_thread, monkeypatch):
+    """Separate labeled / unlabeled VAE passes (never one mixed BatchNorm batch), inputs in [-1, 1], 2 VAE steps and
+    1 discriminator step per iteration, ⌈epochs·N / batch⌉ iterations; the least 'labeled'-looking are queried."""
+    import alssl.acquisition.vaal as vaal
+
+    images = np.concatenate([np.zeros((20, 8, 8, 1), np.uint8), np.full((40, 8, 8, 1), 255, np.uint8)])
+    batches, counts = [], {"vae": 0, "disc": 0}
+    real_build, real_vaal, real_disc = vaal.build, vaal.vaal_loss, vaal.disc_loss
+
+    def spy_build(*a, **k):
+        vae, disc = real_build(*a, **k)
+        vae.register_forward_pre_hook(lambda mod, args: batches.append(args[0].detach().clone()))
+        return vae, disc
+
+    def spy_vaal(lab, unl, *a, **k):
+        counts["vae"] += 1
+        return real_vaal(lab, unl, *a, **k)
+
+    def spy_disc(*a, **k):
+        counts["disc"] += 1
+        return real_disc(*a, **k)
+
+    monkeypatch.setattr(vaal, "build", spy_build)
+    monkeypatch.setattr(vaal, "vaal_loss", spy_vaal)
+    monkeypatch.setattr(vaal, "disc_loss", spy_disc)
+    ctx = make_ctx(images.reshape(60, -1), range(20), np.zeros(60, int), num_classes=1, images=images,
+                   options={"vaal_epochs": 2, "vaal_batch_size": 16, "vaal_width": 4})
+    picked = select("vaal", ctx, 5, np.random.default_rng(0))
+    steps = math.ceil(2 * 60 / 16)  # 8 iterations
+    assert counts == {"vae": 2 * steps, "disc": steps}
+    assert all(set(x.unique().tolist()) in ({-1.0}, {1.0}) for x in batches)  # one pool per forward, in [-1, 1]
+    assert sum(1 for x in batches if float(x[0, 0, 0, 0]) == -1.0) == 3 * steps  # labeled: 2 VAE + 1 disc pass
+    assert picked.min() >= 20
+
+
+def test_vaal_losses_use_the_official_reductions_by_hand():
+    """sinhasam/vaal solver.py: MSE mean over elements + β·KL SUMMED over batch and dims; batch-mean BCE terms."""
+    import torch
+
+    from alssl.acquisition.vaal import disc_loss, vaal_loss, vae_loss
+
+    x = torch.tensor([[0.0, 1.0], [1.0, 1.0]]).view(2, 1, 1, 2)
+    recon = torch.tensor([[0.5, 0.5], [1.0, 0.0]]).view(2, 1, 1, 2)  # squared errors 0.25, 0.25, 0, 1: mean 0.375
+    mu = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    logvar = torch.tensor([[0.0, 0.0], [0.0, math.log(2.0)]])
+    # KL terms −½(1 + lv − μ² − e^lv): 0.5, 0, 0, 2.5 − ½ln2  → sum 3 − ½ln2
+    assert vae_loss(x, recon, mu, logvar).item() == pytest.approx(0.375 + 3 - 0.5 * math.log(2.0), abs=1e-6)
+    perfect = (x[:1], x[:1], torch.zeros(1, 2), torch.zeros(1, 2))  # exact reconstruction, posterior = prior: 0
+    d_l, d_u = torch.zeros(2, 1), torch.zeros(1, 1)  # D says 1/2 everywhere: BCE = ln 2 per pool
+    assert vaal_loss((x, recon, mu, logvar), perfect, d_l, d_u).item() == pytest.approx(
+        0.375 + 3 - 0.5 * math.log(2.0) + 2 * math.log(2.0), abs=1e-6)
+    # discriminator: labeled logit 0 → ln 2; unlabeled logit ln 3 (P = 3/4, target 0) → −ln(1/4)
+    assert disc_loss(torch.zeros(1, 1), torch.full((1, 1), math.log(3.0))).item() == pytest.approx(3 * math.log(2.0))
+
+
+def test_vaal_width_128_is_the_official_architecture_on_32px():
+    from torch import nn
+
+    from alssl.acquisition.vaal import build
+
+    vae, disc = build(3, 32, 128)
+    layers = [(type(m).__name__, tuple(m.weight.shape)) for m in [*vae.encoder, vae.fc_mu, vae.fc_logvar, *vae.decoder, *disc]
+              if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d))]
+    official = [  # sinhasam/vaal model.py, VAE(z_dim=32, nc=3) and Discriminator(32)
+        ("Conv2d", (128, 3, 4, 4)), ("BatchNorm2d", (128,)), ("Conv2d", (256, 128, 4, 4)), ("BatchNorm2d", (256,)),
+        ("Conv2d", (512, 256, 4, 4)), ("BatchNorm2d", (512,)), ("Conv2d", (1024, 512, 4, 4)), ("BatchNorm2d", (1024,)),
+        ("Linear", (32, 4096)), ("Linear", (32, 4096)),
+        ("Linear", (16384, 32)), ("ConvTranspose2d", (1024, 512, 4, 4)), ("BatchNorm2d", (512,)),
+        ("ConvTranspose2d", (512, 256, 4, 4)), ("BatchNorm2d", (256,)), ("ConvTranspose2d", (256, 128, 4, 4)),
+        ("BatchNorm2d", (128,)), ("ConvTranspose2d", (128, 3, 1, 1)),
+        ("Linear", (512, 32)), ("Linear", (512, 512)), ("Linear", (1, 512))]
+    assert layers == official
+    assert all(m.bias is None for m in vae.encoder if isinstance(m, nn.Conv2d))
 
 
 # ------------------------------------------------------------------ digits: strategies vs random
@@ -287,3 +397,70 @@ def test_typiclust_beats_random_at_one_percent_of_digits(digits):
         acc[name] = float(np.mean(accs))
     assert acc["typiclust"] >= acc["random"] + 0.05, acc
     assert acc["typiclust"] >= 0.6, acc
+
+
+# ------------------------------------------------------------------ ProbCover: one delta per feature set, visible random fill
+def test_probcover_delta_is_estimated_once_per_feature_set_and_stored(tmp_path):
+    from alssl.acquisition.probcover import delta_cache_path
+
+    x, _ = _ten_blobs(0)
+    deltas = []
+    for seed in (1, 2, 3):  # query seeds differ; delta must not
+        ctx = make_ctx(x, num_classes=10, cache_dir=tmp_path)
+        select("probcover", ctx, 5, np.random.default_rng(seed))
+        deltas.append((ctx.info["delta"], ctx.info["delta_source"]))
+    assert deltas[0][1] == "estimated" and [s for _, s in deltas[1:]] == ["cached", "cached"]
+    assert len({d for d, _ in deltas}) == 1
+    stored = json.loads(delta_cache_path(tmp_path, x).read_text())
+    assert stored["delta"] == {"alpha=0.95,classes=10": pytest.approx(deltas[0][0], abs=1e-6)}
+    fresh = make_ctx(x, num_classes=10)  # no cache dir: re-estimated, still the same (k-means seed 0)
+    select("probcover", fresh, 5, np.random.default_rng(9))
+    assert fresh.info["delta"] == deltas[0][0] and fresh.info["delta_source"] == "estimated"
+    given = make_ctx(x, num_classes=10, cache_dir=tmp_path, options={"delta": 0.5})
+    select("probcover", given, 5, np.random.default_rng(9))
+    assert given.info["delta"] == 0.5 and given.info["delta_source"] == "option"
+
+
+def test_probcover_says_when_coverage_runs_out_and_counts_random_picks(capsys):
+    # pairs {0, 1}, {2, 3}, {4, 5} (points 0.04 apart) and a lone 6; 4 and 6 labeled, delta 0.5: one pick per free
+    # pair covers everything, so a budget of 4 is 2 coverage picks + 2 random ones
+    emb = np.array([[1, 0], [0.999, 0.04], [-1, 0], [-0.999, 0.04], [0, 1], [0.04, 0.999], [0, -1]], np.float32)
+    ctx = make_ctx(emb, labeled_idx=[4, 6], num_classes=2, options={"delta": 0.5})
+    picked = select("probcover", ctx, 4, np.random.default_rng(0))
+    err = capsys.readouterr().err
+    assert ctx.info["random_fill"] == 2
+    assert err.count("warning:") == 1 and "2 of the 4 picks are random" in err and "probcover" in err
+    assert {0, 1} & set(picked.tolist()) and {2, 3} & set(picked.tolist())
+    ctx2 = make_ctx(emb, labeled_idx=[4, 6], num_classes=2, options={"delta": 0.5})
+    select("probcover", ctx2, 2, np.random.default_rng(0))
+    assert ctx2.info["random_fill"] == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_cli_probcover_on_two_copies_of_a_run_with_other_seeds_uses_the_same_delta(tmp_path):
+    """Acceptance (issue 16): δ belongs to the run's feature set; `alssl status` shows it."""
+    import shutil
+
+    from conftest import run_cli_inprocess as cli
+
+    base = tmp_path / "base"
+    assert cli("pretrain", "--data", "digits", "--out", str(base), "--epochs", "0", "-q").returncode == 0
+    assert cli("query", str(base), "--budget", "10", "--strategy", "random").returncode == 0
+    assert cli("label", str(base), "--oracle").returncode == 0
+    got = []
+    for name, seed in (("a", "1"), ("b", "2")):
+        run = tmp_path / name
+        shutil.copytree(base, run)
+        r = cli("query", str(run), "--budget", "20", "--strategy", "probcover", "--seed", seed)
+        assert r.returncode == 0, r.stderr
+        state = json.loads((run / "state.json").read_text())
+        info = state["open_query"]["info"]
+        status = json.loads(cli("status", str(run), "--json").stdout)
+        (sha, deltas), = status["probcover_delta"].items()
+        assert deltas["alpha=0.95,classes=10"] == pytest.approx(info["delta"], abs=1e-6)
+        assert info["random_fill"] == 0
+        got.append((info["delta"], state["open_query"]["indices"]))
+        assert cli("label", str(run), "--oracle").returncode == 0  # the round keeps the metadata
+        assert json.loads((run / "state.json").read_text())["rounds"][-1]["info"]["delta"] == info["delta"]
+        r = cli("query", str(run), "--budget", "5", "--strategy", "probcover", "--seed", seed)  # later query: reused
+        assert json.loads((run / "state.json").read_text())["open_query"]["info"]["delta_source"] == "cached"
+    assert got[0][0] == got[1][0]

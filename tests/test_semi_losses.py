@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from alssl.errors import UserError
@@ -148,6 +149,56 @@ def test_daso_pl_distribution_window():
     assert m.current_pl_dist().tolist() == pytest.approx([0.5, 0.5])  # nothing seen: uniform
     m.pl_window += torch.tensor([3.0, 1.0])
     assert m.current_pl_dist().tolist() == pytest.approx([0.75, 0.25])  # no completed window yet: counts so far
+
+
+# ---------------------------------------------------------------- EMAN teacher gives the pseudo-labels
+def _teacher_case(kind: str):
+    """A 2-class toy net (features = input), its teacher with a DIFFERENT head, and one batch."""
+    torch.manual_seed(0)
+    net = Net(_Toy(), 2)
+    with torch.no_grad():
+        net.head.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
+        net.head.bias.zero_()
+    teacher = Teacher(net, kind=kind, decay=0.999)
+    with torch.no_grad():
+        teacher.model.head.weight.copy_(torch.tensor([[0.0, 3.0], [3.0, 0.0]]))  # the teacher disagrees everywhere
+    x = lambda rows: torch.tensor(rows).view(len(rows), 2, 1, 1)  # noqa: E731
+    b = Batch(x_l=x([[1.0, 0.0]]), y_l=torch.tensor([0]), i_l=torch.tensor([0]),
+              x_uw=x([[2.0, 0.0], [0.0, 1.5]]), x_us=x([[1.0, 0.5], [0.2, 1.0]]))
+    return net, teacher, b
+
+
+@pytest.mark.parametrize("method", ["fixmatch", "pseudolabel"])
+def test_eman_teacher_predicts_the_pseudo_labels_ema_student_does(method):
+    """FixMatch-EMAN (Cai et al. 2021): pseudo-labels from the EMAN teacher's weak view; EMA: from the student (USB)."""
+    opts = METHODS[method].defaults(10, {})
+    m = METHODS[method](num_classes=2, labeled_y=torch.tensor([0]), steps=10, tau=0.0, lambda_u=1.0,
+                        options={**opts, "pl_rampup": 0.0} if method == "pseudolabel" else opts)
+    for kind in ("ema", "eman"):
+        net, teacher, b = _teacher_case(kind)
+        loss, _ = m.loss(net, teacher, b, step=5)
+        source = teacher.model if kind == "eman" else net
+        pseudo = source(b.x_uw)[0].argmax(1)  # eman: [1, 0] (teacher), ema: [0, 1] (student)
+        trained = b.x_us if method == "fixmatch" else b.x_uw  # Pseudo-Label trains on the weak view itself
+        expected = F.cross_entropy(net(b.x_l)[0], b.y_l) + F.cross_entropy(net(trained)[0], pseudo)
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-6), kind
+        with torch.no_grad():
+            teacher.model.head.weight.neg_()  # perturb the teacher
+        changed = m.loss(net, teacher, b, step=5)[0]
+        if kind == "eman":
+            assert abs(changed.item() - loss.item()) > 0.1  # the teacher now drives the loss
+        else:
+            assert changed.item() == pytest.approx(loss.item(), abs=1e-7)  # EMA: teacher is evaluation-only
+
+
+def test_daso_with_eman_teacher_takes_pseudo_labels_and_features_from_it():
+    m = _daso()
+    net, teacher, b = _teacher_case("eman")
+    m.loss(net, teacher, b, step=0)  # fills the queues with teacher features of x_l
+    loss = m.loss(net, teacher, b, step=1)[0]
+    with torch.no_grad():
+        teacher.model.head.weight.neg_()
+    assert abs(m.loss(net, teacher, b, step=2)[0].item() - loss.item()) > 0.1
 
 
 # ---------------------------------------------------------------- teachers and distribution alignment

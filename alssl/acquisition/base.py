@@ -6,7 +6,9 @@ and every strategy returns absolute pool indices.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -19,9 +21,9 @@ OPTIONS = {
     "probcover_alpha": "probcover purity threshold for choosing delta (default 0.95)",
     "typiclust_max_clusters": "typiclust's cap on the number of k-means clusters (default 500)",
     "typiclust_knn": "typiclust's K for typicality (default 20)",
-    "vaal_epochs": "VAAL training length in passes over the pool (default 2)",
-    "vaal_batch_size": "VAAL batch size for each of the labeled and unlabeled batches (default 64)",
-    "vaal_width": "VAAL conv width of the first layer, doubled at each downsampling (default 32)",
+    "vaal_epochs": "VAAL training length in passes over the pool (default 2; official 100)",
+    "vaal_batch_size": "VAAL batch size for each of the labeled and unlabeled batches (default 64; official 128)",
+    "vaal_width": "VAAL conv width of the first layer, doubled at each downsampling (default 32; official 128)",
     "device": "torch device for VAAL (default: cuda when available, else cpu)",
 }
 
@@ -37,6 +39,8 @@ class AcquisitionContext:
     images: np.ndarray | None = None  # uint8 [N, H, W, C], for VAAL
     probe: str = "linear"
     options: dict = field(default_factory=dict)
+    cache_dir: Path | None = None  # where a strategy may keep per-feature-set state (a run's features/ dir)
+    info: dict = field(default_factory=dict)  # what the strategy reports back (delta, random_fill), JSON values
 
     @property
     def unlabeled_indices(self) -> np.ndarray:
@@ -69,14 +73,21 @@ def lowest(scores: np.ndarray, candidates: np.ndarray, budget: int, rng: np.rand
     return candidates[keep].astype(np.int64)
 
 
-def fill_random(picked: list[int], ctx: AcquisitionContext, budget: int, rng: np.random.Generator) -> np.ndarray:
-    """Top `picked` up to `budget` with random unlabeled, not yet picked samples (used when a method runs dry)."""
+def fill_random(picked: list[int], ctx: AcquisitionContext, budget: int, rng: np.random.Generator, *,
+                why: str = "the method ran dry") -> np.ndarray:
+    """Top `picked` up to `budget` with random unlabeled, not yet picked samples (used when a method runs dry).
+
+    Records the number of random picks in `ctx.info["random_fill"]` and, when there are any, says so in one
+    `warning:` line on stderr."""
     picked_arr = np.asarray(picked, dtype=np.int64)
-    if len(picked_arr) < budget:
+    n_random = budget - len(picked_arr)
+    ctx.info["random_fill"] = int(n_random)
+    if n_random > 0:
         free = ~ctx.labeled
         free[picked_arr] = False
-        extra = rng.choice(np.flatnonzero(free), size=budget - len(picked_arr), replace=False)
+        extra = rng.choice(np.flatnonzero(free), size=n_random, replace=False)
         picked_arr = np.concatenate([picked_arr, extra.astype(np.int64)])
+        print(f"warning: {why}; {n_random} of the {budget} picks are random unlabeled samples", file=sys.stderr)
     return picked_arr
 
 

@@ -68,4 +68,4 @@ def kcenter_greedy(ctx: AcquisitionContext, budget: int, rng: np.random.Generato
             continue
         picked.append(p)
         add_centre(p)
-    return fill_random(picked, ctx, budget, rng)
+    return fill_random(picked, ctx, budget, rng, why="kcenter: only copies of chosen centres are left")

@@ -12,9 +12,22 @@ ball around x is pure when every point inside shares x's pseudo-label, i.e. when
 to its nearest point with another pseudo-label (computed exactly with faiss, k=1 per cluster). Purity(δ) is the
 fraction of points with r(x) ≥ δ, a step function of δ, so the largest δ with purity ≥ α = 0.95 is read off
 exactly as the ⌈αN⌉-th largest r(x) (no grid: on small pools a 0.05-step grid lands on balls of 1–5 points).
+
+δ is a property of the feature space, not of a query: it is estimated ONCE per feature set (k-means seed 0, so the
+same embeddings always give the same δ) and, when the caller gives `ctx.cache_dir` (`alssl query` passes the run's
+`features/` dir), stored there as `<sha16 of the embeddings>.probcover.json` and reused by every later query
+(`alssl status` prints it). Until issue 16 every query re-estimated δ with a k-means of its own seed (δ 0.86–1.22
+over 5 seeds on one pool). When coverage is exhausted (every point is covered), the rest of the budget is random:
+one `warning:` line on stderr, and `ctx.info["random_fill"]` holds the count (copied into the query's metadata).
+The official code has no such case: it would take `argmax` of an all-zero degree vector, i.e. an already covered
+point.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,6 +36,7 @@ from alssl.acquisition.base import AcquisitionContext, faiss_index, fill_random,
 from alssl.acquisition.typiclust import kmeans_assign
 from alssl.errors import UserError
 
+DELTA_SEED = 0  # the purity k-means seed: δ depends on the embeddings only
 MIN_DELTA = 1e-6  # a δ of 0 (duplicates) still lets every point cover itself
 ALPHA = 0.95
 CHUNK = 2048
@@ -56,6 +70,30 @@ def choose_delta(x: np.ndarray, num_classes: int, *, alpha: float = ALPHA, seed:
     return delta_from_radii(purity_radius(x, pseudo), alpha)
 
 
+def delta_cache_path(cache_dir: Path, embeddings: np.ndarray) -> Path:
+    """`cache_dir/<sha16>.probcover.json`, keyed by the bytes of the embeddings (one file per feature set)."""
+    digest = hashlib.sha256(np.ascontiguousarray(embeddings, dtype=np.float32).tobytes()).hexdigest()[:16]
+    return Path(cache_dir) / f"{digest}.probcover.json"
+
+
+def estimated_delta(embeddings: np.ndarray, num_classes: int, *, alpha: float = ALPHA,
+                    cache_dir: Path | None = None) -> tuple[float, str]:
+    """(δ, "cached" | "estimated"): the purity heuristic's δ, computed once per feature set and kept in cache_dir."""
+    from alssl.runs import atomic_write_text
+
+    key = f"alpha={alpha:g},classes={num_classes}"
+    path = None if cache_dir is None else delta_cache_path(cache_dir, embeddings)
+    stored = json.loads(path.read_text()) if path is not None and path.exists() else {}
+    if key in stored.get("delta", {}):
+        return float(stored["delta"][key]), "cached"
+    delta = choose_delta(l2_normalise(embeddings), num_classes, alpha=alpha, seed=DELTA_SEED)
+    if path is not None:
+        record = {"n": int(len(embeddings)), "dim": int(embeddings.shape[1]), "kmeans_seed": DELTA_SEED,
+                  "delta": {**stored.get("delta", {}), key: delta}}
+        atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
+    return delta, "estimated"
+
+
 def ball_graph(x: np.ndarray, delta: float) -> sp.csr_matrix:
     """Sparse [N, N] boolean adjacency, row i = the points j with ||x_i − x_j|| < delta (i included)."""
     index = faiss_index(x.shape[1])
@@ -73,10 +111,11 @@ def ball_graph(x: np.ndarray, delta: float) -> sp.csr_matrix:
 def probcover_select(ctx: AcquisitionContext, budget: int, rng: np.random.Generator) -> np.ndarray:
     """B unlabeled indices greedily maximising δ-ball coverage of the pool."""
     x = l2_normalise(ctx.embeddings)  # [N, D]
-    delta = option(ctx, "delta", None, float)
+    delta, source = option(ctx, "delta", None, float), "option"
     if delta is None:
-        delta = choose_delta(x, ctx.num_classes, alpha=option(ctx, "probcover_alpha", ALPHA, float),
-                             seed=int(rng.integers(2**31 - 1)))
+        delta, source = estimated_delta(ctx.embeddings, ctx.num_classes, cache_dir=ctx.cache_dir,
+                                        alpha=option(ctx, "probcover_alpha", ALPHA, float))
+    ctx.info.update(delta=round(float(delta), 6), delta_source=source)
     if not 0 < delta <= 2:
         raise UserError(f"probcover delta must be in (0, 2] on L2-normalised embeddings (got {delta}); try --delta 0.5")
     graph = ball_graph(x, delta)  # [N, N] sparse, out-edges
@@ -95,4 +134,5 @@ def probcover_select(ctx: AcquisitionContext, budget: int, rng: np.random.Genera
         covered[new] = True
         degree -= np.bincount(into[new].indices, minlength=len(x))  # each newly covered j leaves every ball holding it
         picked.append(p)
-    return fill_random(picked, ctx, budget, rng)
+    why = f"probcover: the labeled set and {len(picked)} picks cover the whole pool at delta={delta:.4g}"
+    return fill_random(picked, ctx, budget, rng, why=why)

@@ -2,12 +2,14 @@
 Strategies Suit High and Low Budgets", arXiv 2202.02794).
 
 On L2-normalised embeddings (as the official code loads its self-supervised features):
-1. k-means (faiss, seeded) into K = min(|L| + B, max_clusters=500) clusters;
+1. k-means into K = min(|L| + B, max_clusters=500) clusters, as the official code: k-means++ with 10 restarts for
+   K ≤ 50, MiniBatchKMeans (batch 5000, 3 restarts) above (`kmeans_assign`; seeded, so deterministic per seed);
 2. B times: among clusters with more than 5 points (MIN_CLUSTER_SIZE) that still hold an unlabeled point, take
    the one with the fewest labeled-or-selected points, ties broken by the largest size; pick its most *typical*
    unlabeled point, typicality(x) = 1 / (mean L2 distance to its k nearest neighbours + 1e-5) computed among the
    cluster's unlabeled points with k = min(20, n_cluster_unlabeled // 2) (faiss exact kNN).
-The cluster order is re-evaluated after every pick, so once every cluster holds a sample the next round of picks
+Typicality uses the mean L2 distance, as the paper writes it; the official code averages faiss's SQUARED L2
+distances, which can order points differently. The cluster order is re-evaluated after every pick, so once every cluster holds a sample the next round of picks
 again starts from the least covered, largest clusters (the paper's rule; the official code cycles once through
 the initial order, which gives the same picks until every cluster is covered).
 """
@@ -21,17 +23,26 @@ from alssl.acquisition.base import AcquisitionContext, faiss_index, l2_normalise
 MIN_CLUSTER_SIZE = 5
 MAX_CLUSTERS = 500
 K_NN = 20
+KMEANS_MAX_K = 50  # official threshold between KMeans (n_init 10) and MiniBatchKMeans
 
 
-def kmeans_assign(x: np.ndarray, k: int, seed: int, niter: int = 25) -> np.ndarray:
-    """[N] int64 cluster id of every row of x, from faiss k-means with k clusters (seeded, exact assignment)."""
-    import faiss
+def kmeans_assign(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """[N] int64 cluster id of every row of x, clustered as the official TypiClust code (`pycls/al/typiclust.py`
+    `kmeans`, run with scikit-learn 1.0.2): k ≤ 50 → KMeans, k-means++ with n_init = 10 restarts (the lowest inertia
+    wins); above → MiniBatchKMeans(batch_size=5000), k-means++ with n_init = 3 (1.0.2's default; pinned here because
+    newer scikit-learn defaults to 1). Deterministic for a seed (the official code leaves random_state unset)."""
+    import warnings
 
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1,
-                      max_points_per_centroid=1 << 20, gpu=bool(getattr(faiss, "get_num_gpus", lambda: 0)() > 0))
-    km.train(x)
-    _, assign = km.index.search(x, 1)  # [N, 1]
-    return assign[:, 0].astype(np.int64)
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+    from sklearn.exceptions import ConvergenceWarning
+
+    if k <= KMEANS_MAX_K:
+        km = KMeans(n_clusters=k, init="k-means++", n_init=10, random_state=seed)
+    else:
+        km = MiniBatchKMeans(n_clusters=k, init="k-means++", n_init=3, batch_size=5000, random_state=seed)
+    with warnings.catch_warnings():  # duplicates: fewer distinct points than k is fine here (empty clusters)
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return km.fit_predict(np.asarray(x, dtype=np.float32)).astype(np.int64)
 
 
 def typicality(x: np.ndarray, k: int) -> np.ndarray:

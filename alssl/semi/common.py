@@ -79,6 +79,31 @@ def student_forward(model: Net, b: Batch, *, bn_batch: str = "concat") -> tuple[
     return l_l, l_uw, l_us, f_l, f_uw, f_us
 
 
+def is_eman(teacher) -> bool:
+    """True for an EMAN teacher (`teacher.py`): its weak-view predictions are the pseudo-labels (FixMatch-EMAN)."""
+    return getattr(teacher, "kind", "ema") == "eman"
+
+
+def forward_views(model: Net, teacher: nn.Module, b: Batch, *, bn_batch: str = "concat") -> tuple[torch.Tensor, ...]:
+    """Logits and features of the three views; the weak view goes through whichever network gives the pseudo-labels.
+
+    EMA teacher: `student_forward` (the student predicts its own pseudo-labels, as FixMatch and USB do).
+    EMAN teacher: FixMatch-EMAN (Cai et al. 2021, arXiv 2103.16436, §3.3; official `models/fixmatch.py`): the weak
+    view goes through the teacher (always in eval mode, no gradient) and the student forwards cat(labeled, strong)
+    only; `bn_batch` does not apply.
+    Returns (logits_l, logits_uw, logits_us, feats_l, feats_uw, feats_us); *_uw carry no gradient.
+    """
+    if not is_eman(teacher):
+        return student_forward(model, b, bn_batch=bn_batch)
+    B, U = len(b.y_l), len(b.x_us)
+    with torch.no_grad():
+        l_uw, f_uw = teacher(b.x_uw)  # [μB, K], [μB, D] teacher predictions, eval-mode BN
+    logits, feats = model(torch.cat([b.x_l, b.x_us]))
+    l_l, l_us = logits.split([B, U])
+    f_l, f_us = feats.split([B, U])
+    return l_l, l_uw, l_us, f_l, f_uw, f_us
+
+
 class Method:
     """What a method plugs into the trainer. Subclasses set `name`, `uses_unlabeled`, `proj_dim`."""
 

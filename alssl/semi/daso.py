@@ -16,8 +16,13 @@ Ordering (fixes USB's one-step-late semantic pseudo-label): at step t the labele
 into the queues FIRST, then the prototypes are taken and the semantic pseudo-labels of THIS step's unlabeled batch are
 computed and blended — as in the official implementation. (USB's DASO hook blends the linear pseudo-labels of batch t
 with `probs_sim` left over from batch t−1, i.e. the semantic labels of other images.)
+With `--teacher eman` (DASO on FixMatch-EMAN): the linear pseudo-label p and the weak features z come from the EMAN
+teacher (eval mode), so queues, prototypes and semantic pseudo-labels all live in the teacher's feature space; the
+alignment loss still trains the student's strong-view features.
 Defaults (official configs): T_proto = 0.05, T_dist = 1.5 when labeled and unlabeled share a profile, 0.3 when the
-unlabeled profile is reversed, L = 256, λ_align = 1, π̂ refreshed every 100 steps.
+unlabeled profile is reversed, L = 256, λ_align = 1, π̂ refreshed every 100 steps, and a CONSTANT learning rate
+(official `SOLVER.APPLY_SCHEDULER = False`; USB's imbalanced algorithms set `scheduler = None` on CIFAR);
+`lr_schedule=cosine` gives FixMatch's schedule instead.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from alssl.semi.common import Batch, Method, Net, masked_ce, student_forward
+from alssl.semi.common import Batch, Method, Net, forward_views, masked_ce
 
 
 def daso_blend(p: torch.Tensor, q: torch.Tensor, pl_dist: torch.Tensor, T_dist: float
@@ -56,7 +61,7 @@ class DASO(Method):
     @classmethod
     def defaults(cls, steps: int, options: dict) -> dict:
         reversed_ = options.get("unlabeled_profile") == "reversed"
-        return {"bn_batch": "concat", "daso_warmup": max(1, round(0.02 * steps)), "daso_T_proto": 0.05,
+        return {"bn_batch": "concat", "lr_schedule": "constant", "daso_warmup": max(1, round(0.02 * steps)), "daso_T_proto": 0.05,
                 "daso_T_dist": 0.3 if reversed_ else 1.5, "daso_queue": 256, "daso_lambda_align": 1.0,
                 "daso_dist_period": 100}
 
@@ -105,8 +110,8 @@ class DASO(Method):
         with torch.no_grad():
             _, t_feats = teacher(b.x_l)
         self.push(t_feats, b.y_l)
-        # 2) student forward (labeled + strong with grad; weak without)
-        l_l, l_uw, l_us, _, f_uw, f_us = student_forward(model, b, bn_batch=self.options["bn_batch"])
+        # 2) student forward (labeled + strong with grad); weak view without grad, from the EMAN teacher if any
+        l_l, l_uw, l_us, _, f_uw, f_us = forward_views(model, teacher, b, bn_batch=self.options["bn_batch"])
         loss_s = F.cross_entropy(l_l, b.y_l)
         p = torch.softmax(l_uw, dim=1)  # [μB, K] linear pseudo-label (no grad)
         logs = {"loss_s": loss_s.detach()}

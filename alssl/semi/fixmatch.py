@@ -9,6 +9,8 @@ Defaults from the paper: τ = 0.95, λ_u = 1, μ = 7, B = 64, SGD-nesterov lr 0.
 Knob `bn_batch`: "concat" (default; the official code's one forward of labeled + weak + strong, so BatchNorm sees all
 three) or "split" (weak view under torch.no_grad in its own BN batch: ~1/3 less compute, but on digits 40 labels it
 lost 3 points on average over 3 seeds — see docs/semi.md).
+With `--teacher eman` this is FixMatch-EMAN (Cai et al. 2021, arXiv 2103.16436): q_b comes from the EMAN teacher's
+weak-view prediction (eval mode) and the student forwards only the labeled and strong views (`common.forward_views`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from alssl.semi.common import Batch, Method, Net, masked_ce, student_forward
+from alssl.semi.common import Batch, Method, Net, forward_views, masked_ce
 
 
 def fixmatch_unsup_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, tau: float
@@ -36,7 +38,7 @@ class FixMatch(Method):
         return {"bn_batch": "concat"}
 
     def loss(self, model: Net, teacher, b: Batch, step: int) -> tuple[torch.Tensor, dict]:
-        l_l, l_uw, l_us, *_ = student_forward(model, b, bn_batch=self.options["bn_batch"])
+        l_l, l_uw, l_us, *_ = forward_views(model, teacher, b, bn_batch=self.options["bn_batch"])
         loss_s = F.cross_entropy(l_l, b.y_l)
         loss_u, mask, _ = fixmatch_unsup_loss(l_uw, l_us, self.tau)
         loss = loss_s + self.lambda_u * loss_u

@@ -14,8 +14,9 @@ distribution alignment) and instance similarities
 - L    = L_s + λ_u·L_u + λ_in·L_in
 
 Defaults (paper §4 / official code): T = 0.1 (teacher and student), α = 0.9, λ_in = 1, τ = 0.95, projection head
-Linear(D, D)-ReLU-Linear(D, 128); distribution alignment with a uniform target over a queue of the last 256 batch
-means (official code). The teacher forwards cat(labeled weak, unlabeled weak) under no_grad; the student forwards
+Linear(D, D)-ReLU-Linear(D, 128); distribution alignment with a uniform target over a queue of the last `da_len` =
+32 batch means (USB's CIFAR configs, `da_len: 32`; USB's argparse default and the official ImageNet code use 256).
+The teacher forwards cat(labeled weak, unlabeled weak) under no_grad; the student forwards
 cat(labeled weak, unlabeled strong) — the weak view never enters the autograd graph (the paper's speed argument).
 The bank starts from the initial teacher's embeddings of all labeled samples (the official code starts from random
 vectors and skips the instance terms in the first epoch instead).
@@ -47,7 +48,7 @@ class SimMatch(Method):
 
     @classmethod
     def defaults(cls, steps: int, options: dict) -> dict:
-        return {"simmatch_T": 0.1, "simmatch_alpha": 0.9, "simmatch_lambda_in": 1.0, "proj_dim": 128, "da_len": 256}
+        return {"simmatch_T": 0.1, "simmatch_alpha": 0.9, "simmatch_lambda_in": 1.0, "proj_dim": 128, "da_len": 32}
 
     def __init__(self, **kw):
         super().__init__(**kw)

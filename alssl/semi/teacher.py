@@ -11,8 +11,8 @@
   (num_batches_tracked copied), and the teacher is ALWAYS in eval mode, so its outputs for a sample never depend on
   the other samples in the batch.
 - Distribution alignment (ReMixMatch, arXiv 1911.09785): p ← normalize(p · p_target / mean(p_model)), where
-  mean(p_model) is the mean of the last `length` batch-mean predictions (a queue, as ReMixMatch's "last 128 batches"
-  and SimMatch's official queue of 256).
+  mean(p_model) is the mean of the last `length` batch-mean predictions (a queue, as ReMixMatch's "last 128 batches",
+  USB's DistAlignQueueHook; SimMatch uses 32 on CIFAR).
 """
 
 from __future__ import annotations

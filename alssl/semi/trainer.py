@@ -2,7 +2,7 @@
 
 Per step k (of K): draw the labeled batch (B) and unlabeled batch (μB) — deterministic functions of (seed, k) —
 make the weak / strong views on the device, ask the method for its loss, check it is finite, backward, SGD step
-(nesterov, momentum 0.9, lr·cos(7πk/(16K)), no weight decay on biases and norm parameters, as FixMatch), EMA/EMAN
+(nesterov, momentum 0.9, lr·cos(7πk/(16K)) — constant for DASO, as its official code — no weight decay on biases and norm parameters, as FixMatch), EMA/EMAN
 teacher update. Every `ckpt_every` steps `state.pt` (model, teacher, optimizer, method state, step) is written
 atomically; a rerun with the same arguments resumes from it and ends with the same weights as an uninterrupted run,
 because the torch RNG is re-seeded from (seed, k) at the start of every step (no RNG stream to carry across a kill).
@@ -33,8 +33,10 @@ from alssl.semi.common import Batch, Method, Net
 from alssl.semi.teacher import TEACHERS, Teacher
 from alssl.semi.views import views_for
 
-COMMON_OPTIONS = {"unlabeled_profile": "same", "unlabeled_imbalance": None, "hflip": None}  # None: colour images only
+COMMON_OPTIONS = {"unlabeled_profile": "same", "unlabeled_imbalance": None, "hflip": None,  # hflip None: colour only
+                  "lr_schedule": "cosine"}  # a method's defaults() may override (DASO: constant, as its official code)
 OPTION_TYPES = {"unlabeled_imbalance": float, "hflip": bool}  # options whose default (None) does not show their type
+LR_SCHEDULES = ("cosine", "constant")
 FAULT_ENV = "ALSSL_FAULT_AFTER_STEPS"  # test hook: SIGKILL this process right after optimizer step k (global count)
 
 
@@ -42,6 +44,12 @@ FAULT_ENV = "ALSSL_FAULT_AFTER_STEPS"  # test hook: SIGKILL this process right a
 def cosine_lr(base_lr: float, step: int, total: int) -> float:
     """FixMatch's schedule: lr·cos(7πk / (16K))."""
     return base_lr * math.cos(7.0 * math.pi * step / (16.0 * total))
+
+
+def lr_at(base_lr: float, step: int, total: int, schedule: str) -> float:
+    """The learning rate of step k: FixMatch's cosine, or constant (DASO's official code and USB's imbalanced
+    algorithms keep lr fixed: `SOLVER.APPLY_SCHEDULER = False`, `scheduler = None`)."""
+    return cosine_lr(base_lr, step, total) if schedule == "cosine" else base_lr
 
 
 @functools.lru_cache(maxsize=8)
@@ -135,6 +143,8 @@ def _resolve_options(cls: type[Method], steps: int, options: dict | None) -> dic
         raise unknown("unlabeled profile", str(opts["unlabeled_profile"]), ["same", "reversed"])
     if opts["unlabeled_imbalance"] is not None and not (float(opts["unlabeled_imbalance"]) >= 1):
         raise UserError(f"unlabeled_imbalance must be a ratio >= 1, got {opts['unlabeled_imbalance']}")
+    if opts["lr_schedule"] not in LR_SCHEDULES:
+        raise unknown("lr_schedule", str(opts["lr_schedule"]), LR_SCHEDULES)
     if "bn_batch" in opts and opts["bn_batch"] not in ("split", "concat"):
         raise unknown("bn_batch", str(opts["bn_batch"]), ["split", "concat"])
     return opts
@@ -355,7 +365,7 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
                     xu = images(ui[stream_batch(len(ui), mu * batch_size, step, seed=seed, stream=1)])
                     b.x_uw, b.x_us = norm(weak(xu)), norm(strong(xu))
                 for g in opt.param_groups:
-                    g["lr"] = cosine_lr(lr, step, steps)
+                    g["lr"] = lr_at(lr, step, steps, opts["lr_schedule"])
                 loss, logs = m.loss(net, ema, b, step)
                 if not torch.isfinite(loss):
                     _raise_nan(loss, step, last_good, state_path)
