@@ -659,6 +659,40 @@ def label_ui(
     typer.echo(f"# stopped; {done}", err=True)
 
 
+@app.command()
+def tasks(
+    run_dir: Path = typer.Argument(..., metavar="RUN"),
+    out: Path = typer.Option(..., help="Folder for tasks.json and config.xml (and images/ for datasets without image files)"),
+    format: str = typer.Option("label-studio", "--format", help="label-studio"),
+    document_root: Optional[Path] = typer.Option(None, help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT (default: the pool folder; for datasets without image files, --out)"),
+    classes: Optional[str] = typer.Option(None, help="Class list (a,b,c or @classes.txt) for a run that has none yet"),
+) -> None:
+    """Label Studio tasks for the open query (+ its labeling config); import the export with `alssl label --from`.
+
+    Example: alssl tasks runs/mine --out ls_round1 && alssl label runs/mine --from project-1-export.json
+    """
+    from alssl.errors import unknown
+    from alssl.labeling.session import resolve_classes
+    from alssl.labeling.studio import write_tasks
+    from alssl.runs import check_writable, run_lock
+
+    if format != "label-studio":
+        raise unknown("format", format, ["label-studio"])
+    names = _classes_option(classes)
+    with run_lock(run_dir):
+        run, dataset = _load_run(run_dir)
+        label_classes, _ = resolve_classes(dataset, names)
+        if run.state["open_query"] is not None:
+            check_writable(out)
+        res = write_tasks(run, dataset, out, classes=label_classes, document_root=document_root)
+    typer.echo(json.dumps(res))
+    typer.echo(f"# Label Studio: start it with LOCAL_FILES_SERVING_ENABLED=true LOCAL_FILES_DOCUMENT_ROOT={res['document_root']}; "
+               f"make a project with the labeling config {res['config']}; add a Local files source storage at "
+               f"{res['storage']}; import {res['tasks']}; label; export JSON, JSON-MIN or CSV; then "
+               f"`alssl label {run_dir} --from EXPORT`" + (" --classes ..." if not dataset.classes else "")
+               + " (docs/labeling.md)", err=True)
+
+
 class Terminated(BaseException):
     """Raised by the SIGTERM handler so a `kill` unwinds like Ctrl-C: locks released, checkpoints intact."""
 
