@@ -621,11 +621,12 @@ def label_ui(
     from alssl.errors import warn
     from alssl.labeling.server import bind, make_app, new_token, serve, url_of
     from alssl.labeling.session import LabelSession, resolve_classes
-    from alssl.runs import run_lock
 
     names = _classes_option(classes)
-    sock = bind(host, port)  # a taken port answers before anything is loaded
+    sock = bind(host, port)  # a taken port answers before anything (torch included) is loaded
     try:
+        from alssl.runs import run_lock
+
         with run_lock(run_dir):  # held only while loading: the server takes it again to import (session.py)
             run, dataset = _load_run(run_dir)
             label_classes, store = resolve_classes(dataset, names)
@@ -672,13 +673,14 @@ def tasks(
     Example: alssl tasks runs/mine --out ls_round1 && alssl label runs/mine --from project-1-export.json
     """
     from alssl.errors import unknown
-    from alssl.labeling.session import resolve_classes
-    from alssl.labeling.studio import write_tasks
-    from alssl.runs import check_writable, run_lock
 
     if format != "label-studio":
         raise unknown("format", format, ["label-studio"])
     names = _classes_option(classes)
+    from alssl.labeling.session import resolve_classes
+    from alssl.labeling.studio import write_tasks
+    from alssl.runs import check_writable, run_lock
+
     with run_lock(run_dir):
         run, dataset = _load_run(run_dir)
         label_classes, _ = resolve_classes(dataset, names)

@@ -93,19 +93,12 @@ class Server:
         self.log.close()
 
 
-@pytest.fixture
-def server(run_dir, tmp_path):
-    s = Server(run_dir, tmp_path / "server.log")
-    yield s
-    s.stop()
-
-
 def _state(run_dir: Path) -> dict:
     return json.loads((run_dir / "state.json").read_text())
 
 
 # ---------------------------------------------------------------- API
-def test_token_required_and_no_traversal(server, run_dir):
+def _token_required_and_no_traversal(server: Server, run_dir: Path) -> None:
     status, q = server.json("/api/query")
     assert status == 200 and q["round"] == 1 and len(q["items"]) == BUDGET
     assert q["classes"] == [str(c) for c in range(10)] and q["keys"] == q["classes"]  # digit classes keep their keys
@@ -137,9 +130,11 @@ def test_token_required_and_no_traversal(server, run_dir):
         pass
 
 
-def test_labels_survive_kill9_then_submit_imports_once(run_dir, tmp_path):
+def test_api_token_traversal_kill9_409_submit_once_next(run_dir, tmp_path):
+    """One server lifetime for the security checks, then labels, kill -9, a restart, 409, a double submit, next."""
     log = tmp_path / "server.log"
     s = Server(run_dir, log)
+    _token_required_and_no_traversal(s, run_dir)
     items = s.json("/api/query")[1]["items"]
     idx = [it["index"] for it in items]
     want = {i: str((i * 7) % 10) for i in idx}
@@ -196,6 +191,35 @@ def test_labels_survive_kill9_then_submit_imports_once(run_dir, tmp_path):
         assert len(_state(run_dir)["rounds"]) == 3
     finally:
         s.stop()
+
+
+def test_class_list_given_on_the_page_is_stored_with_the_import(tmp_path):
+    """An image folder made without --classes: `label-ui --classes` labels with them and stores them on Submit."""
+    import tomllib
+
+    from alssl.data import load_dataset
+    from alssl.labeling.session import LabelSession, resolve_classes
+    from alssl.runs import Run
+
+    ds = load_dataset("digits")
+    ds.classes = []  # as an image-folder pool without --classes / --test
+    run = Run.create(tmp_path / "r", n_pool=ds.n_pool, config={"data": {"spec": "digits"}})
+    run.state["open_query"] = {"round": 0, "budget": "2", "strategy": "random", "seed": 0, "probe": "linear",
+                               "file": "queries/round-0.csv", "indices": [3, 5]}
+    run.save_state()
+    with pytest.raises(Exception, match="no class list"):
+        resolve_classes(ds, None)
+    names, store = resolve_classes(ds, ["odd", "even"])
+    s = LabelSession(run.path, ds, classes=names, store=store)
+    s.load(Run.open(run.path))
+    assert s.set_label(3, "odd")[0] == 200 and s.set_label(5, "seven")[0] == 400
+    assert s.submit()[0] == 409 and not ds.classes  # nothing stored by a refused submit
+    assert s.set_label(5, "odd")[0] == 200
+    status, res = s.submit()
+    assert status == 200 and res["imported"] == 2
+    after = Run.open(run.path)
+    assert after.config["data"]["classes"] == ["odd", "even"] and after.labels[[3, 5]].tolist() == [0, 0]
+    assert tomllib.loads((run.path / "run.toml").read_text())["data"]["classes"] == ["odd", "even"]
 
 
 def test_image_folder_pools_serve_downscaled_originals(tmp_path):
