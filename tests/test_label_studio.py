@@ -171,3 +171,9 @@ def test_any_accepts_an_export(tmp_path, digits):
 def test_fixtures_are_small():
     """(Committed; scripts/label_studio_roundtrip.py --fixtures tests/fixtures/label_studio regenerates them.)"""
     assert sum(p.stat().st_size for p in FIXTURES.iterdir()) < 200_000
+
+
+def test_export_without_a_label_field(digits, run):
+    records = [{"image": "x", "alssl_index": i, "id": n, "choice": "4"} for n, i in enumerate(run.state["open_query"]["indices"])]
+    with pytest.raises(UserError, match="no 'label' field"):
+        read_export(json.dumps(records), "json", dataset=digits, labeled=run.labeled_mask)

@@ -171,6 +171,10 @@ def _full_task(t: dict, n: int) -> dict:
 
 def _min_tasks(records: list[dict], *, csv_lines: bool = False) -> list[dict]:
     """Tasks of a JSON-MIN or CSV export (one record per annotation; tasks without one appear once, unlabeled)."""
+    if records and not any(FROM_NAME in r for r in records):
+        raise UserError(f"label file has no '{FROM_NAME}' {'column' if csv_lines else 'field'}: it is not an export of "
+                        f"tasks labeled with the config `alssl tasks` wrote (<Choices name=\"{FROM_NAME}\">); "
+                        f"export that project as JSON, JSON-MIN or CSV")
     by_task: dict[str, list[tuple[int, dict]]] = {}
     for n, r in enumerate(records, 2 if csv_lines else 1):
         key = str(r.get("id", "")).strip() or f"#{n}"
@@ -181,9 +185,7 @@ def _min_tasks(records: list[dict], *, csv_lines: bool = False) -> list[dict]:
         data = {k: v for k, v in group[0][1].items() if k not in META and k != FROM_NAME}
         labeled = [(n, r) for n, r in group if _present(r.get(FROM_NAME))]
         if not labeled:
-            tasks.append({"where": where, "data": data, "label": None,
-                          "problem": "no annotation (or only cancelled ones)" if FROM_NAME in group[0][1] or csv_lines
-                          else f"no '{FROM_NAME}' field: export a project labeled with the config `alssl tasks` wrote"})
+            tasks.append({"where": where, "data": data, "label": None, "problem": "no annotation (or only cancelled ones)"})
             continue
         _, latest = max(labeled, key=lambda nr: (str(nr[1].get("updated_at") or nr[1].get("created_at") or ""),
                                                  _num(nr[1].get("annotation_id")), nr[0]))
