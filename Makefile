@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean browser
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,10 +22,20 @@ demo: $(STAMP)
 	$(VENV)/bin/alssl run pipelines/digits_demo.toml --out runs/digits_demo
 	@echo "budget curve: runs/digits_demo/curve.csv  runs/digits_demo/curve.png  runs/digits_demo/curve.svg"
 
+# The label-ui browser test (tests/test_labeling.py) drives Debian's chromium + chromium-driver with Selenium; a fresh
+# machine gets them once from apt (as root, or through sudo). Without them that test fails: it is never skipped.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing chromium + chromium-driver for the browser test (apt-get)"; \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver \
+	    </dev/null || { echo "error: could not install chromium chromium-driver; install them and rerun" >&2; exit 1; }; \
+	fi
+
 # pytest exit code 5 means "no tests collected": that is a failure here, not a success.
 # Two pytest workers (one torch thread each) use both cores of the CI machine: 9.2 -> ~5 min here.
 PYTEST_WORKERS ?= 2
-test: $(STAMP)
+test: $(STAMP) browser
 	@$(PY) -m pytest -n $(PYTEST_WORKERS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

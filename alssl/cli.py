@@ -631,6 +631,99 @@ def run_pipeline(
     typer.echo(json.dumps({"csv": str(csv_path), "png": str(png), "svg": str(svg)}))
 
 
+# ------------------------------------------------------------------ labeling (alssl/labeling/, docs/labeling.md)
+@app.command("label-ui")
+def label_ui(
+    run_dir: Path = typer.Argument(..., metavar="RUN"),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but 127.0.0.1 lets other machines reach the page (the token still guards it)"),
+    port: int = typer.Option(8765, min=0, max=65535, help="Port (0: any free port)"),
+    browser: bool = typer.Option(True, "--browser/--no-browser", help="Open the page in your web browser"),
+    classes: Optional[str] = typer.Option(None, help="Class list (a,b,c or @classes.txt) for a run that has none yet; stored with the first import"),
+) -> None:
+    """A local labeling page for the open query: a key or a click per image, Submit imports the round.
+
+    Prints one URL with a random token; the page's JSON API and images refuse requests without it. Every label is
+    saved at once to RUN/queries/round-K.partial.csv: Ctrl-C (or a crash) loses nothing, rerun to go on.
+
+    Example: alssl label-ui runs/mine
+    """
+    from alssl.errors import warn
+    from alssl.labeling.server import bind, make_app, new_token, serve, url_of
+    from alssl.labeling.session import LabelSession, resolve_classes
+
+    names = _classes_option(classes)
+    sock = bind(host, port)  # a taken port answers before anything (torch included) is loaded
+    try:
+        from alssl.runs import run_lock
+
+        with run_lock(run_dir):  # held only while loading: the server takes it again to import (session.py)
+            run, dataset = _load_run(run_dir)
+            label_classes, store = resolve_classes(dataset, names)
+            session = LabelSession(run_dir, dataset, classes=label_classes, store=store)
+            session.load(run)
+    except BaseException:
+        sock.close()
+        raise
+    token = new_token()
+    url = url_of(sock, host, token)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        warn(f"listening on {host}: other machines that can reach it can open the page with the URL's token")
+    n_done = len(session.labels())
+    typer.echo(url)
+    typer.echo(f"# round {session.round}: {n_done} / {len(session.indices)} labeled; every label is saved at once to "
+               f"{session.partial}; Ctrl-C stops the server", err=True)
+    if browser and (sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        import threading
+        import webbrowser
+
+        threading.Timer(0.5, webbrowser.open, [url]).start()
+    try:
+        serve(make_app(session, token), sock)
+    except (KeyboardInterrupt, Terminated):
+        pass
+    finally:
+        sock.close()
+    left = len(session.indices) - len(session.labels())
+    done = f"round {session.round} is imported" if session.result else (
+        f"{left} image(s) of round {session.round} still to label: rerun `alssl label-ui {run_dir}` to go on")
+    typer.echo(f"# stopped; {done}", err=True)
+
+
+@app.command()
+def tasks(
+    run_dir: Path = typer.Argument(..., metavar="RUN"),
+    out: Path = typer.Option(..., help="Folder for tasks.json and config.xml (and images/ for datasets without image files)"),
+    format: str = typer.Option("label-studio", "--format", help="label-studio"),
+    document_root: Optional[Path] = typer.Option(None, help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT (default: the pool folder; for datasets without image files, --out)"),
+    classes: Optional[str] = typer.Option(None, help="Class list (a,b,c or @classes.txt) for a run that has none yet"),
+) -> None:
+    """Label Studio tasks for the open query (+ its labeling config); import the export with `alssl label --from`.
+
+    Example: alssl tasks runs/mine --out ls_round1 && alssl label runs/mine --from project-1-export.json
+    """
+    from alssl.errors import unknown
+
+    if format != "label-studio":
+        raise unknown("format", format, ["label-studio"])
+    names = _classes_option(classes)
+    from alssl.labeling.session import resolve_classes
+    from alssl.labeling.studio import write_tasks
+    from alssl.runs import check_writable, run_lock
+
+    with run_lock(run_dir):
+        run, dataset = _load_run(run_dir)
+        label_classes, _ = resolve_classes(dataset, names)
+        if run.state["open_query"] is not None:
+            check_writable(out)
+        res = write_tasks(run, dataset, out, classes=label_classes, document_root=document_root)
+    typer.echo(json.dumps(res))
+    typer.echo(f"# Label Studio: start it with LOCAL_FILES_SERVING_ENABLED=true LOCAL_FILES_DOCUMENT_ROOT={res['document_root']}; "
+               f"make a project with the labeling config {res['config']}; add a Local files source storage at "
+               f"{res['storage']}; import {res['tasks']}; label; export JSON, JSON-MIN or CSV; then "
+               f"`alssl label {run_dir} --from EXPORT`" + (" --classes ..." if not dataset.classes else "")
+               + " (docs/labeling.md)", err=True)
+
+
 class Terminated(BaseException):
     """Raised by the SIGTERM handler so a `kill` unwinds like Ctrl-C: locks released, checkpoints intact."""
 

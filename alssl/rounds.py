@@ -18,7 +18,7 @@ import numpy as np
 
 from alssl.budget import parse_budget
 from alssl.data import Dataset
-from alssl.errors import UserError, suggest, unknown
+from alssl.errors import UserError, suggest, unknown, warn
 from alssl.faults import fault_point
 from alssl.runs import Run, atomic_write_bytes, atomic_write_text
 
@@ -136,48 +136,53 @@ def class_id(value: str, classes: list[str]) -> int | str:
             f"{', '.join(classes) if len(classes) <= 30 else ', '.join(classes[:30]) + ', ...'})")
 
 
-def parse_label_rows(rows: list[tuple[int, str | None, str | None, str]], *, dataset: Dataset, wanted: set[int],
-                     labeled: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Validate (line, index or None, id or None, label) rows whole; returns (indices, labels) or raises listing
-    the bad rows. `wanted` = the indices that may (and, for an open query, must) be labeled."""
+def _where(line: int | str) -> str:
+    return f"line {line}" if isinstance(line, int) else line  # CSV line number, or e.g. "task 12" (Label Studio)
+
+
+def parse_label_rows(rows: list[tuple[int | str, str | None, str | None, str]], *, dataset: Dataset, wanted: set[int],
+                     labeled: np.ndarray, what: str, problems: list[str] | tuple = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Validate (line or "task N", index or None, id or None, label) rows whole; returns (indices, labels) or raises
+    listing the bad rows (after `problems` already found while reading the file). `wanted` = the indices that may
+    (and, for an open query, must) be labeled."""
     if not dataset.classes:
         raise UserError("this run has no class list yet; give one once with `alssl label RUN --from FILE "
                         "--classes a,b,c` (or --classes @classes.txt), in the order you want the model's outputs")
     by_id = {name: i for i, name in enumerate(dataset.ids)}
     n = len(labeled)
-    problems: list[str] = []
-    seen: dict[int, int] = {}
+    problems = list(problems)
+    seen: dict[int, int | str] = {}
     out_i, out_y = [], []
     for line, index, ident, lab in rows:
         if index is not None:
             if not _INT.fullmatch(index):
-                problems.append(f"line {line}: index {index[:40]!r} is not an integer")
+                problems.append(f"{_where(line)}: index {index[:40]!r} is not an integer")
                 continue
             i = int(index)
             if not 0 <= i < n:
-                problems.append(f"line {line}: unknown index {i} (the pool has {n} images, 0..{n - 1})")
+                problems.append(f"{_where(line)}: unknown index {i} (the pool has {n} images, 0..{n - 1})")
                 continue
             if ident is not None and dataset.ids[i] != ident:
-                problems.append(f"line {line}: index {i} is {dataset.ids[i]!r}, not {ident[:80]!r}")
+                problems.append(f"{_where(line)}: index {i} is {dataset.ids[i]!r}, not {ident[:80]!r}")
                 continue
         else:
             if ident not in by_id:
-                problems.append(f"line {line}: {ident[:80]!r} is not an image of the pool{suggest(ident, by_id)}")
+                problems.append(f"{_where(line)}: {ident[:80]!r} is not an image of the pool{suggest(ident, by_id)}")
                 continue
             i = by_id[ident]
         if labeled[i]:
-            problems.append(f"line {line}: {dataset.ids[i]!r} (index {i}) is already labeled")
+            problems.append(f"{_where(line)}: {dataset.ids[i]!r} (index {i}) is already labeled")
             continue
         if i not in wanted:
-            problems.append(f"line {line}: {dataset.ids[i]!r} (index {i}) is not in {what}")
+            problems.append(f"{_where(line)}: {dataset.ids[i]!r} (index {i}) is not in {what}")
             continue
         if i in seen:
-            problems.append(f"line {line}: duplicate row for {dataset.ids[i]!r} (first on line {seen[i]})")
+            problems.append(f"{_where(line)}: duplicate row for {dataset.ids[i]!r} (first on {_where(seen[i])})")
             continue
         seen[i] = line
         y = class_id(lab, dataset.classes)
         if isinstance(y, str):
-            problems.append(f"line {line}: {y}")
+            problems.append(f"{_where(line)}: {y}")
             continue
         out_i.append(i)
         out_y.append(y)
@@ -196,7 +201,8 @@ def read_label_csv(text: str) -> list[tuple[int, str | None, str | None, str]]:
         header = [h.strip().lower() for h in next(reader, [])]
         if header not in LABEL_HEADERS:
             raise UserError(f"label file must start with a header `index,label`, `id,label` or `index,id,label` (the "
-                            f"query CSV with a label column) (found {','.join(header)[:80] or 'nothing'}); add it")
+                            f"query CSV with a label column), or be a Label Studio export (found {','.join(header)[:80] or 'nothing'}); "
+                            f"add the header")
         rows = []
         for line_no, row in enumerate(reader, start=2):
             if not row or all(not c.strip() for c in row):
@@ -213,14 +219,32 @@ def read_label_csv(text: str) -> list[tuple[int, str | None, str | None, str]]:
 
 def parse_label_csv(text: str, *, dataset: Dataset, open_indices: list[int], labeled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validate a person's label CSV against the open query; returns (indices, labels) or raises listing bad rows."""
-    idx, y = parse_label_rows(read_label_csv(text), dataset=dataset, wanted=set(open_indices), labeled=labeled,
-                              what="the open query")
+    return check_open_query(read_label_csv(text), dataset=dataset, open_indices=open_indices, labeled=labeled)
+
+
+def check_open_query(rows: list, *, dataset: Dataset, open_indices: list[int], labeled: np.ndarray,
+                     problems: list[str] | tuple = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Label rows validated against the open query: every row valid and every queried image labeled."""
+    idx, y = parse_label_rows(rows, dataset=dataset, wanted=set(open_indices), labeled=labeled,
+                              what="the open query", problems=problems)
     missing = sorted(set(open_indices) - set(idx.tolist()))
     if missing:
         shown = ", ".join(repr(dataset.ids[i]) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise UserError(f"label file rejected, nothing imported: {len(missing)} queried images have no label ({shown}); "
                         f"label every row of the query and rerun")
     return idx, y
+
+
+def read_label_rows(path: Path, *, dataset: Dataset, run: Run) -> tuple[list, list[str], list[str]]:
+    """(rows, problems found while reading, notes for after the import) of a label file: a label CSV, or a Label
+    Studio export (JSON, JSON-MIN or CSV: `alssl.labeling.studio`)."""
+    text = read_label_file(path)
+    from alssl.labeling.studio import export_kind, read_export
+
+    kind = export_kind(path, text)
+    if kind is None:
+        return read_label_csv(text), [], []
+    return read_export(text, kind, dataset=dataset, labeled=run.labeled_mask, labels=run.labels)
 
 
 def read_label_file(path: Path) -> str:
@@ -236,9 +260,13 @@ def read_label_file(path: Path) -> str:
 def label_from_csv(run: Run, dataset: Dataset, path: Path) -> int:
     """Import a person's labels for the open query; the whole file is rejected on any bad row."""
     open_q = _require_open(run)
-    idx, y = parse_label_csv(read_label_file(path), dataset=dataset, open_indices=open_q["indices"],
-                             labeled=run.labeled_mask)
-    return _close(run, idx, y, source=str(path))
+    rows, problems, notes = read_label_rows(path, dataset=dataset, run=run)
+    idx, y = check_open_query(rows, dataset=dataset, open_indices=open_q["indices"], labeled=run.labeled_mask,
+                              problems=problems)
+    n = _close(run, idx, y, source=str(path))
+    for note in notes:
+        warn(note)
+    return n
 
 
 def label_any(run: Run, dataset: Dataset, path: Path) -> int:
@@ -248,11 +276,14 @@ def label_any(run: Run, dataset: Dataset, path: Path) -> int:
         raise UserError(f"round {open_q['round']}'s query ({open_q['file']}) is open; label it first "
                         f"(`alssl label {run.path} --from FILE.csv`), then import other labels with --any")
     labeled = run.labeled_mask
-    idx, y = parse_label_rows(read_label_csv(read_label_file(path)), dataset=dataset,
-                              wanted=set(np.flatnonzero(~labeled).tolist()), labeled=labeled, what="the pool")
+    rows, problems, notes = read_label_rows(path, dataset=dataset, run=run)
+    idx, y = parse_label_rows(rows, dataset=dataset, wanted=set(np.flatnonzero(~labeled).tolist()), labeled=labeled,
+                              what="the pool", problems=problems)
     run.add_labels(idx, y, round_meta={"strategy": "import", "budget": str(len(idx)), "seed": None,
                                        "source": str(path)})
     run.save_state()
+    for note in notes:
+        warn(note)
     return len(idx)
 
 

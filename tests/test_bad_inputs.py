@@ -434,3 +434,55 @@ def test_curve_from_a_run_with_a_damaged_backbone(run_dir, tmp_path):
     out = tmp_path / "grid"
     check(run_dir, [*CURVE, "--from", str(run_dir), "--out", str(out)], "3-channel")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- labeling: label-ui, tasks, Label Studio exports
+def test_label_ui_and_tasks_need_an_open_query(closed_run, tmp_path):
+    check(closed_run, ["label-ui", str(closed_run), "--port", "0", "--no-browser"], "no open query", "alssl query")
+    check(closed_run, ["tasks", str(closed_run), "--out", str(tmp_path / "t")], "no open query")
+
+
+def test_label_ui_port_taken_or_out_of_range(run_dir):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        check(run_dir, ["label-ui", str(run_dir), "--port", port, "--no-browser"], "cannot listen", "--port 0")
+    check(run_dir, ["label-ui", str(run_dir), "--port", "70000", "--no-browser"], "--port")
+
+
+def test_label_ui_classes_cannot_change(run_dir):
+    check(run_dir, ["label-ui", str(run_dir), "--port", "0", "--no-browser", "--classes", "cat,dog"], "already has classes")
+
+
+def test_tasks_bad_format_and_document_root(run_dir, tmp_path):
+    check(run_dir, ["tasks", str(run_dir), "--out", str(tmp_path / "t"), "--format", "labelstudio"], 'did you mean "label-studio"')
+    check(run_dir, ["tasks", str(run_dir), "--out", str(tmp_path / "t"), "--document-root", str(tmp_path / "elsewhere")],
+          "--document-root", "folder above")
+
+
+def test_malformed_label_studio_export(run_dir, tmp_path):
+    """Unknown class, a task outside the open query, a duplicate task: exit 2, each task listed, nothing imported."""
+    import json
+
+    from alssl.runs import Run
+
+    idx = Run.open(run_dir).state["open_query"]["indices"]
+    outside = next(i for i in range(100) if i not in idx and Run.open(run_dir).state["labeled_round"][i] < 0)
+
+    def task(tid, index, choice):
+        return {"id": tid, "data": {"image": f"/data/local-files/?d=images/train/{index}.png", "alssl_index": index},
+                "annotations": [{"id": tid, "was_cancelled": False, "result": [
+                    {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [choice]}}]}]}
+
+    tasks = [task(n + 1, i, "3") for n, i in enumerate(idx)]
+    tasks[0]["annotations"][0]["result"][0]["value"]["choices"] = ["zebra"]
+    tasks += [task(40, outside, "1"), task(41, idx[1], "2")]
+    f = tmp_path / "project-1-export.json"
+    f.write_text(json.dumps(tasks))
+    check(run_dir, ["label", str(run_dir), "--from", str(f)], "nothing imported", "task 1 (alssl_index", "unknown class 'zebra'",
+          f"task 40 (alssl_index {outside})", "not in the open query", "task 41", "duplicate row")
+    f.write_text("[{\"id\": 1,")
+    check(run_dir, ["label", str(run_dir), "--from", str(f)], "not valid JSON")

@@ -1,0 +1,167 @@
+"""The `alssl label-ui` web server: Starlette + uvicorn, one random token per server, 127.0.0.1 by default.
+
+Routes (every one but /static/* answers 403 without `?token=T` or an `X-Alssl-Token: T` header):
+
+    GET  /                  the page (alssl/labeling/static/index.html)
+    GET  /api/query         {"round", "classes", "items": [{"index", "id", "image", "suggestion", "score", "label"}], ...}
+    POST /api/label         {"index": i, "label": "dog"}   (label null clears it)
+    POST /api/submit        200 + the import summary, or 409 + the missing / invalid items (nothing imported)
+    POST /api/next          opens the next query (same strategy and budget); answers like /api/query
+    GET  /img/<index>       a queried image (404 for every other index or name)
+    GET  /static/<name>     app.js, app.css (no secrets in them)
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import secrets
+import socket
+from importlib import resources
+
+from alssl.errors import UserError
+from alssl.labeling.session import LabelSession
+
+STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self'; script-src 'self'; style-src 'self'; "
+                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+}
+_INDEX = re.compile(r"[0-9]{1,12}")
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def _static(name: str) -> bytes:
+    return resources.files("alssl.labeling").joinpath("static", name).read_bytes()
+
+
+def make_app(session: LabelSession, token: str):
+    """The Starlette app serving `session`; every API and image route checks `token` (constant-time)."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    def image_url(i: int) -> str:
+        return f"/img/{i}?token={token}"
+
+    def ok(request: Request) -> bool:
+        given = request.query_params.get("token") or request.headers.get("x-alssl-token") or ""
+        return hmac.compare_digest(given.encode(), token.encode())
+
+    def js(status: int, data: dict) -> JSONResponse:
+        return JSONResponse(data, status_code=status, headers={**HEADERS, "Cache-Control": "no-store"})
+
+    def forbidden() -> JSONResponse:
+        return js(403, {"error": "missing or wrong token; open the URL that `alssl label-ui` printed"})
+
+    async def body(request: Request) -> dict | None:
+        try:
+            data = await request.json()
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    async def index(request: Request) -> Response:
+        if not ok(request):
+            return forbidden()
+        return Response(_static("index.html"), media_type="text/html; charset=utf-8",
+                        headers={**HEADERS, "Cache-Control": "no-store"})
+
+    async def static(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in STATIC:
+            return js(404, {"error": "not found"})
+        return Response(_static(name), media_type=STATIC[name], headers={**HEADERS, "Cache-Control": "no-cache"})
+
+    async def api_query(request: Request) -> Response:
+        if not ok(request):
+            return forbidden()
+        return js(200, await run_in_threadpool(session.payload, image_url))
+
+    async def api_label(request: Request) -> Response:
+        if not ok(request):
+            return forbidden()
+        data = await body(request)
+        if data is None or "index" not in data or "label" not in data:
+            return js(400, {"error": 'send JSON {"index": <pool index>, "label": "<class>" or null}'})
+        return js(*await run_in_threadpool(session.set_label, data["index"], data["label"]))
+
+    async def api_submit(request: Request) -> Response:
+        if not ok(request):
+            return forbidden()
+        return js(*await run_in_threadpool(session.submit))
+
+    async def api_next(request: Request) -> Response:
+        if not ok(request):
+            return forbidden()
+        return js(*await run_in_threadpool(session.next_query, image_url))
+
+    async def image(request: Request) -> Response:
+        if not ok(request):
+            return forbidden()
+        name = request.path_params["index"]
+        found = await run_in_threadpool(session.image, int(name)) if _INDEX.fullmatch(name) else None
+        if found is None:
+            return js(404, {"error": "not an image of the open query"})
+        data, media = found
+        return Response(data, media_type=media, headers={**HEADERS, "Cache-Control": "private, max-age=3600"})
+
+    async def fallback(request: Request) -> Response:
+        return forbidden() if not ok(request) else js(404, {"error": "not found"})
+
+    routes = [
+        Route("/", index),
+        Route("/static/{name}", static),
+        Route("/api/query", api_query),
+        Route("/api/label", api_label, methods=["POST"]),
+        Route("/api/submit", api_submit, methods=["POST"]),
+        Route("/api/next", api_next, methods=["POST"]),
+        Route("/img/{index}", image),
+        Route("/favicon.ico", lambda request: Response(status_code=204)),
+        Route("/{rest:path}", fallback, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: any free port); a clear UserError when it cannot be had."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host} cannot be resolved ({exc.strerror}); use 127.0.0.1 (the default)") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        hint = "pass another --port (or --port 0 for any free one)" if port else "check --host"
+        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); {hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket, host: str, token: str) -> str:
+    port = sock.getsockname()[1]
+    shown = host if host not in ("0.0.0.0", "::", "") else socket.gethostname()
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/?token={token}"
+
+
+def serve(app, sock: socket.socket) -> None:
+    """Run until Ctrl-C / SIGTERM (uvicorn re-raises the signal after a graceful shutdown)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,416 @@
+"""The labeling session behind `alssl label-ui`: the open query, its labels so far, submit, and the next query.
+
+How the server shares the run with other alssl commands (docs/labeling.md):
+
+- It does **not** hold the run lock while it waits for clicks, so `alssl status`, `alssl probe` and the rest keep
+  working while the page is open.
+- Every label is written at once to `RUN/queries/round-K.partial.csv` (header `index,id,label`, the same format
+  `alssl label --from` reads) by an atomic replace, under an exclusive `flock` on `RUN/queries/`: two servers, or
+  two tabs, never lose each other's labels, and a crash or `kill -9` loses nothing that was acknowledged.
+- Submit, and opening the next query, take the run lock (waiting a few seconds for a command that holds it, then
+  answering 503), re-read `state.json` under it, and import through `rounds.label_from_csv`: exactly the validation
+  and code path of `alssl label RUN --from round-K.partial.csv`. A round that is no longer open is never imported
+  again (a second Submit, or another tab, gets the first import's summary).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import io
+import json
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from alssl.errors import UserError, warn
+
+KEYS = "123456789abcdefghijklmnopqrstuvwxyz"
+MAX_SIDE = 512  # image-folder pools: originals are shown downscaled to at most this many pixels per side
+LOCK_WAIT_S = 10.0  # how long a submit waits for another command's run lock before answering 503
+
+
+class Busy(Exception):
+    """The run lock is held by another alssl process (a submit answers 503 with this message)."""
+
+
+def class_keys(classes: list[str]) -> list[str | None]:
+    """The keyboard shortcut of each class: 1-9, then a-z (none past the 35th class). Classes that are all single
+    keys themselves (digits 0-9, letters) keep their own key, so "0" is labeled with 0, not 1."""
+    low = [c.lower() for c in classes]
+    if all(len(c) == 1 and (c in KEYS or c == "0") for c in low) and len(set(low)) == len(low):
+        return low
+    return [KEYS[k] if k < len(KEYS) else None for k in range(len(classes))]
+
+
+def partial_path(run_dir: Path, round_k: int) -> Path:
+    return Path(run_dir) / "queries" / f"round-{round_k}.partial.csv"
+
+
+def partial_csv(labels: dict[int, str], order: list[int], ids: list[str]) -> str:
+    """The partial label file: header index,id,label; the labeled rows of the query in query order."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["index", "id", "label"])
+    w.writerows([i, ids[i], labels[i]] for i in order if i in labels)
+    return buf.getvalue()
+
+
+def read_partial(path: Path, indices: list[int]) -> dict[int, str]:
+    """{index: label} from a partial file, keeping only rows of this query (the file is ours: a row that does not
+    fit is skipped with a warning rather than stopping the page; Submit validates everything again)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        warn(f"cannot read {path} ({type(exc).__name__}); starting with no labels for this round")
+        return {}
+    wanted, out, bad = set(indices), {}, 0
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error:
+        rows, bad = [], 1
+    for row in rows[1:]:
+        if len(row) == 3 and row[0].strip().isascii() and row[0].strip().isdigit() and int(row[0]) in wanted and row[2].strip():
+            out[int(row[0])] = row[2].strip()
+        elif any(c.strip() for c in row):
+            bad += 1
+    if bad:
+        warn(f"{path}: ignored {bad} row(s) that are not labels of this query")
+    return out
+
+
+@contextlib.contextmanager
+def queries_lock(run_dir: Path):
+    """Exclusive flock on RUN/queries/ (the directory itself: no extra lock file): serializes partial-file writes
+    and submits across threads and processes. Held for milliseconds."""
+    d = Path(run_dir) / "queries"
+    d.mkdir(exist_ok=True)
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+@contextlib.contextmanager
+def wait_run_lock(run_dir: Path, wait: float = LOCK_WAIT_S):
+    """The run lock, retried for `wait` seconds while another alssl process holds it; then `Busy`."""
+    from alssl.runs import run_lock
+
+    deadline = time.monotonic() + wait
+    while True:
+        cm = run_lock(run_dir)
+        try:
+            cm.__enter__()
+            break
+        except UserError as exc:
+            if time.monotonic() >= deadline:
+                raise Busy(str(exc)) from None
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        cm.__exit__(None, None, None)
+
+
+def resolve_classes(dataset, given: list[str] | None) -> tuple[list[str], bool]:
+    """(class list to label with, whether it must be stored in the run on import). Same rules as `alssl label`."""
+    if given is not None:
+        if dataset.classes and given != dataset.classes:
+            raise UserError(f"this run already has classes {', '.join(dataset.classes)}; drop --classes (the class "
+                            f"list of a run cannot change once set)")
+        return list(given), not dataset.classes
+    if not dataset.classes:
+        raise UserError("this run has no class list yet; give one with --classes a,b,c (or --classes @classes.txt), "
+                        "in the order you want the model's outputs")
+    return list(dataset.classes), False
+
+
+def store_classes(run, dataset, names: list[str]) -> None:
+    """Make `names` the run's class list (in memory; `write_run_toml` after the import persists run.toml)."""
+    dataset.classes = list(names)
+    run.config["data"]["classes"] = list(names)
+
+
+def write_run_toml(run) -> None:
+    from alssl.runs import atomic_write_text, toml_dumps
+
+    atomic_write_text(run.path / "run.toml", toml_dumps({"alssl_format": run.state["format_version"], **run.config}))
+
+
+def suggestions(run, dataset, indices: list[int]) -> dict[int, tuple[str, float]]:
+    """The run's best classifier's (class, confidence) for each queried image; {} when the run has no labels yet
+    (or no model can be built: a warning says why)."""
+    if not indices or not run.labeled_mask.any():
+        return {}
+    from alssl.export import best_classifier, predict_rows
+
+    try:
+        model, _ = best_classifier(run, dataset)
+        ks, conf = predict_rows(model, dataset.x_train[np.asarray(indices, dtype=np.int64)])
+    except UserError as exc:
+        warn(f"no suggestions: {exc}")
+        return {}
+    return {i: (dataset.classes[int(k)], round(float(c), 4)) for i, k, c in zip(indices, ks.tolist(), conf.tolist())}
+
+
+class LabelSession:
+    """One run's labeling: thread-safe, shared by every request of one server."""
+
+    def __init__(self, run_dir: Path, dataset, *, classes: list[str], store: bool = False):
+        self.run_dir = Path(run_dir)
+        self.dataset = dataset
+        self.classes = list(classes)
+        self.store = store  # the run has no class list yet: store `classes` with the first import
+        self.mutex = threading.RLock()
+        self.query: dict = {}
+        self.position: dict[int, int] = {}
+        self.suggested: dict[int, tuple[str, float]] = {}
+        self.result: dict | None = None  # the import summary once this round is submitted
+        self._state_key: tuple | None = None
+        self._open_on_disk: dict | None = None
+        self._images: OrderedDict[int, tuple[bytes, str]] = OrderedDict()
+        self.pool_root: Path | None = None
+        self.pixelated = True
+
+    # ------------------------------------------------------------ loading
+    def load(self, run) -> None:
+        """Adopt the run's open query (call under the run lock, with a freshly opened Run)."""
+        open_q = run.state["open_query"]
+        if open_q is None:
+            raise UserError(f"no open query in {run.path}; ask for one with `alssl query {run.path} --budget 2%`, "
+                            f"then rerun `alssl label-ui {run.path}`")
+        cfg = run.config["data"]
+        self.pool_root = Path(cfg["spec"]) if cfg.get("pool") else None
+        self.pixelated = self.pool_root is None  # array datasets: pool pixels, tiny, shown nearest-neighbour
+        self.query = dict(open_q)
+        self.position = {int(i): j for j, i in enumerate(open_q["indices"])}
+        self.suggested = suggestions(run, self.dataset, [int(i) for i in open_q["indices"]])
+        self.result = None
+        self._images.clear()
+
+    @property
+    def indices(self) -> list[int]:
+        return [int(i) for i in self.query["indices"]]
+
+    @property
+    def round(self) -> int:
+        return int(self.query["round"])
+
+    @property
+    def partial(self) -> Path:
+        return partial_path(self.run_dir, self.round)
+
+    def labels(self) -> dict[int, str]:
+        return read_partial(self.partial, self.indices)
+
+    def _open_query_on_disk(self) -> dict | None:
+        """state.json's open query, re-read only when the file changed (it is replaced atomically, so a read
+        without the lock sees a whole file)."""
+        sfile = self.run_dir / "state.json"
+        st = sfile.stat()
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key != self._state_key:
+            self._open_on_disk = json.loads(sfile.read_text())["open_query"]
+            self._state_key = key
+        return self._open_on_disk
+
+    def is_open(self) -> bool:
+        oq = self._open_query_on_disk()
+        return oq is not None and int(oq["round"]) == self.round and [int(i) for i in oq["indices"]] == self.indices
+
+    # ------------------------------------------------------------ the API
+    def payload(self, image_url) -> dict:
+        """GET /api/query: the round, the classes and every item with its suggestion and current label."""
+        with self.mutex:
+            labels = self.labels()
+            status = "open" if self.is_open() else ("imported" if self.result else "closed")
+            items = []
+            for i in self.indices:
+                s = self.suggested.get(i)
+                items.append({"index": i, "id": self.dataset.ids[i], "image": image_url(i),
+                              "suggestion": s[0] if s else None, "score": s[1] if s else None,
+                              "label": labels.get(i)})
+            return {"round": self.round, "classes": self.classes, "keys": class_keys(self.classes), "items": items,
+                    "status": status,
+                    "labeled": sum(1 for i in self.indices if i in labels), "total": len(self.indices),
+                    "pixelated": self.pixelated, "result": self.result,
+                    "next": {"budget": self.query["budget"], "strategy": self.query["strategy"]},
+                    "run": str(self.run_dir), "file": str(self.partial)}
+
+    def set_label(self, index, label) -> tuple[int, dict]:
+        """POST /api/label {"index": i, "label": "dog"} (label null clears it: the page's undo)."""
+        if isinstance(index, bool) or not isinstance(index, int):
+            return 400, {"error": "index must be an integer pool index of the open query"}
+        if label is not None and not isinstance(label, str):
+            return 400, {"error": "label must be a class name (a string) or null"}
+        with self.mutex:
+            if index not in self.position:
+                return 404, {"error": f"index {index} is not in round {self.round}'s query"}
+            if label is not None and label not in self.classes:
+                return 400, {"error": f"unknown class {label[:80]!r}; classes: {', '.join(self.classes)}"}
+            from alssl.runs import atomic_write_text
+
+            with queries_lock(self.run_dir):
+                if not self.is_open():
+                    return 409, {"error": f"round {self.round} is no longer open (it was imported); reload the page"}
+                labels = self.labels()  # what is on disk now (another tab or server may have written)
+                if label is None:
+                    labels.pop(index, None)
+                else:
+                    labels[index] = label
+                atomic_write_text(self.partial, partial_csv(labels, self.indices, self.dataset.ids))
+            return 200, {"index": index, "label": label, "labeled": len(labels), "total": len(self.indices)}
+
+    def submit(self) -> tuple[int, dict]:
+        """POST /api/submit: import the round through `alssl label --from`'s validation, exactly once."""
+        from alssl.rounds import label_from_csv
+        from alssl.runs import Run
+
+        with self.mutex:
+            try:
+                with wait_run_lock(self.run_dir):
+                    run = Run.open(self.run_dir)  # state re-read under the lock
+                    oq = run.state["open_query"]
+                    if oq is None or int(oq["round"]) != self.round:
+                        done = self._already_imported(run)
+                        if done is not None:
+                            self.result = done
+                            return 200, done
+                        return 409, {"error": f"round {self.round} is no longer open: another command imported it, "
+                                              f"not from this page's labels; see `alssl status {self.run_dir}`"}
+                    with queries_lock(self.run_dir):
+                        labels = self.labels()
+                        missing = [i for i in self.indices if i not in labels]
+                        invalid = [i for i in self.indices if i in labels and labels[i] not in self.classes]
+                        if missing or invalid:
+                            return 409, {"error": f"{len(missing)} image(s) have no label and {len(invalid)} an "
+                                                  f"unknown class; label them, then submit again; nothing was imported",
+                                         "missing": [{"index": i, "id": self.dataset.ids[i]} for i in missing],
+                                         "invalid": [{"index": i, "id": self.dataset.ids[i], "label": labels[i]}
+                                                     for i in invalid]}
+                        old = list(self.dataset.classes)
+                        if self.store:
+                            store_classes(run, self.dataset, self.classes)
+                        try:
+                            n = label_from_csv(run, self.dataset, self.partial)
+                        except UserError as exc:
+                            self.dataset.classes = old
+                            return 409, {"error": str(exc), "missing": [], "invalid": []}
+                        if self.store:
+                            write_run_toml(run)
+                            self.store = False
+                    self.result = self._summary(run, n, already=False)
+                    return 200, self.result
+            except Busy as exc:
+                return 503, {"error": f"{exc}; nothing was imported, submit again when it is done"}
+
+    def next_query(self, image_url) -> tuple[int, dict]:
+        """POST /api/next: open the next query with this round's strategy, budget, seed and probe."""
+        from alssl.rounds import query
+        from alssl.runs import Run
+
+        with self.mutex:
+            try:
+                with wait_run_lock(self.run_dir):
+                    run = Run.open(self.run_dir)
+                    oq = run.state["open_query"]
+                    if oq is not None and int(oq["round"]) == self.round:
+                        return 409, {"error": f"round {self.round} is still open; submit it first"}
+                    if oq is None:
+                        q = self.query
+                        try:
+                            query(run, self.dataset, budget=q["budget"], strategy=q["strategy"], seed=q["seed"],
+                                  probe=q.get("probe", "linear"))
+                        except UserError as exc:
+                            return 409, {"error": str(exc)}
+                    self.load(run)  # the new open query (or one another process opened meanwhile)
+            except Busy as exc:
+                return 503, {"error": f"{exc}; try again when it is done"}
+        return 200, self.payload(image_url)
+
+    def _already_imported(self, run) -> dict | None:
+        """The summary of this round if it was imported from its partial file (a second Submit, another tab or
+        server); None otherwise (e.g. `alssl label --oracle` closed it)."""
+        lr = run.labeled_round
+        if (run.n_rounds > self.round and run.state["rounds"][self.round].get("source") == str(self.partial)
+                and all(lr[i] == self.round for i in self.indices)):
+            return self._summary(run, 0, already=True)
+        return None
+
+    def _summary(self, run, n: int, *, already: bool) -> dict:
+        rec = run.state["rounds"][self.round]
+        return {"round": self.round, "imported": n, "already_imported": already, "round_labels": rec["n"],
+                "labeled": int(run.labeled_mask.sum()), "rounds": run.n_rounds, "source": rec.get("source"),
+                "next": {"budget": self.query["budget"], "strategy": self.query["strategy"]}}
+
+    # ------------------------------------------------------------ images
+    def image(self, index: int) -> tuple[bytes, str] | None:
+        """PNG/JPEG bytes of a queried image (None for any other index): an image-folder pool's original file
+        downscaled to ≤ 512 px, else the pool pixels."""
+        with self.mutex:
+            if index not in self.position:
+                return None
+            hit = self._images.get(index)
+            if hit is not None:
+                self._images.move_to_end(index)
+                return hit
+        out = self._original(index) if self.pool_root is not None else None
+        if out is None:
+            out = _png(np.asarray(self.dataset.x_train[index])), "image/png"
+        with self.mutex:
+            self._images[index] = out
+            while len(self._images) > 256:
+                self._images.popitem(last=False)
+        return out
+
+    def _original(self, index: int) -> tuple[bytes, str] | None:
+        rel = self.dataset.ids[index]
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts:  # ids come from the pool's own scan; never leave its root
+            return None
+        try:
+            return _downscaled(self.pool_root / rel)
+        except Exception:  # noqa: BLE001 - moved or unreadable since the pool was built: show the pool pixels
+            return None
+
+
+def _png(a: np.ndarray) -> bytes:
+    from PIL import Image
+
+    im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _downscaled(path: Path) -> tuple[bytes, str]:
+    """An original image file as the page shows it: EXIF-oriented, RGB or grayscale, at most 512 px a side."""
+    import warnings
+
+    from PIL import Image, ImageOps
+
+    from alssl.data.images import _to_mode, image_mode_is_gray
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft(im.mode if im.mode in ("L", "RGB") else "RGB", (MAX_SIDE, MAX_SIDE))
+            im = ImageOps.exif_transpose(im)
+            im = _to_mode(im, 1 if image_mode_is_gray(im.mode) else 3)
+            im.thumbnail((MAX_SIDE, MAX_SIDE), Image.LANCZOS)
+            buf = io.BytesIO()
+            if max(im.size) <= 128:  # small files: lossless
+                im.save(buf, format="PNG")
+                return buf.getvalue(), "image/png"
+            im.save(buf, format="JPEG", quality=88)
+            return buf.getvalue(), "image/jpeg"
