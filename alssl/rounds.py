@@ -105,8 +105,11 @@ def contact_sheet(images: np.ndarray, indices: np.ndarray, *, cols: int = 10) ->
 def _require_open(run: Run) -> dict:
     open_q = run.state["open_query"]
     if open_q is None:
-        raise UserError(f"no open query in {run.path}; ask for one with `alssl query {run.path} --budget 2%`, or import "
-                        f"labels you already have with `alssl label {run.path} --from FILE.csv --any`")
+        rounds = run.state["rounds"]
+        done = (f"round {rounds[-1]['round']} is already labeled ({rounds[-1]['n']} labels from "
+                f"{rounds[-1]['source']}); " if rounds else "")
+        raise UserError(f"no open query in {run.path}: {done}ask for the next one with `alssl query {run.path} --budget "
+                        f"2%`, or import labels you already have with `alssl label {run.path} --from FILE.csv --any`")
     return open_q
 
 

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -393,35 +394,43 @@ def check_writable(path: Path) -> None:
 
 # ---------------------------------------------------------------- locking
 @contextlib.contextmanager
-def run_lock(path: str | os.PathLike) -> Iterator[None]:
+def run_lock(path: str | os.PathLike, *, wait: float | None = None) -> Iterator[None]:
     """Hold an exclusive lock on a run dir for the duration of a command.
 
     `flock` on `RUN/.lock`: the kernel drops it when the holder dies (even by kill -9), so a stale lock
-    file of a dead process is simply taken over. A live holder makes us fail with its pid. The lock file
-    is removed on exit, so a refused or failed command leaves the run dir as it found it.
+    file of a dead process is simply taken over. A live holder is waited for up to `wait` seconds (default
+    `ALSSL_LOCK_WAIT`, 5 s: two quick commands on one run take turns), then we fail with its pid. The lock file
+    is removed on exit, so a refused or failed command leaves the run dir as it found it; a process that opened
+    the file just before it was removed notices (another inode is now at the path, or none) and opens it again,
+    so two processes can never both believe they hold the lock.
     """
     path = Path(path)
     if not path.exists() or int(os.environ.get("LOCAL_RANK", "0")) > 0:  # DDP ranks > 0 run under rank 0's lock
         yield
         return
     lock = path / ".lock"
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except IsADirectoryError:
-        raise UserError(f"{lock} is a directory, not alssl's lock file; remove it (rmdir {lock}) and rerun") from None
-    except OSError as exc:  # EACCES / EPERM / EROFS: a run dir of another user, or read-only
-        if exc.errno == errno.ELOOP:
-            raise UserError(f"{lock} is a symbolic link, not alssl's lock file; remove it and rerun") from None
-        raise UserError(f"cannot lock run dir {path} ({exc.strerror} on {lock}); run alssl as the user who owns it, "
-                        "or copy the run to a directory you can write") from None
-    try:
+    wait = float(os.environ.get("ALSSL_LOCK_WAIT", "5")) if wait is None else wait
+    deadline = time.monotonic() + wait
+    while True:
+        fd = _open_lock_file(lock, path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise UserError(
-                f"run dir {path} is in use by another alssl process (pid {holder}); wait for it to finish or stop it"
-            ) from None
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise UserError(f"run dir {path} is in use by another alssl process (pid {holder}); wait for it to "
+                                "finish or stop it") from None
+            time.sleep(0.05)
+            continue
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and our flock: take the new one
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         try:
@@ -431,3 +440,15 @@ def run_lock(path: str | os.PathLike) -> Iterator[None]:
                 os.unlink(lock)
     finally:
         os.close(fd)
+
+
+def _open_lock_file(lock: Path, path: Path) -> int:
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except IsADirectoryError:
+        raise UserError(f"{lock} is a directory, not alssl's lock file; remove it (rmdir {lock}) and rerun") from None
+    except OSError as exc:  # EACCES / EPERM / EROFS: a run dir of another user, or read-only
+        if exc.errno == errno.ELOOP:
+            raise UserError(f"{lock} is a symbolic link, not alssl's lock file; remove it and rerun") from None
+        raise UserError(f"cannot lock run dir {path} ({exc.strerror} on {lock}); run alssl as the user who owns it, "
+                        "or copy the run to a directory you can write") from None

@@ -90,3 +90,108 @@ def test_second_process_is_refused_and_a_dead_holders_lock_is_taken_over(base, t
     ok = run_cli("query", str(run), "--budget", "5")  # ... and is taken over
     assert ok.returncode == 0, ok.stderr
     assert not (run / ".lock").exists()
+
+
+# ---------------------------------------------------------------- concurrency: no import lost or claimed twice
+def _cli_exit(argv: list[str]) -> None:
+    """Child process body: the real entry point, its exit code as the process's."""
+    import contextlib
+    import io
+    import os
+
+    from alssl.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    if code not in (0, 2):
+        print(err.getvalue(), file=sys.__stderr__)
+    os._exit(code)
+
+
+@pytest.fixture(scope="module")
+def open_round(base, tmp_path_factory) -> Path:
+    """A digits run with round 0 labeled, its features cached, and round 1's query (20 images) open."""
+    run = _copy(base, tmp_path_factory.mktemp("conc") / "run")
+    for args in (["query", str(run), "--budget", "20"], ["label", str(run), "--oracle"], ["probe", str(run)],
+                 ["query", str(run), "--budget", "20"]):
+        r = run_cli(*args)
+        assert r.returncode == 0, r.stderr
+    return run
+
+
+def test_fifty_concurrent_pairs_never_lose_or_double_claim_an_import(open_round, tmp_path, monkeypatch):
+    """label + label, label + query, label + probe started together, 50 times (forked real CLI entry points, each
+    under the run lock): every open round is imported exactly once, the losing importer exits 2 saying the round is
+    already labeled, and state.json always holds the winner's labels and nothing else."""
+    import multiprocessing
+
+    monkeypatch.setenv("ALSSL_LOCK_WAIT", "300")  # take turns, however slow this machine is (default: 5 s)
+
+    from alssl.data import load_dataset
+
+    truth = load_dataset("digits").y_train
+    ctx = multiprocessing.get_context("fork")
+    before = json.loads((open_round / "state.json").read_text())
+    idx = before["open_query"]["indices"]
+    kinds = [("csv", "oracle"), ("csv", "query"), ("oracle", "probe"), ("oracle", "csv")]
+    for trial in range(50):
+        run = _copy(open_round, tmp_path / f"t{trial}")
+        labels = tmp_path / f"l{trial}.csv"
+        labels.write_text("index,label\n" + "".join(f"{i},{truth[i]}\n" for i in idx))
+        argv = {"csv": ["label", str(run), "--from", str(labels)], "oracle": ["label", str(run), "--oracle"],
+                "query": ["query", str(run), "--budget", "7", "--seed", "1"], "probe": ["probe", str(run)]}
+        a, b = kinds[trial % len(kinds)]
+        procs = [ctx.Process(target=_cli_exit, args=(argv[k],)) for k in (a, b)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        codes = [p.exitcode for p in procs]
+        state = json.loads((run / "state.json").read_text())
+        assert len(state["rounds"]) == 2 and state["rounds"][1]["n"] == len(idx), (trial, a, b, codes)
+        assert sum(r == 1 for r in state["labeled_round"]) == len(idx)
+        assert all(state["labels"][i] == truth[i] for i in idx)
+        if b in ("csv", "oracle"):  # two importers of one round: exactly one wins
+            assert sorted(codes) == [0, 2], (trial, a, b, codes)
+        else:
+            assert codes[0] == 0 and codes[1] in (0, 2), (trial, a, b, codes)
+        if b == "query" and codes[1] == 0 and state["open_query"] is not None:
+            assert state["open_query"]["round"] == 2  # the query ran after the import, never before it
+
+
+def test_losing_importer_is_told_the_round_is_already_labeled(open_round, tmp_path):
+    run = _copy(open_round, tmp_path / "run")
+    assert run_cli("label", str(run), "--oracle").returncode == 0
+    again = run_cli("label", str(run), "--oracle")
+    assert again.returncode == 2 and "round 1 is already labeled (20 labels from oracle)" in again.stderr, again.stderr
+
+
+# ---------------------------------------------------------------- Ctrl-C / SIGTERM
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_signal_exits_with_one_error_line_and_the_rerun_resumes(tmp_path, sig, code, word):
+    run = tmp_path / "run"
+    args = ["pretrain", "--data", "digits", "--out", str(run), "--epochs", "4", "--batch-size", "64",
+            "--knn-every", "0", "-q"]
+    proc = subprocess.Popen([sys.executable, "-m", "alssl", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    state = run / "checkpoints" / "pretrain-state.pt"
+    deadline = time.monotonic() + 300
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert proc.returncode == code, (proc.returncode, err)
+    assert len(lines) == 1 and lines[0].startswith(f"error: {word}") and "rerun the same command" in lines[0], err
+    assert "Traceback" not in err and not (run / ".lock").exists()
+    from alssl.pretrain import load_state
+
+    assert load_state(run)["step"] > 0  # the last checkpoint is intact
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["steps"] == 4 * (1437 // 64)
