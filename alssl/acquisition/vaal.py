@@ -135,9 +135,10 @@ def vaal_select(ctx: AcquisitionContext, budget: int, rng: np.random.Generator) 
     images = ctx.images
     if images is None:
         raise UserError("strategy vaal needs the training images; pass images= (uint8 [N, H, W, C]) or pick another strategy")
-    images = np.asarray(images)
+    if not hasattr(images, "shape"):  # an array or an on-disk DiskPool (read batch by batch) stay as they are
+        images = np.asarray(images)
     if images.ndim == 3:
-        images = images[..., None]
+        images = np.asarray(images)[..., None]
     if images.ndim != 4 or len(images) != len(ctx.labeled) or images.shape[-1] not in (1, 3):
         raise UserError(f"vaal images must be uint8 [N, H, W, C] with N={len(ctx.labeled)} and C in (1, 3) (got {images.shape})")
     epochs = option(ctx, "vaal_epochs", 2, float)
