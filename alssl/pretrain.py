@@ -331,7 +331,7 @@ def pretrain(
         kept = [r for r in records if r.get("stage") != "pretrain" or (type(r.get("step")) is int and r["step"] <= start)]
         if len(kept) != len(records):
             write_jsonl(run.metrics_file, kept)
-    loss_sum, std_sum, n_steps = torch.zeros((), device=fabric.device), 0.0, 0
+    loss_sum, std_sum, n_steps = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device), 0
 
     def save() -> None:
         if rank != 0:
@@ -339,7 +339,7 @@ def pretrain(
         state = {"kind": "alssl-pretrain-state", "method": method, "total": total, "step": step, "data": data_key,
                  "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "teacher": teacher.state_dict() if teacher is not None else {}, "history": history,
-                 "epoch_sums": {"loss": loss_sum.detach().cpu(), "std": std_sum, "n": n_steps}}
+                 "epoch_sums": {"loss": loss_sum.detach().cpu(), "std": float(std_sum), "n": n_steps}}
         if method == "moco":
             state["queue"] = criterion.memory_bank.bank.detach().cpu()
             state["queue_ptr"] = criterion.memory_bank.bank_ptr.detach().cpu()
@@ -372,14 +372,18 @@ def pretrain(
     net_d.train()
     if teacher is not None:
         teacher.train(not eman)  # EMAN's teacher always runs in eval mode
+    # CPU: the loss is checked every step (no cost); GPU: every 20 steps, so no step waits for the device to finish
+    check_every = 1 if fabric.device.type == "cpu" else 20
+    finite = torch.ones((), dtype=torch.bool, device=fabric.device)
     with progress or nullcontext():
         while step < total:
             epoch, it = divmod(step, steps_per_epoch)
             perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
             shard = perm[rank::world][: steps_per_epoch * bs].to(fabric.device)
-            loss_sum, std_sum, n_steps = torch.zeros((), device=fabric.device), 0.0, 0
+            loss_sum, std_sum, n_steps = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device), 0
             if it and carry is not None and carry.get("n") == it:  # resumed mid-epoch: the epoch's loss covers all its steps
-                loss_sum, std_sum, n_steps = carry["loss"].to(fabric.device), float(carry["std"]), it
+                loss_sum, n_steps = carry["loss"].to(fabric.device), it
+                std_sum = torch.tensor(float(carry["std"]), device=fabric.device)
             carry = None
             for it in range(it, steps_per_epoch):
                 torch.manual_seed(_step_seed(seed, step, rank))
@@ -388,9 +392,10 @@ def pretrain(
                 x1 = view(x).contiguous(memory_format=torch.channels_last)
                 m = cosine_schedule(step, total, momentum, 1.0) if momentum_schedule == "cosine" else momentum
                 loss, z = _loss(method, net_d, teacher, criterion, x0, x1, fabric)
-                if not torch.isfinite(loss):
-                    raise UserError(f"the {method} loss became {loss.item()} at step {step}; the last good checkpoint "
-                                    f"is kept in {ckpt_dir}; lower --lr and rerun with a new --out")
+                finite = finite & torch.isfinite(loss.detach())  # no GPU sync per step: checked every `check_every`
+                if (step + 1) % check_every == 0 or it + 1 == steps_per_epoch or \
+                        (ckpt_every_steps and (step + 1) % ckpt_every_steps == 0):
+                    _check_finite(finite, method, step, check_every, ckpt_dir)
                 optimizer.zero_grad(set_to_none=True)
                 fabric.backward(loss)
                 optimizer.step()
@@ -400,7 +405,7 @@ def pretrain(
                 step += 1
                 done_here += 1
                 loss_sum += loss.detach()
-                std_sum += float(std_of_l2_normalized(z.detach().float()))
+                std_sum += std_of_l2_normalized(z.detach().float())
                 n_steps += 1
                 if ckpt_every_steps and step % ckpt_every_steps == 0 and it + 1 < steps_per_epoch:
                     save()
@@ -408,7 +413,7 @@ def pretrain(
                     progress.update(task, completed=step, loss=f"{loss.item():.3f}")
                 _fault_after_steps(done_here)
             if rank == 0:
-                history.append(monitor(epoch + 1, round(float(loss_sum) / n_steps, 4), round(std_sum / n_steps, 4)))
+                history.append(monitor(epoch + 1, round(float(loss_sum) / n_steps, 4), round(float(std_sum) / n_steps, 4)))
                 run.log_metrics(history[-1])
                 if progress is not None and history[-1]["knn_accuracy"] is not None:
                     progress.update(task, knn=f"{history[-1]['knn_accuracy']:.3f}")
@@ -434,6 +439,14 @@ def pretrain(
 
 
 @torch.no_grad()
+def _check_finite(finite: torch.Tensor, method: str, step: int, every: int, ckpt_dir: Path) -> None:
+    """Raise (before the next checkpoint could keep bad weights) if a loss since the last check was NaN or inf."""
+    if not bool(finite):
+        where = f"at step {step}" if every == 1 else f"within the {every} steps up to step {step}"
+        raise UserError(f"the {method} loss became NaN or inf {where}; the last good checkpoint is kept in {ckpt_dir}; "
+                        f"lower --lr and rerun with a new --out")
+
+
 def _ranks_in_sync(fabric, net: nn.Module) -> bool:
     """DDP check: every rank holds bit-identical student weights (all_gather of the flat parameter vector)."""
     flat = torch.cat([p.detach().flatten() for p in net.parameters()])
