@@ -29,7 +29,11 @@ class SSLView(nn.Module):
             min_scale = 0.2 if image_size >= 32 else 0.4 if image_size >= 16 else 0.6
         if hflip is None:
             hflip = channels == 3
-        ops: list[nn.Module] = [K.RandomResizedCrop((image_size, image_size), scale=(min_scale, 1.0))]
+        # "resample": every crop of the batch in one affine warp. kornia's default ("slice") crops and resizes each
+        # sample on its own: 512 resize calls per view per step, 71 % of a ResNet-18 step on an H100 (profiled);
+        # both give the same pixels (max difference 7e-6) from the same crop parameters.
+        ops: list[nn.Module] = [K.RandomResizedCrop((image_size, image_size), scale=(min_scale, 1.0),
+                                                    cropping_mode="resample")]
         if hflip:
             ops.append(K.RandomHorizontalFlip(p=0.5))
         if channels == 3:

@@ -106,7 +106,7 @@ def alssl_loop(*, steps: int, batch_size: int, data: str = str(DATA), backbone: 
                precision: str = "32-true") -> float:
     """Images/s of alssl.pretrain.pretrain on the same data, `steps` batches (kNN monitor off)."""
     ds = load_dataset(data, seed=0)
-    n = (steps + 1) * batch_size  # one batch more, as warm-up for the loop's first step
+    n = min((steps + 1) * batch_size, len(ds.y_train))  # one batch more, as warm-up for the loop's first step
     ds.x_train, ds.y_train = ds.x_train[:n], ds.y_train[:n]
     with tempfile.TemporaryDirectory() as tmp:
         run = Run.create(Path(tmp) / "run", n_pool=n, config={})

@@ -55,6 +55,19 @@ def test_views_are_drawn_per_sample():
     assert gray(torch.rand(4, 1, 8, 8)).shape == (4, 1, 8, 8)
 
 
+def test_batched_crop_gives_the_pixels_of_per_sample_crops():
+    """SSLView crops the whole batch with one affine warp (kornia cropping_mode="resample", one kernel instead of one
+    resize per image); from the same crop parameters it gives kornia's per-sample slice-and-resize pixels."""
+    import kornia.augmentation as K
+
+    crop = SSLView(32, 3, [0.5] * 3, [0.25] * 3).aug[0]
+    assert isinstance(crop, K.RandomResizedCrop) and crop.flags["cropping_mode"] == "resample"
+    x = torch.rand(32, 3, 32, 32)
+    per_sample = K.RandomResizedCrop((32, 32), scale=(0.2, 1.0), cropping_mode="slice")
+    expected = per_sample(x)
+    assert (crop(x, params=per_sample._params) - expected).abs().max() < 1e-4
+
+
 # ---------------------------------------------------------------- EMAN
 def test_eman_teacher_tracks_student_bn_and_never_updates_its_own():
     torch.manual_seed(0)
