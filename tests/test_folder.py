@@ -116,6 +116,13 @@ def test_default_size_32_and_gray_pool(tmp_path):
     make_pool(tmp_path / "p", n=6, gray=True)  # heights 20..25 ≤ 32
     m = build_pool(tmp_path / "p", tmp_path / "pool", image_size=None, strict=False, workers=1, quiet=True)
     assert (m["image_size"], m["channels"]) == (32, 1)
+    ref = np.load(tmp_path / "pool" / "pixels.npy")
+    # with --image-size there is no header pass: channels are found while decoding, with the same result
+    m = build_pool(tmp_path / "p", tmp_path / "pool2", image_size=32, strict=False, workers=1, quiet=True)
+    assert m["channels"] == 1 and np.array_equal(np.load(tmp_path / "pool2" / "pixels.npy"), ref)
+    Image.fromarray(rgb(9, 9)).save(tmp_path / "p" / "colour.png")
+    m = build_pool(tmp_path / "p", tmp_path / "pool3", image_size=32, strict=False, workers=1, quiet=True)
+    assert m["channels"] == 3 and np.load(tmp_path / "pool3" / "pixels.npy").shape == (7, 32, 32, 3)
 
 
 def test_strict_empty_and_all_corrupt(tmp_path):

@@ -226,55 +226,73 @@ def default_workers() -> int:
 
 def decode_files(root: Path, rels: list[str], *, dest: Path, image_size: int | None, channels: int | None = None,
                  workers: int, label: str, quiet: bool) -> dict:
-    """Headers, then pixels of `rels` (relative to root) into `dest` (.npy uint8 [n_ok, S, S, C]).
+    """Pixels of `rels` (relative to root) into `dest` (.npy uint8 [n_ok, S, S, C]), in `workers` processes.
 
+    Without `image_size` a header pass first reads every file's size (and mode): S = 32 when every image is at most
+    32 px, else 64. C = 1 when every image is grayscale, else 3 (found by the header pass, or while decoding into a
+    3-channel staging file that is then cut to its first channel). Unreadable files are skipped.
     Returns {"kept": [rel...], "skipped": [(rel, reason)...], "image_size", "channels", "mean", "std"}."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    chunks = [rels[i : i + CHUNK] for i in range(0, len(rels), CHUNK)]
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    disable=quiet, transient=True)
     if len(rels) < 4 * CHUNK:
         workers = 1  # a few hundred files decode faster than worker processes start
+    skipped: list[tuple[str, str]] = []
+    names = list(rels)
     with bar, Workers(workers) as pool:
-        task = bar.add_task(f"reading {label} headers", total=len(rels))
-        heads = [h for part in pool.map(peek_chunk, [(str(root), c) for c in chunks], lambda n: bar.advance(task, n),
-                                        [len(c) for c in chunks]) for h in part]
-        skipped = [(rel, h) for rel, h in zip(rels, heads) if isinstance(h, str)]
-        good = [(rel, h) for rel, h in zip(rels, heads) if not isinstance(h, str)]
-        if not good:
-            return {"kept": [], "skipped": skipped, "image_size": image_size, "channels": channels}
         if image_size is None:
+            chunks = [rels[i : i + CHUNK] for i in range(0, len(rels), CHUNK)]
+            task = bar.add_task(f"reading {label} headers", total=len(rels))
+            heads = [h for part in pool.map(peek_chunk, [(str(root), c) for c in chunks],
+                                            lambda n: bar.advance(task, n), [len(c) for c in chunks]) for h in part]
+            skipped = [(rel, h) for rel, h in zip(rels, heads) if isinstance(h, str)]
+            good = [(rel, h) for rel, h in zip(rels, heads) if not isinstance(h, str)]
+            if not good:
+                return {"kept": [], "skipped": skipped, "image_size": image_size, "channels": channels}
             image_size = 32 if max(max(w, h) for _, (w, h, _) in good) <= 32 else 64
-        if channels is None:
-            channels = 1 if all(image_mode_is_gray(m) for _, (_, _, m) in good) else 3
+            if channels is None:
+                channels = 1 if all(image_mode_is_gray(m) for _, (_, _, m) in good) else 3
+            names = [rel for rel, _ in good]
+        staged = channels or 3
         staging = dest.with_name(dest.name + ".staging")
-        offset = _write_npy_header(staging, (len(good), image_size, image_size, channels))
-        names = [rel for rel, _ in good]
-        tasks = [(str(root), names[i : i + CHUNK], list(range(i, min(i + CHUNK, len(names)))), image_size, channels,
+        offset = _write_npy_header(staging, (len(names), image_size, image_size, staged))
+        tasks = [(str(root), names[i : i + CHUNK], list(range(i, min(i + CHUNK, len(names)))), image_size, staged,
                   str(staging), offset) for i in range(0, len(names), CHUNK)]
         task2 = bar.add_task(f"decoding {label} to {image_size}px", total=len(names))
         results = pool.map(decode_chunk, tasks, lambda n: bar.advance(task2, n), [len(t[1]) for t in tasks])
-    hist = sum(h for _, h in results)
-    failed = dict(pos_reason for part, _ in results for pos_reason in part)
-    skipped += [(names[p], r) for p, r in failed.items()]
-    kept = [n for p, n in enumerate(names) if p not in failed]
-    if failed:  # compact: copy the rows that decoded into the final file
-        final_offset = _write_npy_header(dest, (len(kept), image_size, image_size, channels))
-        row = image_size * image_size * channels
-        src, dst = os.open(staging, os.O_RDONLY), os.open(dest, os.O_WRONLY)
-        try:
-            for new, old in enumerate(p for p in range(len(names)) if p not in failed):
-                os.pwrite(dst, os.pread(src, row, offset + old * row), final_offset + new * row)
-        finally:
-            os.close(src)
-            os.close(dst)
+    hist = sum(h for _, h, _ in results)
+    failed = dict(pos_reason for part, _, _ in results for pos_reason in part)
+    grays = [g for _, _, part in results for g in part]
+    skipped = sorted(skipped + [(names[p], r) for p, r in failed.items()])
+    kept_pos = [p for p in range(len(names)) if p not in failed]
+    if channels is None:  # decoded without a header pass: 1 channel only if every kept file is grayscale
+        channels = 1 if kept_pos and all(grays[p] for p in kept_pos) else 3
+        hist = hist[:channels]
+    if failed or channels != staged:  # copy the rows that decoded (and their first channel only, for gray) to dest
+        _copy_rows(staging, offset, dest, kept_pos, image_size, staged, channels)
         staging.unlink()
     else:
         os.replace(staging, dest)
-    skipped.sort(key=lambda r: r[0])
-    mean, std = _mean_std(hist) if kept else ((), ())
-    return {"kept": kept, "skipped": skipped, "image_size": image_size, "channels": channels, "mean": mean, "std": std}
+    mean, std = _mean_std(hist) if kept_pos else ((), ())
+    return {"kept": [names[p] for p in kept_pos], "skipped": skipped, "image_size": image_size, "channels": channels,
+            "mean": mean, "std": std}
+
+
+def _copy_rows(src_path: Path, src_offset: int, dest: Path, rows: list[int], size: int, src_c: int, c: int) -> None:
+    """Rows `rows` of the staging .npy into a new .npy [len(rows), size, size, c] (c <= src_c: the first channels)."""
+    dst_offset = _write_npy_header(dest, (len(rows), size, size, c))
+    src_row, dst_row = size * size * src_c, size * size * c
+    src, dst = os.open(src_path, os.O_RDONLY), os.open(dest, os.O_WRONLY)
+    try:
+        for new, old in enumerate(rows):
+            px = os.pread(src, src_row, src_offset + old * src_row)
+            if c != src_c:
+                px = np.frombuffer(px, np.uint8).reshape(size, size, src_c)[..., :c].tobytes()
+            os.pwrite(dst, px, dst_offset + new * dst_row)
+    finally:
+        os.close(src)
+        os.close(dst)
 
 
 def _fsync_tree(path: Path) -> None:

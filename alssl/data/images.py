@@ -71,26 +71,33 @@ def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
 
     Raises whatever Pillow raises on a bad file (OSError, ValueError, SyntaxError, DecompressionBombError, ...);
     callers turn that into a skip or a UserError."""
+    return decode_image(path, size, channels)[0]
+
+
+def decode_image(path: str | Path, size: int, channels: int) -> tuple[np.ndarray, bool]:
+    """(uint8 [size, size, channels] pixels, whether the file is grayscale) of one image file."""
     from PIL import Image, ImageOps
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # palette-transparency, EXIF and decompression-bomb warnings
         with Image.open(path) as im:
             w, h = im.size
+            gray = image_mode_is_gray(im.mode)
             if w < 1 or h < 1:
                 raise ValueError(f"image has size {w}×{h}")
             if im.format == "JPEG" and min(w, h) >= 2 * size:
                 s = min(w, h)
                 im.draft("L" if im.mode == "L" else "RGB", (math.ceil(w * size / s), math.ceil(h * size / s)))
-            im = ImageOps.exif_transpose(im)  # loads the pixels (at draft scale)
-            im = _to_mode(im, channels)
+            if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation (exif_transpose copies even when there is none)
+                im = ImageOps.exif_transpose(im)
+            im = _to_mode(im, channels)  # loads the pixels (JPEG: at draft scale)
             w, h = im.size
             nw, nh = resized_size(w, h, size)
             if (nw, nh) != (w, h):
                 im = im.resize((nw, nh), Image.BILINEAR)
             im = im.crop(center_box(nw, nh, size))
             a = np.asarray(im, dtype=np.uint8)
-    return a[..., None] if a.ndim == 2 else a
+    return (a[..., None] if a.ndim == 2 else a), gray
 
 
 # ---------------------------------------------------------------- worker tasks (spawned processes import only numpy + PIL)
@@ -114,30 +121,38 @@ def peek_chunk(args: tuple[str, list[str]]) -> list[tuple[int, int, str] | str]:
     return out
 
 
-def decode_chunk(args: tuple[str, list[str], list[int], int, int, str, int]) -> tuple[list[tuple[int, str]], np.ndarray]:
-    """Decode files into rows `positions` of the staging file; returns (failures, per-channel histograms [C, 256])."""
+def decode_chunk(args: tuple[str, list[str], list[int], int, int, str, int]
+                 ) -> tuple[list[tuple[int, str]], np.ndarray, list[bool]]:
+    """Decode files into rows `positions` of the staging file.
+
+    Returns (failures (position, reason), per-channel histograms [C, 256], grayscale flag of each file)."""
     root, rels, positions, size, channels, dest, offset = args
     row = size * size * channels
     hist = np.zeros((channels, 256), np.int64)
-    failed = []
+    failed, grays = [], []
     fd = os.open(dest, os.O_WRONLY)
     try:
         for rel, pos in zip(rels, positions):
+            path = os.path.join(root, rel)
             try:
-                a = load_image(os.path.join(root, rel), size, channels)
-                if a.shape[-1] != channels:
-                    a = np.repeat(a, channels, axis=-1)
+                if os.path.getsize(path) == 0:
+                    raise ValueError("empty file (0 bytes)")
+                a, gray = decode_image(path, size, channels)
             except Exception as exc:  # noqa: BLE001
                 failed.append((pos, _reason(exc)))
+                grays.append(True)  # (not counted: the file is skipped)
                 continue
+            grays.append(gray)
             os.pwrite(fd, np.ascontiguousarray(a).tobytes(), offset + pos * row)
             for c in range(channels):
                 hist[c] += np.bincount(a[..., c].reshape(-1), minlength=256)
     finally:
         os.close(fd)
-    return failed, hist
+    return failed, hist, grays
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ValueError) and str(exc) == "empty file (0 bytes)":
+        return str(exc)
     msg = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
