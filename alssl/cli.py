@@ -132,7 +132,7 @@ def pretrain(
         raise UserError(f"--image-size must be at least 1 pixel (got {image_size}); e.g. --image-size 64")
     dev: int | str = int(devices) if devices.isdigit() else devices
     check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
-               accelerator=accelerator, devices=dev, strategy=strategy, precision=precision)
+               accelerator=accelerator, devices=dev, strategy=strategy, precision=precision, seed=seed)
     names = _classes_option(classes)
     folder = is_pool_spec(data)
     given = {"test": None if test is None else str(test.expanduser().resolve()), "classes": names,
@@ -616,9 +616,10 @@ def run_pipeline(
     from dataclasses import asdict
 
     from alssl.config import load_config
+
+    cfg = load_config(config)  # torch-free: a bad config is refused before the heavy imports below
     from alssl.curve import Grid, run_experiment
 
-    cfg = load_config(config)
     c = cfg.curve
     grid = Grid(data=_data_config(cfg.data.spec, cfg.data.imbalance, cfg.data.seed), strategies=c.strategies,
                 budgets=[str(b) for b in c.budgets], seeds=c.seeds, probes=c.probes, semi=c.semi,
@@ -732,6 +733,11 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (a skipped torn metrics line, a collapse alert) as one `warning:` line, no source line."""
+    typer.echo(f"warning: {message}", err=True)
+
+
 INTERRUPTED = "interrupted; the last checkpoint is kept: rerun the same command to resume"
 
 
@@ -739,9 +745,12 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: UserError and usage errors → one `error:` line, exit 2; Ctrl-C → exit 130, SIGTERM → 143."""
     import signal
 
+    import warnings
+
     argv = list(sys.argv[1:] if argv is None else argv) or ["--help"]
     with contextlib.suppress(ValueError):  # not in the main thread (tests): keep the default handler
         signal.signal(signal.SIGTERM, _on_sigterm)
+    warnings.showwarning = _one_line_warning
     try:
         rc = app(args=argv, standalone_mode=False, prog_name="alssl")
     except UserError as exc:

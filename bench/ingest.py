@@ -4,7 +4,8 @@ DataLoader (num_workers 2), over the same 10k-file folder, in one run.
     python bench/ingest.py [--n 10000 --size 64 --rounds 3 --workers 2 --folder /tmp/alssl-bench-photos]
 
 The folder (made once, then reused): CIFAR-10 images from ../shared/data/cifar10_10k.npz upscaled to photo sizes
-(256×192 .. 640×480), 70 % JPEG (quality 90), 20 % PNG, 10 % WebP, in class subfolders so ImageFolder can read it.
+(256×192 .. 640×480) in class subfolders so ImageFolder can read it: `--mix mixed` (default) 70 % JPEG (quality 90),
+20 % PNG, 10 % WebP; `--mix jpeg` every file a JPEG, as a camera folder.
 - alssl: `alssl.data.folder.build_pool` — scan, header pass, parallel decode (JPEG draft mode: libjpeg decodes at
   1/2–1/8 scale) straight into the on-disk pool, manifest; `--workers` processes.
 - peer: `ImageFolder(root, Compose([Resize(S), CenterCrop(S), PILToTensor()]))` through a `DataLoader` with the same
@@ -36,12 +37,14 @@ CIFAR = ROOT.parent / "shared" / "data" / "cifar10_10k.npz"
 SIZES = [(256, 192), (320, 240), (400, 300), (480, 360), (640, 480), (192, 256), (480, 640)]
 
 
-def make_folder(folder: Path, n: int) -> None:
-    """n photo-sized files in class subfolders (reused when a complete folder is already there)."""
+def make_folder(folder: Path, n: int, mix: str = "mixed") -> None:
+    """n photo-sized files in class subfolders (reused when a complete folder is already there).
+
+    mix "mixed": 70 % JPEG, 20 % PNG, 10 % WebP; "jpeg": every file a JPEG (what a camera or phone folder holds)."""
     from PIL import Image
 
     done = folder / ".complete"
-    if done.exists() and done.read_text() == str(n):
+    if done.exists() and done.read_text() == f"{n} {mix}":
         return
     shutil.rmtree(folder, ignore_errors=True)
     with np.load(CIFAR) as f:
@@ -50,14 +53,14 @@ def make_folder(folder: Path, n: int) -> None:
         d = folder / str(classes[int(label)])
         d.mkdir(parents=True, exist_ok=True)
         im = Image.fromarray(a).resize(SIZES[i % len(SIZES)], Image.BICUBIC)
-        kind = i % 10
+        kind = i % 10 if mix == "mixed" else 0
         if kind < 7:
             im.save(d / f"{i:05d}.jpg", quality=90)
         elif kind < 9:
             im.save(d / f"{i:05d}.png")
         else:
             im.save(d / f"{i:05d}.webp", quality=90)
-    done.write_text(str(n))
+    done.write_text(f"{n} {mix}")
 
 
 def peak_rss_mb() -> float:
@@ -100,22 +103,25 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--folder", default="/tmp/alssl-bench-photos")
+    p.add_argument("--mix", choices=["mixed", "jpeg"], default="mixed", help="file formats of the folder (see make_folder)")
+    p.add_argument("--folder", default=None, help="default /tmp/alssl-bench-photos-MIX")
     p.add_argument("--scratch", default="/tmp/alssl-bench-scratch")
     p.add_argument("--side", choices=["alssl", "peer"])
     args = p.parse_args()
+    args.folder = args.folder or f"/tmp/alssl-bench-photos-{args.mix}"
     if args.side:
         res = (side_alssl if args.side == "alssl" else side_peer)(args)
         print(json.dumps({**res, "peak_rss_mb": round(peak_rss_mb(), 1)}))
         return
-    import torch
+    from importlib.metadata import version  # not `import torch`: a child forked from a process holding torch would
+    # report that process's memory as its own peak RSS (Linux keeps the pre-exec high-water mark in ru_maxrss)
 
-    print(f"# torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, cpus={os.cpu_count()}, "
+    print(f"# torch {version('torch')}, pillow {version('pillow')}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, cpus={os.cpu_count()}, "
           f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}, {platform.processor() or platform.machine()}")
     t0 = time.perf_counter()
-    make_folder(Path(args.folder), args.n)
+    make_folder(Path(args.folder), args.n, args.mix)
     nbytes = sum(f.stat().st_size for f in Path(args.folder).rglob("*") if f.is_file())
-    print(f"# folder {args.folder}: {args.n} files, {nbytes / 1e6:.0f} MB (ready in {time.perf_counter() - t0:.0f} s); "
+    print(f"# folder {args.folder} ({args.mix}): {args.n} files, {nbytes / 1e6:.0f} MB (ready in {time.perf_counter() - t0:.0f} s); "
           f"target {args.size}px, {args.workers} workers each")
     Path(args.scratch).mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {"alssl": [], "peer": []}
