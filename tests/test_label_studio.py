@@ -177,3 +177,12 @@ def test_export_without_a_label_field(digits, run):
     records = [{"image": "x", "alssl_index": i, "id": n, "choice": "4"} for n, i in enumerate(run.state["open_query"]["indices"])]
     with pytest.raises(UserError, match="no 'label' field"):
         read_export(json.dumps(records), "json", dataset=digits, labeled=run.labeled_mask)
+
+
+@pytest.mark.parametrize("text, needle", [('[{"id": 1,', "not valid JSON"), ("[1, 2]", "not a Label Studio export"),
+                                          ('"tasks"', "not a Label Studio export")])
+def test_not_an_export(digits, run, tmp_path, text, needle):
+    f = tmp_path / "export.json"
+    f.write_text(text)
+    with pytest.raises(UserError, match=needle):
+        label_from_csv(run, digits, f)

@@ -134,14 +134,19 @@ def test_api_token_traversal_kill9_409_submit_once_next(run_dir, tmp_path):
     """One server lifetime for the security checks, then labels, kill -9, a restart, 409, a double submit, next."""
     log = tmp_path / "server.log"
     s = Server(run_dir, log)
-    _token_required_and_no_traversal(s, run_dir)
-    items = s.json("/api/query")[1]["items"]
-    idx = [it["index"] for it in items]
-    want = {i: str((i * 7) % 10) for i in idx}
-    for i in idx[:3]:
-        assert s.json("/api/label", {"index": i, "label": want[i]}) == (200, {"index": i, "label": want[i], "labeled": idx.index(i) + 1, "total": BUDGET})
-    assert s.json("/api/label", {"index": idx[2], "label": None})[0] == 200  # undo
-    assert s.json("/api/label", {"index": idx[2], "label": want[idx[2]]})[0] == 200
+    try:
+        _token_required_and_no_traversal(s, run_dir)
+        items = s.json("/api/query")[1]["items"]
+        idx = [it["index"] for it in items]
+        want = {i: str((i * 7) % 10) for i in idx}
+        for i in idx[:3]:
+            assert s.json("/api/label", {"index": i, "label": want[i]}) == (
+                200, {"index": i, "label": want[i], "labeled": idx.index(i) + 1, "total": BUDGET})
+        assert s.json("/api/label", {"index": idx[2], "label": None})[0] == 200  # undo
+        assert s.json("/api/label", {"index": idx[2], "label": want[idx[2]]})[0] == 200
+    except BaseException:
+        s.stop()  # never leave a server behind
+        raise
     s.stop(signal.SIGKILL)  # kill -9: nothing acknowledged may be lost
     partial = run_dir / "queries" / "round-1.partial.csv"
     assert partial.read_text().splitlines() == ["index,id,label"] + [f"{i},train/{i},{want[i]}" for i in idx[:3]]
@@ -271,7 +276,11 @@ def test_browser_labels_with_keys_reload_undo_submit(run_dir, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     s = Server(run_dir, tmp_path / "server.log")
-    d = chrome(tmp_path)
+    try:
+        d = chrome(tmp_path)
+    except BaseException:
+        s.stop()
+        raise
     wait = WebDriverWait(d, 60)
     try:
         def progress() -> str:
