@@ -288,9 +288,11 @@ def test_torn_metrics_line_is_skipped_and_reported(run_dir):
     assert r.returncode == 0, r.stderr
     assert "skipped 1 unreadable line" in r.stderr and "Traceback" not in r.stderr
     assert json.loads(r.stdout)["last_metrics"]["stage"] == "pretrain"
-    assert run_cli("probe", str(run_dir)).returncode == 0  # logs one more record ...
+    from alssl.runs import Run
+
+    Run.open(run_dir).log_metrics({"stage": "probe", "round": 1})  # the next record (as `alssl probe` logs it) ...
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert lines[-2] == '{"stage": "probe", "rou' and json.loads(lines[-1])["stage"] == "probe"  # ... on a new line
+    assert lines[-2] == '{"stage": "probe", "rou' and json.loads(lines[-1]) == {"stage": "probe", "round": 1}  # ... on a new line
 
 
 STATE_CASES = {  # hand-edited or damaged state.json (issue 17), through status and probe
@@ -359,12 +361,12 @@ def test_resume_pretrain_with_other_data(run_dir, tmp_path, case):
 
 
 @pytest.mark.parametrize("seed", ["-1", str(2**70)])
-def test_semi_seed_out_of_range(closed_run, seed):
-    check(closed_run, ["semi-finetune", str(closed_run), "--steps", "2", "--seed", seed], "seed must be an integer in 0..")
+def test_semi_seed_out_of_range(run_dir, seed):
+    check(run_dir, ["semi-finetune", str(run_dir), "--steps", "2", "--seed", seed], "seed must be an integer in 0..")
 
 
-def test_semi_bool_option_takes_only_true_or_false(closed_run):  # other option types: tests/test_semi.py
-    check(closed_run, ["semi-finetune", str(closed_run), "--steps", "2", "--option", "hflip=maybe"], "hflip must be true or false")
+def test_semi_bool_option_takes_only_true_or_false(run_dir):  # other option types: tests/test_semi.py
+    check(run_dir, ["semi-finetune", str(run_dir), "--steps", "2", "--option", "hflip=maybe"], "hflip must be true or false")
 
 
 TOML_CASES = {  # every value type-checked before `alssl run` writes anything (the full table: tests/test_config.py)
