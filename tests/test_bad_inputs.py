@@ -489,3 +489,26 @@ def test_malformed_label_studio_export(run_dir, tmp_path):
     f.write_text(json.dumps(tasks))
     check(run_dir, ["label", str(run_dir), "--from", str(f)], "nothing imported", "task 1 (alssl_index", "unknown class 'zebra'",
           f"task 40 (alssl_index {outside})", "not in the open query", "task 41", "duplicate row")
+
+
+# ================================================================ issue 17, CLI layer: expanduser, deleted query, --imbalance
+def test_data_path_with_tilde_is_expanded(tmp_path):
+    spec = _npz(tmp_path / "t.npz")
+    r = run_cli("pretrain", "--data=~/t.npz", "--out", str(tmp_path / "r"), "--epochs", "0", "-q",
+                env={"HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r" / "state.json").read_text())["config"]["data"]["spec"] == str(Path(spec).resolve())
+
+
+def test_deleted_open_query_csv_is_written_again(run_dir):
+    q = run_dir / "queries" / "round-1.csv"
+    before = q.read_bytes()
+    q.unlink()
+    r = run_cli("query", str(run_dir), "--budget", "5", "--strategy", "random")  # the open query's own arguments
+    assert r.returncode == 0 and r.stdout.strip() == str(q), r.stderr
+    assert q.read_bytes() == before
+
+
+def test_pretrain_rerun_with_another_imbalance(run_dir):
+    check(run_dir, ["pretrain", "--out", str(run_dir), *PRETRAIN_AGAIN, "--imbalance", "10"],
+          "was made with --imbalance None (not 10.0)", "new --out")

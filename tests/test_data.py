@@ -286,6 +286,9 @@ def test_cifar10_errors(tmp_path):
     (root / "test_batch").write_bytes(py2_batch(np.zeros((2, 3072), np.uint8), [0, 10]))
     with pytest.raises(UserError, match=r"y_test has labels outside 0..9 \(found 10\)"):
         load_dataset(spec)
+    (root / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": None}))
+    with pytest.raises(UserError, match=r"labels must be a list of 2 integer class ids \(got None\)"):
+        load_dataset(spec)
     (root / "data_batch_3").unlink()
     with pytest.raises(UserError, match=r"missing data_batch_3; cifar10:DIR needs data_batch_1"):
         load_dataset(spec)
@@ -346,3 +349,22 @@ def test_dataset_defaults():
     x = np.zeros((3, 2, 2, 1), np.uint8)
     d = Dataset(x_train=x, y_train=np.zeros(3, np.int64), x_test=x, y_test=np.zeros(3, np.int64), classes=["a"])
     assert d.ids == ["train/0", "train/1", "train/2"] and d.mean == (0.0,) and d.std == (1e-3,)
+
+
+def test_npz_too_large_for_memory_is_a_user_error(tmp_path):
+    """An .npz whose x_train claims 10 TB: numpy cannot allocate it, and the user gets one error naming the fix."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (10**7, 1000, 1000)})
+    path = tmp_path / "huge.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x_train.npy", buf.getvalue() + b"\0" * 64)
+        for k, a in (("y_train", np.zeros(3, np.int64)), ("x_test", np.zeros((1, 2, 2), np.uint8)),
+                     ("y_test", np.zeros(1, np.int64))):
+            b = io.BytesIO()
+            np.save(b, a)
+            z.writestr(f"{k}.npy", b.getvalue())
+    with pytest.raises(UserError, match=r"does not fit in this machine's memory .*on-disk pool"):
+        load_dataset(str(path))

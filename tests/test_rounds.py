@@ -81,3 +81,15 @@ def test_import_closes_round(digits, run_with_query, tmp_path):
 def test_oracle_uses_ground_truth(digits, run_with_query):
     label_oracle(run_with_query, digits)
     assert run_with_query.labels[[5, 9, 12]].tolist() == digits.y_train[[5, 9, 12]].tolist()
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("index,label\n--5,3\n", "index '--5' is not an integer"),
+    ("index,label\n\u00b3,3\n", "index '\u00b3' is not an integer"),  # str.isdigit() says yes, int() says no
+    ("index,label\n5,\u00b2\n9,7\n12,0\n", "unknown class '\u00b2'"),
+    ("index,label\n5," + "x" * 140_000 + "\n", "not valid CSV (field larger than field limit"),
+])
+def test_malformed_cells_are_reported_not_crashed_on(digits, run_with_query, text, needle):
+    with pytest.raises(UserError) as e:
+        _parse(text, digits, run_with_query)
+    assert needle in str(e.value)

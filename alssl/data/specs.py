@@ -101,6 +101,9 @@ def load_npz(spec: str, path: Path) -> Dataset:
             arrays = {k: f[k] for k in (*NPZ_KEYS, "classes") if k in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise UserError(f"cannot read {path} as .npz ({type(e).__name__}: {e}); {fix}") from None
+    except MemoryError as e:  # an .npz is read into memory whole; numpy says how much it wanted
+        raise UserError(f"{path} does not fit in this machine's memory ({str(e)[:120]}); save the images as files in a "
+                        f"folder and use it as an on-disk pool (`--data FOLDER`)") from None
     classes = arrays.get("classes")
     if classes is not None and classes.ndim != 1:
         raise UserError(f"{path}: classes must be a 1-D array of names (got shape {classes.shape}); {fix}")
@@ -212,7 +215,11 @@ def load_cifar10(spec: str, root: Path) -> Dataset:
         if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
             raise UserError(f"{path}: data must be uint8 rows of 3072 bytes (got {x.dtype} {x.shape}); "
                             f"replace it with the original CIFAR-10 batch")
-        return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(d["labels"])  # [N, 32, 32, 3]
+        y = np.asarray(d["labels"])
+        if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(x):
+            raise UserError(f"{path}: labels must be a list of {len(x)} integer class ids (got {str(d['labels'])[:40]}); "
+                            f"replace it with the original CIFAR-10 batch")
+        return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y  # [N, 32, 32, 3]
 
     parts = [batch(root / n) for n in names[:5]]
     x_te, y_te = batch(root / "test_batch")
