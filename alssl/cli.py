@@ -117,33 +117,38 @@ def pretrain(
     """
     import shutil
 
-    from alssl.backbones import check_backbone_name
+    from alssl import names as registry
     from alssl.data import is_pool_spec, load_dataset
     from alssl.errors import unknown, warn
-    from alssl.pretrain import METHODS, check_args, pretrain as run_pretrain
     from alssl.runs import Run, atomic_write_text, check_writable, run_lock
 
-    if method not in METHODS:
-        raise unknown("method", method, METHODS)
-    check_backbone_name(backbone)
+    # the torch-free checks first: a refused argument answers before torch, lightly and Fabric are imported
+    if method not in registry.PRETRAIN_METHODS:
+        raise unknown("method", method, registry.PRETRAIN_METHODS)
+    if not backbone.startswith(("torchvision:", "timm:")) and backbone not in registry.BACKBONES:
+        raise unknown("backbone", backbone, registry.BACKBONES)
+    if type(seed) is not int or not 0 <= seed < 2**32:
+        raise UserError(f"--seed must be an integer in 0..{2**32 - 1} (got {seed}); e.g. --seed 0")
     if init is not None and init != "hub":
         init = str(Path(init).expanduser().resolve())
     if image_size is not None and image_size < 1:
         raise UserError(f"--image-size must be at least 1 pixel (got {image_size}); e.g. --image-size 64")
+    names = _classes_option(classes)
+    folder = is_pool_spec(data)  # an in-memory SPEC is checked whole before anything heavy (folders: while decoding)
+    preloaded = None if folder else load_dataset(data, imbalance=imbalance, seed=seed, test=test, classes=names,
+                                                 image_size=image_size)
+    from alssl.backbones import check_backbone_name
+    from alssl.pretrain import check_args, pretrain as run_pretrain
+
+    check_backbone_name(backbone)
     dev: int | str = int(devices) if devices.isdigit() else devices
     check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
                accelerator=accelerator, devices=dev, strategy=strategy, precision=precision, seed=seed)
-    names = _classes_option(classes)
-    folder = is_pool_spec(data)
     given = {"test": None if test is None else str(test.expanduser().resolve()), "classes": names,
              "image_size": image_size, "strict": strict or None}
     args = {"method": method, "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "eman": eman, "seed": seed, "hflip": hflip, "momentum": momentum,
             "momentum_schedule": momentum_schedule, "queue_size": queue_size, "temperature": temperature, "init": init}
-    preloaded = None  # an in-memory SPEC is checked whole before anything is written (folders: while decoding)
-    if not folder:
-        preloaded = load_dataset(data, imbalance=imbalance, seed=seed,
-                                 **{k: v for k, v in given.items() if k != "strict"})
     created = not out.exists()
     check_writable(out)
     try:

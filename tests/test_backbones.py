@@ -15,7 +15,7 @@ import torchvision
 
 from alssl.backbones import backbone_checkpoint, build_backbone, check_backbone_name, load_backbone_checkpoint, load_init_weights
 from alssl.errors import UserError
-from conftest import run_cli
+from conftest import run_cli_inprocess as run_cli  # the same entry point, without a 3 s import per call
 from photo_folder import make_photo_folder
 from test_bad_inputs import assert_user_error
 

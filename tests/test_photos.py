@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, snapshot
+from conftest import run_cli, run_cli_inprocess, snapshot
 from photo_folder import make_photo_folder, make_test_folder
 from test_bad_inputs import assert_user_error
 
@@ -62,22 +62,22 @@ def test_pool_was_decoded_once_with_every_good_file(labeled_run, photos):
     manifest = json.loads((labeled_run / "pool" / "manifest.json").read_text())
     assert len(manifest["pool"]) == 1000 and manifest["image_size"] == 32 and manifest["channels"] == 3
     assert set(manifest["pool"]) == set(photos["truth"])
-    status = json.loads(run_cli("status", str(labeled_run), "--json").stdout)
+    status = json.loads(run_cli_inprocess("status", str(labeled_run), "--json").stdout)
     assert status["pool"] == 1000 and status["skipped"] == 3 and status["labeled"] == 40
 
 
 def test_probe_export_predict_and_torchscript_without_alssl(labeled_run, photos):
     run, root = labeled_run, photos["root"]
-    r = run_cli("probe", str(run))
+    r = run_cli_inprocess("probe", str(run))
     assert r.returncode == 0, r.stderr
     probe = json.loads(r.stdout)
     assert probe["n_labeled"] == 40 and 0.0 <= probe["accuracy"] <= 1.0
-    r = run_cli("export", str(run), "--out", str(root / "model"))
+    r = run_cli_inprocess("export", str(run), "--out", str(root / "model"))
     assert r.returncode == 0, r.stderr
     card = json.loads((root / "model" / "model.json").read_text())
     assert card["classifier"] == "linear-probe" and card["accuracy"] == probe["accuracy"]
     assert card["classes"][:2] == ["airplane", "automobile"] and card["image_size"] == 32 and card["channels"] == 3
-    r = run_cli("predict", str(run), "--data", str(photos["test"]), "--out", str(root / "pred.csv"), "-q")
+    r = run_cli_inprocess("predict", str(run), "--data", str(photos["test"]), "--out", str(root / "pred.csv"), "-q")
     assert r.returncode == 0, r.stderr
     pred = list(csv.DictReader((root / "pred.csv").open()))
     assert len(pred) == 300 and set(pred[0]) >= {"path", "label", "confidence"}
@@ -125,7 +125,7 @@ def test_probe_export_predict_and_torchscript_without_alssl(labeled_run, photos)
 def test_predict_pool_and_import_labels_for_any_images(labeled_run, photos, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(labeled_run, run)
-    r = run_cli("predict", str(run), "--pool", "--out", str(tmp_path / "pool.csv"))
+    r = run_cli_inprocess("predict", str(run), "--pool", "--out", str(tmp_path / "pool.csv"))
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader((tmp_path / "pool.csv").open()))
     assert len(rows) == 960 and {"path", "label", "confidence", "index"} <= set(rows[0])
@@ -135,7 +135,7 @@ def test_predict_pool_and_import_labels_for_any_images(labeled_run, photos, tmp_
         w = csv.writer(f)
         w.writerow(["id", "label"])
         w.writerows([p, photos["truth"][p]] for p in have)
-    r = run_cli("label", str(run), "--from", str(tmp_path / "have.csv"), "--any")
+    r = run_cli_inprocess("label", str(run), "--from", str(tmp_path / "have.csv"), "--any")
     assert r.returncode == 0 and "imported 25 labels; 65 labeled in 2 rounds" in r.stdout, r.stderr
     rounds = json.loads((run / "state.json").read_text())["rounds"]
     assert rounds[-1]["strategy"] == "import" and rounds[-1]["n"] == 25
@@ -144,7 +144,7 @@ def test_predict_pool_and_import_labels_for_any_images(labeled_run, photos, tmp_
 # ---------------------------------------------------------------- bad inputs: exit 2, one error line, nothing written
 def _refused(args: list[str], where: Path, *needles: str) -> None:
     before = snapshot(where) if where.exists() else None
-    assert_user_error(run_cli(*args), *needles)
+    assert_user_error(run_cli_inprocess(*args), *needles)  # the real entry point, in this process (no 3 s import)
     assert (snapshot(where) if where.exists() else None) == before
 
 
@@ -175,13 +175,13 @@ def test_bad_inputs_on_an_existing_pool_run(photos, tmp_path):
     small = tmp_path / "small"
     make_photo_folder(small, 40, corrupt=0)
     run = tmp_path / "run"
-    r = run_cli("pretrain", "--data", str(small), "--out", str(run), "--epochs", "0", "--classes", "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck")
+    r = run_cli_inprocess("pretrain", "--data", str(small), "--out", str(run), "--epochs", "0", "--classes", "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck")
     assert r.returncode == 0, r.stderr
     _refused(["predict", str(run), "--data", str(small), "--out", str(tmp_path / "p.csv")], run, "no labels yet")
     _refused(["export", str(run), "--out", str(tmp_path / "m")], run, "no labels yet")
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "m").exists()
     _refused(["label", str(run), "--oracle"], run, "unlabeled pool with no ground truth")
-    q = run_cli("query", str(run), "--budget", "5")
+    q = run_cli_inprocess("query", str(run), "--budget", "5")
     assert q.returncode == 0, q.stderr
     (tmp_path / "l.csv").write_text("id,label\nnot/in/pool.jpg,cat\n")
     _refused(["label", str(run), "--from", str(tmp_path / "l.csv")], run, "'not/in/pool.jpg' is not an image of the pool")
