@@ -1,7 +1,9 @@
-"""The bad-input battery: every case runs the real CLI in a subprocess and must exit 2 with exactly one `error:`
-line on stderr that names the fix, print no traceback, and leave the run dir byte-identical.
+"""The bad-input battery: every case runs the CLI's entry point (`alssl.cli.main`, what the console script calls) and
+must exit 2 with exactly one `error:` line on stderr that names the fix, print no traceback, and leave the run dir
+byte-identical.
 
-(`conftest.run_cli_inprocess` runs the same entry point in-process, for quick local iteration.)"""
+The cases run `main` in-process (`conftest.run_cli_inprocess`): a subprocess per case spent ~4 s importing torch, most
+of this file's time. `test_real_console` runs a sample of them through a real `python -m alssl` subprocess."""
 
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
 from conftest import run_cli as run_subprocess
+from conftest import run_cli_inprocess as run_cli
 from conftest import snapshot
 
 
@@ -57,10 +59,20 @@ def check(run_dir: Path, args: list[str], *needles: str, env: dict | None = None
 
 
 # ---------------------------------------------------------------- budgets (query on a run with no open query)
+@pytest.fixture(scope="module")
+def base_closed_run(base_run, tmp_path_factory) -> Path:
+    """`base_run` with its open query labeled too: no query is open."""
+    d = tmp_path_factory.mktemp("closed") / "run"
+    shutil.copytree(base_run, d)
+    assert run_cli("label", str(d), "--oracle").returncode == 0
+    return d
+
+
 @pytest.fixture
-def closed_run(run_dir) -> Path:
-    assert run_cli("label", str(run_dir), "--oracle").returncode == 0
-    return run_dir
+def closed_run(base_closed_run, tmp_path) -> Path:
+    d = tmp_path / "closed"
+    shutil.copytree(base_closed_run, d)
+    return d
 
 
 @pytest.mark.parametrize(

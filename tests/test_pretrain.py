@@ -16,7 +16,8 @@ from alssl.probes import fit_probe
 from alssl.runs import Run
 from alssl.pretrain import SSLNet, load_state, momentum_update, pretrain
 from alssl.backbones import build_backbone
-from conftest import run_cli
+from conftest import run_cli  # a subprocess: for the run that is killed and for DDP
+from conftest import run_cli_inprocess as run_main
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def test_killed_pretrain_resumes_to_the_same_weights(tmp_path):
     args = ["pretrain", "--data", "digits", "--method", "moco", "--epochs", "2", "--batch-size", "256",
             "--ckpt-every-steps", "3", "-q"]
     full = tmp_path / "full"
-    assert run_cli(*args, "--out", str(full)).returncode == 0
+    assert run_main(*args, "--out", str(full)).returncode == 0
     cut = tmp_path / "cut"
     killed = run_cli(*args, "--out", str(cut), env={"ALSSL_FAULT_AFTER_STEPS": "7"})
     assert killed.returncode == -signal.SIGKILL
@@ -130,7 +131,7 @@ def test_killed_pretrain_resumes_to_the_same_weights(tmp_path):
     # as if the process had logged epoch 2 and died before its checkpoint, tearing a last line on the way
     with open(cut / "metrics.jsonl", "a") as f:
         f.write('{"stage": "pretrain", "epoch": 2, "step": 10, "loss": 0.5}\n{"stage": "pretr')
-    again = run_cli(*args, "--out", str(cut))
+    again = run_main(*args, "--out", str(cut))
     assert again.returncode == 0, again.stderr
     a, b = load_state(full), load_state(cut)
     assert a["step"] == b["step"] == 10
