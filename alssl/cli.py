@@ -573,7 +573,9 @@ def curve(
     out: Optional[Path] = typer.Option(None, help="Output dir for curve.csv/png/svg (rerun to resume)"),
     probe: str = typer.Option("linear", help="Probes, comma-separated: linear,svm"),
     semi: Optional[str] = typer.Option(None, help="Also fine-tune each cell with this semi method"),
-    semi_steps: int = typer.Option(500, min=1),
+    semi_steps: int = typer.Option(500, min=1, help="Optimizer steps of each cell's semi fine-tune"),
+    semi_batch_size: int = typer.Option(64, min=1, help="Labeled batch B of each semi fine-tune"),
+    semi_mu: int = typer.Option(7, min=1, help="Unlabeled batch = mu * B"),
     from_run: Optional[Path] = typer.Option(None, "--from", help="Reuse this run's stage-1 backbone"),
     method: str = typer.Option("simsiam"),
     backbone: str = typer.Option("cnn"),
@@ -601,7 +603,8 @@ def curve(
     if out is None:
         raise UserError("give --out DIR for the curve files (or --plot-only DIR to redraw one)")
     grid = Grid(data=_data_config(data, imbalance, 0), strategies=_split(strategies), budgets=_split(budgets),
-                seeds=seeds, probes=_split(probe), semi=semi, semi_steps=semi_steps)
+                seeds=seeds, probes=_split(probe), semi=semi, semi_steps=semi_steps,
+                semi_batch_size=semi_batch_size, semi_mu=semi_mu)
     pargs = {"method": method, "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "lr": None,
              "eman": False, "seed": 0}
     csv_path, png, svg = run_experiment(out, grid, pretrain_args=pargs, from_run=from_run, jobs=jobs, quiet=_quiet(quiet))
@@ -628,7 +631,7 @@ def run_pipeline(
     c = cfg.curve
     grid = Grid(data=_data_config(cfg.data.spec, cfg.data.imbalance, cfg.data.seed), strategies=c.strategies,
                 budgets=[str(b) for b in c.budgets], seeds=c.seeds, probes=c.probes, semi=c.semi,
-                semi_steps=c.semi_steps, options={} if c.delta is None else {"delta": c.delta})
+                semi_steps=c.semi_steps, semi_batch_size=c.semi_batch_size, semi_mu=c.semi_mu, options={} if c.delta is None else {"delta": c.delta})
     pargs = {k: v for k, v in asdict(cfg.pretrain).items() if k != "from_run"}
     from_run = Path(cfg.pretrain.from_run) if cfg.pretrain.from_run else None
     out = out or Path(cfg.output.dir)

@@ -131,6 +131,8 @@ class CurveSection:
     semi: str | None = _rule(None, choices=("semi method", names.SEMI_METHODS),
                              kind='a semi method name such as "fixmatch" (or leave the key out)')
     semi_steps: int = _rule(500, lo=1, kind="an integer >= 1")
+    semi_batch_size: int = _rule(64, lo=1, kind="an integer >= 1")
+    semi_mu: int = _rule(7, lo=1, kind="an integer >= 1")
     jobs: int = _rule(1, lo=1, kind="an integer >= 1")
     delta: float | None = _rule(None, gt=0, kind="a positive number (ProbCover radius), or leave the key out")
 

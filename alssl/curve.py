@@ -16,7 +16,7 @@ import io
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,8 @@ class Grid:
     probes: list[str] = field(default_factory=lambda: ["linear"])
     semi: str | None = None
     semi_steps: int = 500
+    semi_batch_size: int = 64  # labeled batch B of each semi cell (unlabeled: mu * B)
+    semi_mu: int = 7
     options: dict = field(default_factory=dict)
 
     def validate(self, n_pool: int) -> list[int]:
@@ -128,6 +130,7 @@ def check_grid_dir(out: Path, grid: Grid, *, n_pool: int, counts: list[int]) -> 
         if not isinstance(old, dict):
             raise _damaged(f, "not a JSON object", fix)
         new = asdict(grid)
+        old = {fd.name: fd.default for fd in fields(Grid) if fd.default is not MISSING} | old  # keys older grids lack
         diff = [k for k in new if old.get(k) != new[k]]
         if diff:
             raise UserError(f"{out} holds a grid made with other {diff[0]} ({old.get(diff[0])}); rerun with the same arguments to resume, or pick a new --out")
@@ -207,6 +210,7 @@ def _semi_cell(out: Path, grid: Grid, dataset: Dataset, idx: np.ndarray, run_pat
     res = semi_finetune(dataset, labeled_idx=idx, labeled_y=dataset.y_train[idx],
                         out_dir=out / "semi" / f"{probe}__{strategy}__s{seed}__r{k}", method=grid.semi,
                         init_checkpoint=run_path / "checkpoints" / "backbone.pt", steps=grid.semi_steps,
+                        batch_size=grid.semi_batch_size, mu=grid.semi_mu,
                         seed=seed, quiet=True)
     return {"accuracy": round(float(res["accuracy"]), 4), "balanced_accuracy": round(float(res["balanced_accuracy"]), 4),
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -36,6 +36,7 @@ BAD = {
     "[curve]\nseeds = true": "curve.seeds",
     "[curve]\njobs = 0": "curve.jobs",
     "[curve]\nsemi_steps = 0": "curve.semi_steps",
+    "[curve]\nsemi_mu = 0": "curve.semi_mu",
     "[curve]\nbudgets = [true]": "curve.budgets",
     "[curve]\nbudgets = [0]": "curve.budgets",
     "[curve]\nbudgets = []": "curve.budgets must not be empty",

@@ -70,7 +70,7 @@ def test_semi_arm_rows_and_kill_9_resume(tmp_path):
     """The curve's semi arm: one `semi:fixmatch` row beside each probe row, on the same labels; a kill -9 inside a
     semi fine-tune resumes to the same rows as an uninterrupted grid."""
     grid = ["curve", "--data", "digits", "--strategies", "random,margin", "--budgets", "2%,5%", "--seeds", "1",
-            "--probe", "linear", "--epochs", "0", "--semi", "fixmatch", "--semi-steps", "6", "-q"]
+            "--probe", "linear", "--epochs", "0", "--semi", "fixmatch", "--semi-steps", "6", "--semi-batch-size", "16", "--semi-mu", "2", "-q"]
     full = run_main(*grid, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     rows = _rows(tmp_path / "full" / "curve.csv")
