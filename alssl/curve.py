@@ -84,17 +84,22 @@ def _damaged(path: Path, problem: str, fix: str) -> UserError:
     return UserError(f"{path} is damaged ({problem}); {fix}")
 
 
+def _load_json(path: Path, fix: str):
+    """The JSON in `path`; unreadable or not JSON is a UserError ending in `fix`."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror}); {fix}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise _damaged(path, "not JSON", fix) from None
+
+
 def read_cell(path: Path, *, n_pool: int | None = None, counts: list[int] | None = None) -> dict:
     """A chain's `cells/<chain>.json` ({"labeled": [pool indices], "rows": [curve rows]}), validated.
 
     Damage is a UserError whose fix is to delete the file: that chain is then recomputed on the next run."""
     fix = "delete it and rerun the same command: that chain is recomputed"
-    try:
-        cell = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise UserError(f"cannot read {path} ({exc.strerror}); {fix}") from None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise _damaged(path, "not JSON", fix) from None
+    cell = _load_json(path, fix)
     if not isinstance(cell, dict) or not isinstance(cell.get("labeled"), list) or not isinstance(cell.get("rows"), list):
         raise _damaged(path, 'not an object with "labeled" and "rows" lists', fix)
     labeled = cell["labeled"]
@@ -121,12 +126,7 @@ def check_grid_dir(out: Path, grid: Grid, *, n_pool: int, counts: list[int]) -> 
     f = out / "grid.json"
     if f.exists():
         fix = "delete it and rerun with the arguments that made this grid, or pick a new --out"
-        try:
-            old = json.loads(f.read_bytes().decode("utf-8"))
-        except OSError as exc:
-            raise UserError(f"cannot read {f} ({exc.strerror}); {fix}") from None
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise _damaged(f, "not JSON", fix) from None
+        old = _load_json(f, fix)
         if not isinstance(old, dict):
             raise _damaged(f, "not a JSON object", fix)
         new = asdict(grid)
