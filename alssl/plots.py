@@ -183,4 +183,14 @@ def curve_table(csv_path: Path) -> str:
                 cells.append(cell)
             out.append(f"| {s} | " + " | ".join(cells) + " |")
         out.append("")
+        probe_arm = summary.get(("probe", probe))
+        if arm != "probe" and probe_arm is not None:  # what the fine-tune adds over the probe on the same labels
+            out.append(f"**{arm} − {probe} probe on the same labels** — points, mean over paired seeds\n")
+            out.append("| strategy | " + " | ".join(f"{f * 100:.2g} %" for f in fracs) + " |")
+            out.append("|---" * (len(fracs) + 1) + "|")
+            for s in sorted(by_strategy, key=lambda s: (s != "random", s)):
+                gain = paired_gain(by_strategy[s], probe_arm.get(s))
+                if gain is not None:
+                    out.append(f"| {s} | " + " | ".join(f"{g:+.1f}" for g in gain.mean(0)) + " |")
+            out.append("")
     return "\n".join(out)

@@ -85,6 +85,12 @@ def test_semi_arm_rows_and_kill_9_resume(tmp_path):
     assert again.returncode == 0, again.stderr
     drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
     assert [drop(r) for r in _rows(tmp_path / "cut" / "curve.csv")] == [drop(r) for r in rows]
+    table = (tmp_path / "full" / "curve.md").read_text()
+    assert "**semi:fixmatch − linear probe on the same labels**" in table
+    pr, se = (next(r for r in rows if r["arm"] == arm and r["strategy"] == "margin" and r["round"] == "1")
+              for arm in ("probe", "semi:fixmatch"))
+    gain = (float(se["accuracy"]) - float(pr["accuracy"])) * 100  # one seed: the paired mean is this difference
+    assert "| margin | " in table.split("on the same labels")[1] and f"{gain:+.1f} |" in table.split("on the same labels")[1]
 
 
 def test_plot_files_axes_and_legend(uninterrupted):
