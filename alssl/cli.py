@@ -631,7 +631,8 @@ def run_pipeline(
     c = cfg.curve
     grid = Grid(data=_data_config(cfg.data.spec, cfg.data.imbalance, cfg.data.seed), strategies=c.strategies,
                 budgets=[str(b) for b in c.budgets], seeds=c.seeds, probes=c.probes, semi=c.semi,
-                semi_steps=c.semi_steps, semi_batch_size=c.semi_batch_size, semi_mu=c.semi_mu, options={} if c.delta is None else {"delta": c.delta})
+                semi_steps=c.semi_steps, semi_batch_size=c.semi_batch_size, semi_mu=c.semi_mu,
+                options={} if c.delta is None else {"delta": c.delta})
     pargs = {k: v for k, v in asdict(cfg.pretrain).items() if k != "from_run"}
     from_run = Path(cfg.pretrain.from_run) if cfg.pretrain.from_run else None
     out = out or Path(cfg.output.dir)
