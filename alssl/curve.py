@@ -14,8 +14,9 @@ import csv
 import fcntl
 import io
 import json
+import multiprocessing
+import signal
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -228,11 +229,22 @@ def run_grid(out: Path, grid: Grid, counts: list[int], *, run_path: Path, jobs: 
                 run_chain(out, grid, counts, ch, run_path)
                 bar.update(task, completed=_cells_done(out))
         else:
-            with ProcessPoolExecutor(max_workers=jobs) as ex:
-                for f in as_completed([ex.submit(run_chain, out, grid, counts, ch, run_path) for ch in chains]):
-                    f.result()
+            # A Pool, not a ProcessPoolExecutor: leaving the `with` (done, an error, Ctrl-C, SIGTERM) terminates the
+            # workers, whereas an executor's shutdown waits for every queued chain. Workers leave Ctrl-C to the parent
+            # and die silently on its SIGTERM; a cell is written atomically, so a worker stopped mid-cell loses only it.
+            with multiprocessing.Pool(jobs, initializer=_chain_worker_init) as pool:
+                for _ in pool.imap_unordered(_run_chain_star, [(out, grid, counts, ch, run_path) for ch in chains]):
                     bar.update(task, completed=_cells_done(out))
     return publish(out)
+
+
+def _chain_worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run_chain_star(args: tuple) -> int:
+    return run_chain(*args)
 
 
 def _cells_done(out: Path) -> int:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,7 +42,6 @@ def test_grid_rows_are_cumulative_and_complete(uninterrupted):
     for r in rows:
         assert int(r["n_labeled"]) == {"0": 14, "1": 29, "2": 72}[r["round"]]  # 1%, 2%, 5% of 1437
         assert 0.0 <= float(r["accuracy"]) <= 1.0
-    import json
 
     for f in (uninterrupted / "cells").glob("*.json"):
         labeled = json.loads(f.read_text())["labeled"]
@@ -49,7 +52,6 @@ def test_killed_grid_resumes_only_missing_cells(uninterrupted, tmp_path):
     out = tmp_path / "grid"
     killed = run_cli(*GRID, "--out", str(out), env={"ALSSL_FAULT_AT": "curve-after-cell", "ALSSL_FAULT_AFTER": "4"})
     assert killed.returncode == -signal.SIGKILL
-    import json
 
     done_before = sum(len(json.loads(f.read_text())["rows"]) for f in (out / "cells").glob("*.json"))
     assert done_before == 4
@@ -93,6 +95,38 @@ def test_semi_arm_rows_and_kill_9_resume(tmp_path):
     assert "| margin | " in table.split("on the same labels")[1] and f"{gain:+.1f} |" in table.split("on the same labels")[1]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie has stopped running
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_stops_a_parallel_grid_and_its_workers(tmp_path):
+    """`kill PID` on `curve --jobs 2` exits 143 with one error line and stops the workers with it (a process pool's
+    shutdown would have waited for every queued chain). Resuming a stopped grid: test_killed_grid_resumes_..."""
+    out = tmp_path / "g"
+    args = ["curve", "--data", "digits", "--strategies", "random,margin", "--budgets", "2%,5%", "--seeds", "2",
+            "--epochs", "0", "--semi", "fixmatch", "--semi-steps", "200", "--semi-batch-size", "16", "--semi-mu", "2",
+            "--jobs", "2", "-q", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "alssl", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while not (out / "semi").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert proc.returncode == 143 and len(lines) == 1 and lines[0].startswith("error: terminated"), err
+    time.sleep(0.5)
+    assert not any(_alive(p) for p in workers)
+    done = sum(len(json.loads(f.read_text())["rows"]) for f in (out / "cells").glob("*.json"))
+    assert done < 16  # 4 chains x 2 budgets x 2 arms: the grid did not run on behind the exit
+
+
 def test_plot_files_axes_and_legend(uninterrupted):
     svg = (uninterrupted / "curve.svg").read_text()
     png = (uninterrupted / "curve.png").read_bytes()
@@ -125,7 +159,6 @@ def test_shipped_pipelines_parse():
 
 # ---------------------------------------------------------------- damaged grid files (issue 17; CLI cases in test_bad_inputs.py)
 def _damage_cell(uninterrupted, tmp_path, edit):
-    import json
     import shutil
 
     out = tmp_path / "g"
@@ -151,7 +184,6 @@ def test_damaged_cell_is_refused_before_anything_is_rewritten(uninterrupted, tmp
     from alssl.errors import UserError
 
     out = _damage_cell(uninterrupted, tmp_path, edit)
-    import json
 
     grid = Grid(**json.loads((out / "grid.json").read_text()))
     with pytest.raises(UserError, match="linear__kcenter__s1.json is damaged") as exc:
