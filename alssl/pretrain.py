@@ -438,7 +438,6 @@ def pretrain(
             "images_per_s": round(done_here * bs * world / seconds, 1) if done_here else None}
 
 
-@torch.no_grad()
 def _check_finite(finite: torch.Tensor, method: str, step: int, every: int, ckpt_dir: Path) -> None:
     """Raise (before the next checkpoint could keep bad weights) if a loss since the last check was NaN or inf."""
     if not bool(finite):
@@ -447,6 +446,7 @@ def _check_finite(finite: torch.Tensor, method: str, step: int, every: int, ckpt
                         f"lower --lr and rerun with a new --out")
 
 
+@torch.no_grad()
 def _ranks_in_sync(fabric, net: nn.Module) -> bool:
     """DDP check: every rank holds bit-identical student weights (all_gather of the flat parameter vector)."""
     flat = torch.cat([p.detach().flatten() for p in net.parameters()])
