@@ -20,7 +20,7 @@ try:  # typer >= 0.22 vendors click; older typer depends on it
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc
 
-from alssl.errors import UserError
+from alssl.errors import UserError, check_seed
 
 app = typer.Typer(
     add_completion=False,
@@ -106,6 +106,7 @@ def pretrain(
     temperature: float = typer.Option(0.2, min=1e-3, help="MoCo InfoNCE temperature"),
     knn_every: int = typer.Option(1, min=0, help="kNN monitor every N epochs (0 = off; off for unlabeled pools)"),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Random horizontal flips in the views (default: on for colour images, off for 1-channel glyphs)"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the student (a GPU option: pays for long runs there; no gain on a CPU, see docs/pretrain.md)"),
     seed: int = typer.Option(0),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -127,8 +128,7 @@ def pretrain(
         raise unknown("method", method, registry.PRETRAIN_METHODS)
     if not backbone.startswith(("torchvision:", "timm:")) and backbone not in registry.BACKBONES:
         raise unknown("backbone", backbone, registry.BACKBONES)
-    if type(seed) is not int or not 0 <= seed < 2**32:
-        raise UserError(f"--seed must be an integer in 0..{2**32 - 1} (got {seed}); e.g. --seed 0")
+    check_seed(seed)
     if init is not None and init != "hub":
         init = str(Path(init).expanduser().resolve())
     if image_size is not None and image_size < 1:
@@ -179,7 +179,8 @@ def pretrain(
                                    lr=lr, eman=eman, devices=dev, accelerator=accelerator, precision=precision,
                                    strategy=strategy, seed=seed, ckpt_every_steps=ckpt_every_steps, hflip=hflip,
                                    momentum=momentum, momentum_schedule=momentum_schedule, queue_size=queue_size,
-                                   temperature=temperature, knn_every=knn_every, init=init, quiet=_quiet(quiet))
+                                   temperature=temperature, knn_every=knn_every, init=init, compile=compile,
+                                   quiet=_quiet(quiet))
             if summary is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
                 run.state["stages"]["pretrain"] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
                 run.save_state()
@@ -425,6 +426,7 @@ def semi_finetune(
     ckpt_every: int = typer.Option(100, min=1),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Flips in the weak/strong views (default: colour images only)"),
     option: list[str] = typer.Option([], "--option", help="Method setting KEY=VALUE, repeatable (see docs/semi.md), e.g. --option bn_batch=split"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the student's backbone (a GPU option; no gain on a CPU, see docs/semi.md)"),
     seed: int = typer.Option(0),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -470,7 +472,7 @@ def semi_finetune(
         out = run.path / "semi" / f"{method}-{len(idx)}lab-{tag}"
         res = run_semi(dataset, labeled_idx=idx, labeled_y=run.labels[idx], out_dir=out,
                        backbone=backbone or run.config["pretrain"]["backbone"], init_weights=init,
-                       init_checkpoint=None if fresh else ckpt, ckpt_every=ckpt_every,
+                       init_checkpoint=None if fresh else ckpt, ckpt_every=ckpt_every, compile=compile,
                        quiet=_quiet(quiet), options=options, **args)
         run.log_metrics({"stage": "semi", "dir": str(out.relative_to(run.path)), **{k: v for k, v in res.items() if k != "per_class_recall"}})
     typer.echo(json.dumps(res))

@@ -15,6 +15,15 @@ class UserError(Exception):
     """Bad input. The message says what is wrong *and* how to fix it, in one line."""
 
 
+SEED_MAX = 2**32 - 1  # seeds feed numpy / torch generators and crc32 step seeds: 32 bits
+
+
+def check_seed(seed, name: str = "--seed") -> None:
+    """Refuse a seed that is not an integer in 0..2^32-1 (one message for every stage; no torch import)."""
+    if type(seed) is not int or not 0 <= seed <= SEED_MAX:
+        raise UserError(f"{name} must be an integer in 0..{SEED_MAX}, got {seed!r}; pick one in that range, e.g. {name} 0")
+
+
 def suggest(name: str, choices: Iterable[str]) -> str:
     """' (did you mean "x"?)' for the closest choice, or '' when nothing is close."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)

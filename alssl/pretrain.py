@@ -21,6 +21,7 @@ model, teacher, queue, optimizer, scheduler, step) are written atomically every 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import signal
@@ -50,7 +51,8 @@ from torch import nn
 from alssl.augment import SSLView, normalise
 from alssl.backbones import backbone_checkpoint, build_backbone, load_init_weights
 from alssl.data import Dataset, PoolReader
-from alssl.errors import UserError
+from alssl.errors import UserError, check_seed
+from alssl.prefetch import ahead
 from alssl.runs import Run, atomic_torch_save, read_jsonl, torch_load, write_jsonl
 
 METHODS = ("simsiam", "moco", "byol")
@@ -176,8 +178,7 @@ def _fabric(accelerator: str, devices, strategy: str, precision: str):
 def check_args(*, method: str, eman: bool, momentum: float, momentum_schedule: str | None, accelerator: str,
                devices, strategy: str, precision: str, seed: int = 0):
     """Validate the stage-1 arguments (before anything is written); returns the configured (unlaunched) Fabric."""
-    if type(seed) is not int or not 0 <= seed < 2**32:
-        raise UserError(f"--seed must be an integer in 0..{2**32 - 1}, got {seed!r}; pick another seed")
+    check_seed(seed)
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if eman and method == "simsiam":
@@ -247,6 +248,8 @@ def pretrain(
     knn_every: int = 1,
     hflip: bool | None = None,
     init: str | None = None,
+    prefetch: bool = True,
+    compile: bool = False,
     quiet: bool = True,
 ) -> dict | None:
     """Pretrain `backbone` on the run's pool; resume from `RUN/checkpoints/pretrain-state.pt` when it exists.
@@ -254,7 +257,8 @@ def pretrain(
     Writes `RUN/checkpoints/backbone.pt` (the student backbone) at the end and returns a summary dict on rank 0
     (None on other ranks). `epochs=0` writes the seeded random-init backbone: the baseline every curve needs;
     `init` (a state dict file or "hub") starts the backbone from those weights (`--epochs 0 --init PATH`: the frozen
-    pretrained-features baseline).
+    pretrained-features baseline). `prefetch` draws the next step's views on a worker thread (alssl/prefetch.py);
+    `compile` runs the student's forward and backward through torch.compile (see docs/pretrain.md for when it pays).
     """
     fabric = check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
                         accelerator=accelerator, devices=devices, strategy=strategy, precision=precision, seed=seed)
@@ -296,6 +300,8 @@ def pretrain(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
 
     net = net.to(memory_format=torch.channels_last)  # NHWC convolutions: 1.48x faster per step on this CPU
+    if compile:
+        net.compile()  # in place: the state dict keeps its keys; the kNN monitor's backbone calls stay eager
     net_d, optimizer = fabric.setup(net, optimizer)
     criterion = criterion.to(fabric.device)
     if teacher is not None:
@@ -375,50 +381,60 @@ def pretrain(
     # CPU: the loss is checked every step (no cost); GPU: every 20 steps, so no step waits for the device to finish
     check_every = 1 if fabric.device.type == "cpu" else 20
     finite = torch.ones((), dtype=torch.bool, device=fabric.device)
+    cl = torch.channels_last
+
+    @functools.lru_cache(maxsize=2)
+    def shard_of(epoch: int) -> torch.Tensor:  # [steps_per_epoch·bs] this rank's image order in `epoch`
+        perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        return perm[rank::world][: steps_per_epoch * bs].to(fabric.device)
+
+    def views(k: int) -> tuple[torch.Tensor, torch.Tensor]:  # step k's two views: a function of (seed, k, rank) only
+        epoch, it = divmod(k, steps_per_epoch)
+        torch.manual_seed(_step_seed(seed, k, rank))
+        x = rows(shard_of(epoch)[it * bs: (it + 1) * bs]).float().div_(255)
+        return view(x).contiguous(memory_format=cl), view(x).contiguous(memory_format=cl)
+
+    first = True
     with progress or nullcontext():
-        while step < total:
+        # the next step's views are drawn on a worker thread while this step trains (alssl/prefetch.py)
+        for _, (x0, x1) in ahead(views, range(step, total), enabled=prefetch, device=fabric.device):
             epoch, it = divmod(step, steps_per_epoch)
-            perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-            shard = perm[rank::world][: steps_per_epoch * bs].to(fabric.device)
-            loss_sum, std_sum, n_steps = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device), 0
-            if it and carry is not None and carry.get("n") == it:  # resumed mid-epoch: the epoch's loss covers all its steps
-                loss_sum, n_steps = carry["loss"].to(fabric.device), it
-                std_sum = torch.tensor(float(carry["std"]), device=fabric.device)
-            carry = None
-            for it in range(it, steps_per_epoch):
-                torch.manual_seed(_step_seed(seed, step, rank))
-                x = rows(shard[it * bs : (it + 1) * bs]).float().div_(255)
-                x0 = view(x).contiguous(memory_format=torch.channels_last)
-                x1 = view(x).contiguous(memory_format=torch.channels_last)
-                m = cosine_schedule(step, total, momentum, 1.0) if momentum_schedule == "cosine" else momentum
-                loss, z = _loss(method, net_d, teacher, criterion, x0, x1, fabric)
-                finite = finite & torch.isfinite(loss.detach())  # no GPU sync per step: checked every `check_every`
-                if (step + 1) % check_every == 0 or it + 1 == steps_per_epoch or \
-                        (ckpt_every_steps and (step + 1) % ckpt_every_steps == 0):
-                    _check_finite(finite, method, step, check_every, ckpt_dir)
-                optimizer.zero_grad(set_to_none=True)
-                fabric.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                if teacher is not None:
-                    momentum_update(net.encoder, teacher, m, eman=eman)
-                step += 1
-                done_here += 1
-                loss_sum += loss.detach()
-                std_sum += std_of_l2_normalized(z.detach().float())
-                n_steps += 1
-                if ckpt_every_steps and step % ckpt_every_steps == 0 and it + 1 < steps_per_epoch:
-                    save()
-                if progress is not None and (step % 5 == 0 or step == total):
-                    progress.update(task, completed=step, loss=f"{loss.item():.3f}")
-                _fault_after_steps(done_here)
-            if rank == 0:
-                history.append(monitor(epoch + 1, round(float(loss_sum) / n_steps, 4), round(float(std_sum) / n_steps, 4)))
-                run.log_metrics(history[-1])
-                if progress is not None and history[-1]["knn_accuracy"] is not None:
-                    progress.update(task, knn=f"{history[-1]['knn_accuracy']:.3f}")
-            save()
-            fabric.barrier()
+            if it == 0 or first:  # a new epoch, or the first step of a resumed one
+                loss_sum, std_sum, n_steps = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device), 0
+                if it and carry is not None and carry.get("n") == it:  # resumed mid-epoch: the epoch's loss covers all its steps
+                    loss_sum, n_steps = carry["loss"].to(fabric.device), it
+                    std_sum = torch.tensor(float(carry["std"]), device=fabric.device)
+                carry, first = None, False
+            m = cosine_schedule(step, total, momentum, 1.0) if momentum_schedule == "cosine" else momentum
+            loss, z = _loss(method, net_d, teacher, criterion, x0, x1, fabric)
+            finite = finite & torch.isfinite(loss.detach())  # no GPU sync per step: checked every `check_every`
+            if (step + 1) % check_every == 0 or it + 1 == steps_per_epoch or \
+                    (ckpt_every_steps and (step + 1) % ckpt_every_steps == 0):
+                _check_finite(finite, method, step, check_every, ckpt_dir)
+            optimizer.zero_grad(set_to_none=True)
+            fabric.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            if teacher is not None:
+                momentum_update(net.encoder, teacher, m, eman=eman)
+            step += 1
+            done_here += 1
+            loss_sum += loss.detach()
+            std_sum += std_of_l2_normalized(z.detach().float())
+            n_steps += 1
+            if ckpt_every_steps and step % ckpt_every_steps == 0 and it + 1 < steps_per_epoch:
+                save()
+            if progress is not None and (step % 5 == 0 or step == total):
+                progress.update(task, completed=step, loss=f"{loss.item():.3f}")
+            _fault_after_steps(done_here)
+            if it + 1 == steps_per_epoch:  # end of an epoch: monitor line, checkpoint
+                if rank == 0:
+                    history.append(monitor(epoch + 1, round(float(loss_sum) / n_steps, 4), round(float(std_sum) / n_steps, 4)))
+                    run.log_metrics(history[-1])
+                    if progress is not None and history[-1]["knn_accuracy"] is not None:
+                        progress.update(task, knn=f"{history[-1]['knn_accuracy']:.3f}")
+                save()
+                fabric.barrier()
     seconds = time.perf_counter() - t0
     in_sync = _ranks_in_sync(fabric, net) if world > 1 else None
 

@@ -4,9 +4,11 @@ Same backbone (alssl `cnn` by default), heads (lightly SimSiam projection/predic
 images (`../shared/data/cifar10_10k.npz`, 32 px). The peer is lightly's example (docs "SimSiam" /
 examples/pytorch/simsiam.py): a map-style dataset of PIL images + `SimSiamTransform(input_size=32)` +
 `DataLoader(shuffle, drop_last)`; it is timed with each `--workers` value and the fastest is the reference. alssl is
-timed through `alssl.pretrain.pretrain` (kNN monitor off, checkpoints on). The two sides alternate for `--rounds`
-rounds (A B A B ...), so a change in background load hits both; the last line is `ratio=X.XX`, the median over rounds
-of alssl images/s ÷ lightly images/s (min and max on the line before).
+timed through `alssl.pretrain.pretrain` (kNN monitor off, checkpoints on) as it ships (the next step's views drawn on
+a worker thread while the step trains, alssl/prefetch.py), and once more with that thread off (`alssl inline`), so the
+lever is measured alone. The sides alternate for `--rounds` rounds (A B C A B C ...), so a change in background load
+hits all; the last line is `ratio=X.XX`, the median over rounds of alssl images/s ÷ the fastest lightly images/s
+(min and max on the line before).
 
     .venv/bin/python bench/pretrain_throughput.py [--steps 30] [--batch-size 256] [--rounds 5]
     python bench/pretrain_throughput.py --device cuda --backbone resnet18 --batch-size 512 --workers 8 --precision bf16-mixed
@@ -103,7 +105,7 @@ def _sync(device: str) -> None:
 
 
 def alssl_loop(*, steps: int, batch_size: int, data: str = str(DATA), backbone: str = "cnn", device: str = "cpu",
-               precision: str = "32-true") -> float:
+               precision: str = "32-true", prefetch: bool = True) -> float:
     """Images/s of alssl.pretrain.pretrain on the same data, `steps` batches (kNN monitor off)."""
     ds = load_dataset(data, seed=0)
     n = min((steps + 1) * batch_size, len(ds.y_train))  # one batch more, as warm-up for the loop's first step
@@ -111,7 +113,8 @@ def alssl_loop(*, steps: int, batch_size: int, data: str = str(DATA), backbone: 
     with tempfile.TemporaryDirectory() as tmp:
         run = Run.create(Path(tmp) / "run", n_pool=n, config={})
         summary = pretrain(ds, run, method="simsiam", backbone=backbone, epochs=1, batch_size=batch_size,
-                           knn_every=0, quiet=True, accelerator=device.split(":")[0], precision=precision)
+                           knn_every=0, quiet=True, accelerator=device.split(":")[0], precision=precision,
+                           prefetch=prefetch)
     return summary["images_per_s"]
 
 
@@ -132,16 +135,21 @@ def main() -> None:
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), "
           f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}, device {a.device} ({gpu}), {a.precision}")
     print(f"# cifar10_10k 32 px, {a.backbone}, bs {a.batch_size}, {a.steps} steps per side per round, {a.rounds} rounds")
-    ratios = []
+    ratios, levers = [], []
     for r in range(a.rounds):
-        ours = alssl_loop(steps=a.steps, batch_size=a.batch_size, data=a.data, backbone=a.backbone, device=a.device,
-                          precision=a.precision)
+        kw = dict(steps=a.steps, batch_size=a.batch_size, data=a.data, backbone=a.backbone, device=a.device,
+                  precision=a.precision)
+        ours = alssl_loop(**kw)
+        inline = alssl_loop(**kw, prefetch=False)
         peer = {int(w): lightly_loop(x, y, steps=a.steps, batch_size=a.batch_size, workers=int(w), backbone=a.backbone,
                                      device=a.device, precision=a.precision) for w in a.workers.split(",")}
         best = max(peer, key=peer.get)
         ratios.append(ours / peer[best])
-        print(f"round {r}: alssl {ours:8.1f} img/s | lightly example " +
-              " ".join(f"(num_workers={w}) {v:8.1f}" for w, v in peer.items()) + f" img/s | ratio {ratios[-1]:.2f}")
+        levers.append(ours / inline)
+        print(f"round {r}: alssl {ours:8.1f} img/s (inline views {inline:8.1f}) | lightly example " +
+              " ".join(f"(num_workers={w}) {v:8.1f}" for w, v in peer.items()) + f" img/s | ratio {ratios[-1]:.2f}",
+              flush=True)
+    print(f"look-ahead view thread alone: x{statistics.median(levers):.2f} (min {min(levers):.2f}, max {max(levers):.2f})")
     print(f"rounds={len(ratios)} min={min(ratios):.2f} max={max(ratios):.2f}")
     print(f"ratio={statistics.median(ratios):.2f}")
 

@@ -2,7 +2,7 @@
 
     pip install --no-deps semilearn==0.3.2 && pip install tensorboard ruamel.yaml progress
     python bench/semi_step.py [--data ../shared/data/cifar10_10k.npz --batch-size 8 --mu 7 --warmup 1 --steps 3
-                               --rounds 3 --threads 1 --pairs both|default]
+                               --rounds 5 --threads 1 --workers 0,2 --pairs default|both]
 
 CPU only (semilearn's `process_batch` moves batches with `.cuda()`; this script bypasses it on CPU).
 
@@ -11,11 +11,14 @@ B, μ, τ = 0.95, λ_u = 1, SGD-nesterov lr 0.03, wd 5e-4, EMA 0.999, on the CIF
 A step is everything from drawing the batch to the updated EMA weights, each library with its own data pipeline:
 
 - alssl: `alssl.semi.semi_finetune(method="fixmatch")` — the real trainer loop. Its metrics.jsonl reports steps/s
-  of each step body (batch draw, weak + strong views on the device with kornia, forward/backward, SGD, EMA),
-  excluding checkpoint writes and the final evaluation; the first `warmup` steps are dropped. On CPU alssl keeps
-  the network in channels_last memory format (oneDNN's fast conv layout); semilearn uses PyTorch's default.
+  of each step (waiting for the batch, forward/backward, SGD, EMA, and the checkpoint written after every step here),
+  excluding the final evaluation; the first `warmup` steps are dropped. The next step's weak + strong views are
+  drawn on a worker thread while the step trains (alssl/prefetch.py), as alssl ships; `alssl-inline` is the same
+  loop with that thread off, so the lever is measured alone. On CPU alssl keeps the network in channels_last memory
+  format (oneDNN's fast conv layout); semilearn uses PyTorch's default.
 - semilearn 0.3.2: `semilearn.algorithms.fixmatch.FixMatch` fed by its own `BasicDataset` with its CIFAR transforms
-  (weak: reflect-pad crop + flip; strong: + its RandAugment(3, 5)) through its `get_data_loader` (num_workers=0, like alssl's in-process views).
+  (weak: reflect-pad crop + flip; strong: + its RandAugment(3, 5)) through its `get_data_loader`, timed with each
+  `--workers` value (DataLoader processes; 0 = views in the training process); the fastest is the peer.
   Per step: next batches, `train_step`, then the two after-step hooks that do training work in its trainer:
   ParamUpdateHook (backward, optimizer.step, scheduler.step, zero_grad) and EMAHook (EMA update + ema_model reload).
   Skipped: TimerHook (CUDA events), Evaluation/Checkpoint/Logging (every num_eval_iter, set beyond the run).
@@ -29,15 +32,18 @@ Two like-for-like pairs, each with the same BatchNorm batches on both sides:
   labeled + weak + strong, as FixMatch's official code.
 - split: alssl bn_batch="split" (weak view under no_grad, labeled + strong in one graded forward) vs semilearn
   use_cat=False (labeled, strong with grad in two forwards; weak under no_grad).
-Rounds interleave the four sides so background load hits all alike; each side's per-step times are pooled and the
-MEDIAN step time is compared (the minimum is printed too). Last line: `ratio=X.XX` = alssl steps/s ÷ semilearn
-steps/s for the default pair. `--pairs default` times only that pair.
+Rounds interleave the sides (A B C ... A B C ...) so background load hits all alike. Each round compares median
+step times: ratio_r = the fastest semilearn side's ÷ alssl's. Last line: `ratio=X.XX`, the median of ratio_r over
+rounds for the default pair (min and max on the line before). `--pairs both` also times the split pair.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -99,7 +105,7 @@ class USBNet(nn.Module):
         return {"logits": logits, "feat": feats}
 
 
-def alssl_times(dataset, li: np.ndarray, args, bn_batch: str) -> list[float]:
+def alssl_times(dataset, li: np.ndarray, args, bn_batch: str, prefetch: bool = True) -> list[float]:
     """Seconds of each timed step of the real trainer (ckpt_every=1: metrics.jsonl has one steps/s per step)."""
     from alssl.runs import read_jsonl
     from alssl.semi import semi_finetune
@@ -107,11 +113,11 @@ def alssl_times(dataset, li: np.ndarray, args, bn_batch: str) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
         semi_finetune(dataset, labeled_idx=li, labeled_y=dataset.y_train[li], out_dir=Path(tmp), method="fixmatch",
                       backbone="wrn28_2", steps=args.warmup + args.steps, batch_size=args.batch_size, mu=args.mu,
-                      ckpt_every=1, seed=0, quiet=True, device="cpu", options={"bn_batch": bn_batch})
+                      ckpt_every=1, seed=0, quiet=True, device="cpu", options={"bn_batch": bn_batch}, prefetch=prefetch)
         return [1.0 / r["steps_per_s"] for r in read_jsonl(Path(tmp) / "metrics.jsonl") if r["step"] > args.warmup]
 
 
-def semilearn_setup(dataset, li: np.ndarray, args, tmp: str, use_cat: bool):
+def semilearn_setup(dataset, li: np.ndarray, args, tmp: str, use_cat: bool, workers: int):
     from semilearn.algorithms.fixmatch import FixMatch
     from semilearn.core.utils import get_data_loader
     from semilearn.datasets.augmentation import RandAugment
@@ -124,7 +130,7 @@ def semilearn_setup(dataset, li: np.ndarray, args, tmp: str, use_cat: bool):
                       "batch_size": args.batch_size, "uratio": args.mu, "epoch": 1, "num_train_iter": total,
                       "num_eval_iter": 10**9, "num_log_iter": 10**9, "ema_m": 0.999, "lr": 0.03,
                       "weight_decay": 5e-4, "p_cutoff": 0.95, "hard_label": True, "use_cat": use_cat, "amp": False,
-                      "save_dir": tmp, "save_name": "usb", "gpu": None, "num_workers": 0, "distributed": False})
+                      "save_dir": tmp, "save_name": "usb", "gpu": None, "num_workers": workers, "distributed": False})
 
     def builder(num_classes, pretrained=False, pretrained_path=None):
         return USBNet(make_net(dataset.channels, num_classes))
@@ -141,16 +147,16 @@ def semilearn_setup(dataset, li: np.ndarray, args, tmp: str, use_cat: bool):
     lb = BasicDataset("fixmatch", dataset.x_train[li], dataset.y_train[li], dataset.num_classes, weak, False, None)
     ulb = BasicDataset("fixmatch", dataset.x_train[ui], dataset.y_train[ui], dataset.num_classes, weak, True, strong)
     dl_lb = get_data_loader(cfg, lb, args.batch_size, data_sampler="RandomSampler", num_iters=total, num_epochs=1,
-                            num_workers=0)
+                            num_workers=workers)
     dl_ulb = get_data_loader(cfg, ulb, args.batch_size * args.mu, data_sampler="RandomSampler", num_iters=total,
-                             num_epochs=1, num_workers=0)
+                             num_epochs=1, num_workers=workers)
     return alg, dl_lb, dl_ulb
 
 
-def semilearn_times(dataset, li: np.ndarray, args, use_cat: bool) -> list[float]:
+def semilearn_times(dataset, li: np.ndarray, args, use_cat: bool, workers: int) -> list[float]:
     """Seconds of each timed semilearn step: data, train_step, ParamUpdateHook, EMAHook."""
     with tempfile.TemporaryDirectory() as tmp:
-        alg, dl_lb, dl_ulb = semilearn_setup(dataset, li, args, tmp, use_cat)
+        alg, dl_lb, dl_ulb = semilearn_setup(dataset, li, args, tmp, use_cat, workers)
         alg.model.train()
         it_lb, it_ulb = iter(dl_lb), iter(dl_ulb)
         w0 = next(alg.model.parameters()).detach().clone()
@@ -177,9 +183,10 @@ def main() -> None:
     ap.add_argument("--mu", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both sides (1: least noise on a shared CPU)")
-    ap.add_argument("--pairs", choices=["both", "default"], default="both",
+    ap.add_argument("--workers", default="0,2", help="semilearn DataLoader num_workers values; the fastest is the peer")
+    ap.add_argument("--pairs", choices=["both", "default"], default="default",
                     help="default: only alssl concat vs semilearn use_cat=True; both: also the split pair")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -195,28 +202,38 @@ def main() -> None:
     rng = np.random.default_rng(0)
     li = np.concatenate([rng.choice(np.flatnonzero(dataset.y_train == k), 4, replace=False)
                          for k in range(dataset.num_classes)])
-    print(f"semilearn {version('semilearn')} | torch {torch.__version__} | {args.threads} threads | WRN-28-2 | "
-          f"B={args.batch_size} mu={args.mu} | {dataset.image_size}px | {args.warmup} warm-up + {args.steps} timed "
-          f"steps x {args.rounds} rounds | placeholder modules for semilearn: {', '.join(shimmed) or 'none'}")
+    workers = [int(w) for w in args.workers.split(",")]
+    print(f"semilearn {version('semilearn')} | torch {torch.__version__} | {args.threads} threads | load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} | WRN-28-2 | B={args.batch_size} mu={args.mu} | "
+          f"{dataset.image_size}px | {args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds | "
+          f"placeholder modules for semilearn: {', '.join(shimmed) or 'none'}")
     sides = {"alssl": lambda: alssl_times(dataset, li, args, "concat"),
-             "semilearn": lambda: semilearn_times(dataset, li, args, use_cat=True)}
+             "alssl-inline": lambda: alssl_times(dataset, li, args, "concat", prefetch=False)}
+    sides |= {f"semilearn-w{w}": functools.partial(semilearn_times, dataset, li, args, True, w) for w in workers}
     if args.pairs == "both":
-        sides.update({"alssl-split": lambda: alssl_times(dataset, li, args, "split"),
-                      "semilearn-nocat": lambda: semilearn_times(dataset, li, args, use_cat=False)})
-    times: dict[str, list[float]] = {k: [] for k in sides}
+        sides["alssl-split"] = lambda: alssl_times(dataset, li, args, "split")
+        sides |= {f"semilearn-nocat-w{w}": functools.partial(semilearn_times, dataset, li, args, False, w)
+                  for w in workers}
+    ratios: dict[str, list[float]] = {"default": [], "split": [], "look-ahead": []}
     for r in range(args.rounds):  # interleaved, so background load hits every side alike
-        for name, run in sides.items():
-            times[name] += run()
-        print(f"round {r}: " + " | ".join(f"{k} {np.median(v):.3f} s/step" for k, v in times.items()), flush=True)
-    med = {k: float(np.median(v)) for k, v in times.items()}
-    print("median s/step over all timed steps: " + ", ".join(f"{k} {v:.3f} (min {min(times[k]):.3f})"
-                                                            for k, v in med.items()))
+        med = {name: float(np.median(run())) for name, run in sides.items()}
+        peer = min(med[f"semilearn-w{w}"] for w in workers)
+        ratios["default"].append(peer / med["alssl"])
+        ratios["look-ahead"].append(med["alssl-inline"] / med["alssl"])
+        if args.pairs == "both":
+            ratios["split"].append(min(med[f"semilearn-nocat-w{w}"] for w in workers) / med["alssl-split"])
+        print(f"round {r}: " + " | ".join(f"{k} {v:.3f}" for k, v in med.items()) +
+              f" s/step (median) | ratio {ratios['default'][-1]:.2f}", flush=True)
+
+    def summary(v: list[float]) -> str:
+        return f"x{statistics.median(v):.2f} (min {min(v):.2f}, max {max(v):.2f})"
+
+    print(f"look-ahead view thread alone (alssl vs alssl-inline): {summary(ratios['look-ahead'])}")
     if args.pairs == "both":
-        print(f"split pair: alssl bn_batch=split vs semilearn use_cat=False: "
-              f"{med['semilearn-nocat'] / med['alssl-split']:.2f}x; "
-              f"alssl split vs semilearn default (use_cat=True): {med['semilearn'] / med['alssl-split']:.2f}x")
-    print(f"default pair: alssl {1 / med['alssl']:.3f} steps/s, semilearn {1 / med['semilearn']:.3f} steps/s")
-    print(f"ratio={med['semilearn'] / med['alssl']:.2f}")
+        print(f"split pair: alssl bn_batch=split vs semilearn use_cat=False: {summary(ratios['split'])}")
+    d = ratios["default"]
+    print(f"rounds={len(d)} min={min(d):.2f} max={max(d):.2f}")
+    print(f"ratio={statistics.median(d):.2f}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def copy_of(src: Path, dest: Path) -> Path:
+    """A private copy of a module-scoped run / grid dir for one test to change (the original stays pristine)."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    return dest
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `alssl ARGS` in a subprocess (the real console entry point), capturing text output."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

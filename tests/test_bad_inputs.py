@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import run_cli as run_subprocess
 from conftest import run_cli_inprocess as run_cli
-from conftest import snapshot
+from conftest import copy_of, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,7 @@ def base_run(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def run_dir(base_run, tmp_path) -> Path:
-    d = tmp_path / "run"
-    shutil.copytree(base_run, d)
-    return d
+    return copy_of(base_run, tmp_path / "run")
 
 
 def assert_user_error(result, *needles: str) -> None:
@@ -62,17 +60,14 @@ def check(run_dir: Path, args: list[str], *needles: str, env: dict | None = None
 @pytest.fixture(scope="module")
 def base_closed_run(base_run, tmp_path_factory) -> Path:
     """`base_run` with its open query labeled too: no query is open."""
-    d = tmp_path_factory.mktemp("closed") / "run"
-    shutil.copytree(base_run, d)
+    d = copy_of(base_run, tmp_path_factory.mktemp("closed") / "run")
     assert run_cli("label", str(d), "--oracle").returncode == 0
     return d
 
 
 @pytest.fixture
 def closed_run(base_closed_run, tmp_path) -> Path:
-    d = tmp_path / "closed"
-    shutil.copytree(base_closed_run, d)
-    return d
+    return copy_of(base_closed_run, tmp_path / "closed")
 
 
 @pytest.mark.parametrize(
@@ -415,9 +410,7 @@ def base_grid(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def grid_dir(base_grid, tmp_path) -> Path:
-    d = tmp_path / "g"
-    shutil.copytree(base_grid, d)
-    return d
+    return copy_of(base_grid, tmp_path / "g")
 
 
 CELL = "cells/linear__random__s0.json"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli  # a subprocess: for the runs that are killed
+from conftest import ROOT, copy_of, run_cli  # a subprocess: for the runs that are killed
 from conftest import run_cli_inprocess as run_main  # the same entry point in-process, without a ~4 s import
 
 GRID = ["curve", "--data", "digits", "--strategies", "random,kcenter", "--budgets", "1%,2%,5%", "--seeds", "2",
@@ -159,10 +159,7 @@ def test_shipped_pipelines_parse():
 
 # ---------------------------------------------------------------- damaged grid files (issue 17; CLI cases in test_bad_inputs.py)
 def _damage_cell(uninterrupted, tmp_path, edit):
-    import shutil
-
-    out = tmp_path / "g"
-    shutil.copytree(uninterrupted, out)
+    out = copy_of(uninterrupted, tmp_path / "g")
     f = out / "cells" / "linear__kcenter__s1.json"
     cell = json.loads(f.read_text())
     edit(cell)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli_inprocess
+from conftest import copy_of, run_cli_inprocess
 
 BUDGET = 6
 
@@ -49,9 +49,7 @@ def base_run(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def run_dir(base_run, tmp_path) -> Path:
-    d = tmp_path / "run"
-    shutil.copytree(base_run, d)
-    return d
+    return copy_of(base_run, tmp_path / "run")
 
 
 class Server:
