@@ -13,7 +13,8 @@ Built from lightly's heads, losses and momentum utilities; Lightning Fabric supp
 
 Pixels come through `alssl.data.PoolReader`: a pool that fits (the array SPECs) lives on the training device as one
 uint8 tensor, an on-disk pool (an image folder) is read batch by batch; every step takes a batch and draws two kornia
-views on it, so there is no per-image PIL pipeline and no DataLoader. The random stream of step t on rank r is seeded from
+views on it (on a worker thread while the previous step trains: alssl/prefetch.py), so there is no per-image PIL
+pipeline and no DataLoader. The random stream of step t on rank r is seeded from
 (seed, t, r), which makes a resumed run bit-identical to an uninterrupted one. Checkpoints (`pretrain-state.pt`:
 model, teacher, queue, optimizer, scheduler, step) are written atomically every epoch and every `ckpt_every_steps`.
 """

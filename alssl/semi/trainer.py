@@ -1,7 +1,7 @@
 """The stage-4 loop: one visible training loop shared by every method, resumable, with atomic checkpoints.
 
 Per step k (of K): draw the labeled batch (B) and unlabeled batch (μB) — deterministic functions of (seed, k) —
-make the weak / strong views on the device, ask the method for its loss, check it is finite, backward, SGD step
+make the weak / strong views on the device (on a worker thread, one step ahead: alssl/prefetch.py), ask the method for its loss, check it is finite, backward, SGD step
 (nesterov, momentum 0.9, lr·cos(7πk/(16K)) — constant for DASO, as its official code — no weight decay on biases and norm parameters, as FixMatch), EMA/EMAN
 teacher update. Every `ckpt_every` steps `state.pt` (model, teacher, optimizer, method state, step) is written
 atomically; a rerun with the same arguments resumes from it and ends with the same weights as an uninterrupted run,
