@@ -106,7 +106,7 @@ def pretrain(
     temperature: float = typer.Option(0.2, min=1e-3, help="MoCo InfoNCE temperature"),
     knn_every: int = typer.Option(1, min=0, help="kNN monitor every N epochs (0 = off; off for unlabeled pools)"),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Random horizontal flips in the views (default: on for colour images, off for 1-channel glyphs)"),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the student (a GPU option: pays for long runs there; no gain on a CPU, see docs/pretrain.md)"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the student (meant for GPUs, not measured there yet; no gain on a CPU: docs/pretrain.md)"),
     seed: int = typer.Option(0),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -426,7 +426,7 @@ def semi_finetune(
     ckpt_every: int = typer.Option(100, min=1),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Flips in the weak/strong views (default: colour images only)"),
     option: list[str] = typer.Option([], "--option", help="Method setting KEY=VALUE, repeatable (see docs/semi.md), e.g. --option bn_batch=split"),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the student's backbone (a GPU option; no gain on a CPU, see docs/semi.md)"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the student's backbone (meant for GPUs, not measured there yet; no gain on a CPU: docs/semi.md)"),
     seed: int = typer.Option(0),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
