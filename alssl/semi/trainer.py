@@ -1,9 +1,9 @@
 """The stage-4 loop: one visible training loop shared by every method, resumable, with atomic checkpoints.
 
 Per step k (of K): draw the labeled batch (B) and unlabeled batch (μB) — deterministic functions of (seed, k) —
-make the weak / strong views on the device (on a worker thread, one step ahead: alssl/prefetch.py), ask the method for its loss, check it is finite, backward, SGD step
-(nesterov, momentum 0.9, lr·cos(7πk/(16K)) — constant for DASO, as its official code — no weight decay on biases and norm parameters, as FixMatch), EMA/EMAN
-teacher update. Every `ckpt_every` steps `state.pt` (model, teacher, optimizer, method state, step) is written
+make the weak / strong views on the device (on a worker thread, one step ahead: alssl/prefetch.py), ask the method
+for its loss, check it is finite, backward, SGD step (nesterov, momentum 0.9, lr·cos(7πk/(16K)) — constant for DASO,
+as its official code — no weight decay on biases and norm parameters, as FixMatch), EMA/EMAN teacher update. Every `ckpt_every` steps `state.pt` (model, teacher, optimizer, method state, step) is written
 atomically; a rerun with the same arguments resumes from it and ends with the same weights as an uninterrupted run,
 because the torch RNG is re-seeded from (seed, k) at the start of every step (no RNG stream to carry across a kill).
 """
@@ -358,7 +358,7 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
             task = bar.add_task(f"semi {method}", total=steps, completed=start)
             net.train()
             ema.train()
-            busy, n_busy = 0.0, 0  # seconds spent in step bodies since the last metrics line (throughput)
+            busy, n_busy = 0.0, 0  # seconds in steps (checkpoint writes included) since the last metrics line
 
             def batch(k: int) -> Batch:  # step k's batch and views: a function of (seed, k) only
                 torch.manual_seed((seed * 1_000_003 + k) % (2**63))  # augmentation RNG
@@ -384,8 +384,7 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
                 ema.update(net, step)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
-                t1 = time.perf_counter()
-                busy, n_busy = busy + t1 - t0, n_busy + 1
+                busy, n_busy = busy + time.perf_counter() - t0, n_busy + 1
                 done = step + 1
                 if eval_every and done % eval_every == 0 and dataset.has_test:
                     res = evaluate(ema, x_test_u8(dataset), dataset.y_test, num_classes=K, mean=mean, std=std, device=dev)
