@@ -23,6 +23,7 @@ import torch
 from alssl.backbones import build_backbone
 from alssl.pretrain import SSLNet
 from alssl.semi.common import Net
+from report import load_average, print_ratio  # bench/report.py
 
 
 def step_time(model, x: torch.Tensor, opt: torch.optim.Optimizer, steps: int, device: str) -> float:
@@ -65,7 +66,7 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     compiled = torch.compile(model)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS')}), load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}, "
+          f"{os.environ.get('OMP_NUM_THREADS')}), load average {load_average()}, "
           f"device {a.device}, stage {a.stage}, {name}, {n} images of 32 px per step")
     t0 = time.perf_counter()
     step_time(compiled, x, opt, 1, a.device)
@@ -77,8 +78,7 @@ def main() -> None:
         comp = step_time(compiled, x, opt, a.steps, a.device)
         ratios.append(eager / comp)
         print(f"round {r}: eager {eager:.3f} s/step | compiled {comp:.3f} s/step | ratio {ratios[-1]:.2f}", flush=True)
-    print(f"rounds={len(ratios)} min={min(ratios):.2f} max={max(ratios):.2f}")
-    print(f"ratio={statistics.median(ratios):.2f}")
+    print_ratio(ratios)
 
 
 if __name__ == "__main__":

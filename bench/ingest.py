@@ -33,6 +33,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from report import load_average, print_ratio  # noqa: E402  (bench/report.py)
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10_10k.npz"
 SIZES = [(256, 192), (320, 240), (400, 300), (480, 360), (640, 480), (192, 256), (480, 640)]
 
@@ -117,7 +119,7 @@ def main() -> None:
     # report that process's memory as its own peak RSS (Linux keeps the pre-exec high-water mark in ru_maxrss)
 
     print(f"# torch {version('torch')}, pillow {version('pillow')}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, cpus={os.cpu_count()}, "
-          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}, {platform.processor() or platform.machine()}")
+          f"load average {load_average()}, {platform.processor() or platform.machine()}")
     t0 = time.perf_counter()
     make_folder(Path(args.folder), args.n, args.mix)
     nbytes = sum(f.stat().st_size for f in Path(args.folder).rglob("*") if f.is_file())
@@ -138,8 +140,7 @@ def main() -> None:
         med = statistics.median(r["seconds"] for r in results[side])
         print(f"{side}: median {med:.2f} s = {args.n / med:.0f} img/s, peak RSS "
               f"{max(r['peak_rss_mb'] for r in results[side]):.0f} MB")
-    print(f"rounds={args.rounds} min={min(ratios):.2f} max={max(ratios):.2f}")
-    print(f"ratio={statistics.median(ratios):.2f}")
+    print_ratio(ratios)
 
 
 if __name__ == "__main__":

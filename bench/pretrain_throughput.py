@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from alssl.backbones import build_backbone
 from alssl.data import load_dataset
 from alssl.runs import Run
 from alssl.pretrain import pretrain
+from report import load_average, print_ratio, spread  # bench/report.py
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_10k.npz"
 
@@ -133,7 +133,7 @@ def main() -> None:
         x, y = f["x_train"], f["y_train"]
     gpu = torch.cuda.get_device_name() if a.device.startswith("cuda") else "no GPU"
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), "
-          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}, device {a.device} ({gpu}), {a.precision}")
+          f"load average {load_average()}, device {a.device} ({gpu}), {a.precision}")
     print(f"# cifar10_10k 32 px, {a.backbone}, bs {a.batch_size}, {a.steps} steps per side per round, {a.rounds} rounds")
     ratios, levers = [], []
     for r in range(a.rounds):
@@ -149,9 +149,8 @@ def main() -> None:
         print(f"round {r}: alssl {ours:8.1f} img/s (inline views {inline:8.1f}) | lightly example " +
               " ".join(f"(num_workers={w}) {v:8.1f}" for w, v in peer.items()) + f" img/s | ratio {ratios[-1]:.2f}",
               flush=True)
-    print(f"look-ahead view thread alone: x{statistics.median(levers):.2f} (min {min(levers):.2f}, max {max(levers):.2f})")
-    print(f"rounds={len(ratios)} min={min(ratios):.2f} max={max(ratios):.2f}")
-    print(f"ratio={statistics.median(ratios):.2f}")
+    print(f"look-ahead view thread alone: {spread(levers)}")
+    print_ratio(ratios)
 
 
 if __name__ == "__main__":

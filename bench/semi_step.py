@@ -42,8 +42,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import os
-import statistics
 import sys
 import tempfile
 import time
@@ -56,6 +54,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from report import load_average, print_ratio, spread  # noqa: E402  (bench/report.py)
 
 OPTIONAL = ["skimage", "skimage.util", "torchaudio", "timm", "timm.models", "timm.models.layers", "transformers",
             "transformers.file_utils", "transformers.tokenization_utils_base", "transformers.data", "wandb", "aim"]
@@ -204,7 +204,7 @@ def main() -> None:
                          for k in range(dataset.num_classes)])
     workers = [int(w) for w in args.workers.split(",")]
     print(f"semilearn {version('semilearn')} | torch {torch.__version__} | {args.threads} threads | load average "
-          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} | WRN-28-2 | B={args.batch_size} mu={args.mu} | "
+          f"{load_average()} | WRN-28-2 | B={args.batch_size} mu={args.mu} | "
           f"{dataset.image_size}px | {args.warmup} warm-up + {args.steps} timed steps x {args.rounds} rounds | "
           f"placeholder modules for semilearn: {', '.join(shimmed) or 'none'}")
     sides = {"alssl": lambda: alssl_times(dataset, li, args, "concat"),
@@ -225,15 +225,10 @@ def main() -> None:
         print(f"round {r}: " + " | ".join(f"{k} {v:.3f}" for k, v in med.items()) +
               f" s/step (median) | ratio {ratios['default'][-1]:.2f}", flush=True)
 
-    def summary(v: list[float]) -> str:
-        return f"x{statistics.median(v):.2f} (min {min(v):.2f}, max {max(v):.2f})"
-
-    print(f"look-ahead view thread alone (alssl vs alssl-inline): {summary(ratios['look-ahead'])}")
+    print(f"look-ahead view thread alone (alssl vs alssl-inline): {spread(ratios['look-ahead'])}")
     if args.pairs == "both":
-        print(f"split pair: alssl bn_batch=split vs semilearn use_cat=False: {summary(ratios['split'])}")
-    d = ratios["default"]
-    print(f"rounds={len(d)} min={min(d):.2f} max={max(d):.2f}")
-    print(f"ratio={statistics.median(d):.2f}")
+        print(f"split pair: alssl bn_batch=split vs semilearn use_cat=False: {spread(ratios['split'])}")
+    print_ratio(ratios["default"])
 
 
 if __name__ == "__main__":
