@@ -17,6 +17,9 @@ Starting weights (`--init PATH | hub`) are loaded by `load_init_weights`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -145,8 +148,11 @@ class TimmBackbone(nn.Module):
         super().__init__()
         import timm
 
-        self.net = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_channels)
-        self.arch, self.dim = arch, int(self.net.num_features)
+        try:  # ViTs: any image size (patch-size multiples; e.g. 98/112/224 for ViT-S/14), position embeddings resampled
+            self.net = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_channels, dynamic_img_size=True)
+        except TypeError:  # models without that option take any size anyway (CNNs)
+            self.net = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_channels)
+        self.arch, self.dim, self.in_channels = arch, int(self.net.num_features), in_channels
         self.head_name = self.net.pretrained_cfg.get("classifier") or "head"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -223,8 +229,17 @@ def _read_state_dict(path: Path) -> dict:
     return sd
 
 
-def _hub_state_dict(name: str) -> dict:
-    """The model's published weights through torchvision's / timm's own download (cached on the user's machine)."""
+def _offline() -> bool:
+    """True when the user said there is no network (Hugging Face's own HF_HUB_OFFLINE, or ALSSL_OFFLINE)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "ALSSL_OFFLINE"))
+
+
+def hub_weights_location(name: str) -> tuple[Path | None, str]:
+    """Where `--init hub` finds `name`'s published weights on this machine: (the cached file or None, where it goes).
+
+    torchvision: `$TORCH_HOME/hub/checkpoints/<file of the weights URL>` (torch.hub's cache). timm: the Hugging Face
+    cache (`$HF_HUB_CACHE`, default ~/.cache/huggingface/hub), repo `<hf_hub_id>`, file model.safetensors (or
+    pytorch_model.bin), the layout `huggingface-cli download <hf_hub_id>` fills."""
     if name.startswith("torchvision:"):
         arch = name[len("torchvision:"):]
         try:
@@ -232,23 +247,67 @@ def _hub_state_dict(name: str) -> dict:
         except (ValueError, KeyError):
             raise UserError(f"torchvision publishes no weights for {arch}; give --init PATH or drop --init") from None
         target = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        try:
-            return weights.get_state_dict(progress=False)
-        except Exception as exc:  # noqa: BLE001 - offline, proxy, disk: the user needs the same two facts
-            raise UserError(f"cannot download {weights.url} ({type(exc).__name__}); download it on a machine with "
-                            f"internet and put it at {target} (or pass --init PATH)") from None
+        return (target if target.is_file() else None), str(target)
     if name.startswith("timm:"):
         import timm
+        from huggingface_hub import try_to_load_from_cache
 
+        # read the cache location now (huggingface_hub.constants froze it at import)
+        hf_cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+            os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
         arch = name[len("timm:"):]
-        try:
-            return timm.create_model(arch, pretrained=True, num_classes=0).state_dict()
-        except Exception as exc:  # noqa: BLE001
-            hub_id = timm.create_model(arch, pretrained=False).pretrained_cfg.get("hf_hub_id") or arch
-            raise UserError(f"cannot get timm's weights for {arch} ({type(exc).__name__}: offline?); on a machine "
-                            f"with internet run `huggingface-cli download {hub_id}` (it fills ~/.cache/huggingface) "
-                            f"or save the state dict and pass --init PATH") from None
+        hub_id = timm.models.get_pretrained_cfg(arch).hf_hub_id if timm.models.get_pretrained_cfg(arch) else None
+        if not hub_id:
+            raise UserError(f"timm publishes no Hugging Face weights for {arch}; give --init PATH or drop --init")
+        for fname in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(hub_id, fname, cache_dir=hf_cache)
+            if isinstance(found, str):
+                return Path(found), found
+        where = f"{hf_cache}/models--{hub_id.replace('/', '--')}/snapshots/<revision>/model.safetensors"
+        return None, (f"{where} (run `huggingface-cli download {hub_id}` on a machine with internet and copy its "
+                      f"cache to {hf_cache})")
     raise UserError(f"--init hub needs a torchvision:NAME or timm:NAME backbone; {name} has no published weights")
+
+
+def _hub_state_dict(name: str, in_channels: int = 3) -> dict:
+    """The model's published weights: from the local torch.hub / Hugging Face cache when they are there (no network),
+    else through torchvision's / timm's own download; offline (HF_HUB_OFFLINE=1) a missing file fails at once."""
+    cached, where = hub_weights_location(name)
+    if cached is None and _offline():
+        raise UserError(f"--init hub: {name}'s weights are not in the local cache and HF_HUB_OFFLINE/ALSSL_OFFLINE "
+                        f"says there is no network; put the file at {where}, or pass --init PATH")
+    if name.startswith("torchvision:"):
+        weights = torchvision.models.get_model_weights(name[len("torchvision:"):]).DEFAULT
+        try:
+            return weights.get_state_dict(progress=False)  # torch.hub reads the cached file when it is there
+        except Exception as exc:  # noqa: BLE001 - offline, proxy, disk, a damaged file: the user needs the same facts
+            raise UserError(f"cannot {'read' if cached else 'download'} {name}'s weights ({type(exc).__name__}); "
+                            f"put {weights.url} at {where} (or pass --init PATH)") from None
+    import timm
+
+    arch = name[len("timm:"):]
+    overlay = {"file": str(cached)} if cached is not None else None
+    try:
+        with _quiet_logs():
+            return timm.create_model(arch, pretrained=True, num_classes=0, in_chans=in_channels,
+                                     pretrained_cfg_overlay=overlay).state_dict()
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot {'read' if cached else 'download'} timm's weights for {arch} "
+                        f"({type(exc).__name__}); the file belongs at {where}, or pass --init PATH") from None
+
+
+@contextlib.contextmanager
+def _quiet_logs():
+    """timm / huggingface_hub log their download retries at WARNING: the user gets alssl's one error line instead."""
+    loggers = [logging.getLogger(n) for n in ("timm", "huggingface_hub")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
 
 
 def load_init_weights(model: nn.Module, name: str, init: str) -> dict:
@@ -256,7 +315,8 @@ def load_init_weights(model: nn.Module, name: str, init: str) -> dict:
 
     The source's classifier (torchvision's last Linear, timm's classifier) is dropped: alssl trains its own head.
     Any other key that is missing, unexpected or of another shape is a UserError listing them."""
-    sd = _hub_state_dict(name) if init == "hub" else _read_state_dict(Path(init).expanduser())
+    sd = (_hub_state_dict(name, getattr(model, "in_channels", 3)) if init == "hub"
+          else _read_state_dict(Path(init).expanduser()))
     target = model.net if isinstance(model, (TorchvisionBackbone, TimmBackbone)) else model
     head = getattr(model, "head_name", None)
     if head is not None:

@@ -248,7 +248,7 @@ def probe(
     Example: alssl probe runs/d --probe svm
     """
     from alssl.errors import unknown
-    from alssl.features import pool_features
+    from alssl.features import choose, pool_features
     from alssl.probes import KERNELS, PROBES, cross_val_accuracy, fit_probe
     from alssl.runs import run_lock
 
@@ -261,7 +261,8 @@ def probe(
         idx = run.labeled_indices
         if len(idx) == 0:
             raise UserError(f"{run_dir} has no labeled samples yet; run `alssl query {run_dir} --budget 2%` then `alssl label {run_dir} --from FILE.csv` (or --oracle)")
-        train, test = pool_features(run.path, dataset)
+        choice = choose(run, dataset, test_probe=probe, kernel=kernel, seed=seed)
+        train, test = pool_features(run.path, dataset, choice.path)
         y = run.labels[idx]
         record: dict = {"probe": probe, "n_labeled": int(len(idx))}
         if dataset.has_test:
@@ -272,8 +273,66 @@ def probe(
             record |= {"cv_accuracy": None if acc is None else round(float(acc), 4), "cv_folds": k,
                        "note": ("no labeled test set: stratified k-fold cross-validation on the labeled set" if acc is not None
                                 else "no labeled test set and a class with a single label: label more to measure accuracy")}
+        record |= {"features_in_use": choice.name, "features_why": choice.why,
+                   "features": {n: {k: v for k, v in s.items() if k != "origin"} for n, s in choice.scores.items()}}
+        _remember_choice(run, choice)
         run.log_metrics({"stage": "probe", "round": run.n_rounds, **record})
     typer.echo(json.dumps(record))
+
+
+def _remember_choice(run, choice) -> None:
+    """Keep the last measured feature choice in state.json for `alssl status` (which loads no torch)."""
+    run.state["stages"]["features"] = {"in_use": choice.name, "n_labeled": int(run.labeled_mask.sum()),
+                                       "line": choice.line(), "why": choice.why}
+    run.save_state()
+
+
+# ------------------------------------------------------------------ feature sets
+@app.command()
+def features(
+    run_dir: Path = typer.Argument(..., metavar="RUN"),
+    add: Optional[str] = typer.Option(None, "--add", help="Add a feature extractor: cnn | resnet18 | torchvision:NAME | timm:NAME"),
+    init: Optional[str] = typer.Option(None, help="With --add: its weights, a state dict file (.pt/.pth/.safetensors) or hub"),
+    name: Optional[str] = typer.Option(None, help="With --add: the feature set's name (default: from the backbone and weights)"),
+    use: Optional[str] = typer.Option(None, help="Pin the feature set every command uses (a name), or auto: choose by measurement"),
+) -> None:
+    """The run's feature sets (stage 1, its start, any you add), each scored on the labels; the strongest is used.
+
+    Without options: list them with their accuracy on the labels (test set, or cross-validation) and which is in use.
+
+    Examples:
+      alssl features runs/mine --add timm:vit_small_patch14_dinov2.lvd142m --init hub
+      alssl features runs/mine --add cnn --init other_run/checkpoints/backbone.pt --name other
+      alssl features runs/mine --use start
+    """
+    from alssl.features import add_feature_set, check_name, choose, default_name, pin
+    from alssl.runs import run_lock
+
+    if add is None and (init is not None or name is not None):
+        raise UserError("--init and --name go with --add BACKBONE; e.g. alssl features RUN --add timm:resnet50 --init hub")
+    if add is not None and use is not None:
+        raise UserError("give --add or --use, not both (add first, then pin it with --use NAME)")
+    if add is not None:
+        from alssl.backbones import check_backbone_name
+
+        check_backbone_name(add)
+        if init is not None and init != "hub":
+            init = str(Path(init).expanduser().resolve())
+        name = check_name(name if name is not None else default_name(add, init))
+    with run_lock(run_dir):
+        run, dataset = _load_run(run_dir)
+        added = None
+        if add is not None:
+            added = add_feature_set(run, dataset, backbone=add, init=init, name=name).name
+        if use is not None:
+            pin(run, use)
+        choice = choose(run, dataset, test_probe="linear" if dataset.has_test else None)
+        if run.labeled_mask.any():
+            _remember_choice(run, choice)
+    out = {"run": str(run_dir), **({"added": added} if added else {}), "in_use": choice.name, "why": choice.why,
+           "features": choice.scores}
+    typer.echo(json.dumps(out))
+    typer.echo(f"# {choice.line()}", err=True)
 
 
 # ------------------------------------------------------------------ stage 3
@@ -385,6 +444,9 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
         con.print(f"  image folder: {info['image_size']}px, {info['skipped']} unreadable files skipped, test={info['test']}, "
                   f"classes={', '.join(info['classes'] or []) or 'not set yet'}")
     for name, st in info["stages"].items():
+        if name == "features" and "line" in st:  # the last measured choice (probe / features)
+            con.print(f"  {st['line']} on {st.get('n_labeled')} labels; {st.get('why')}")
+            continue
         con.print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in st.items()))
     table = Table("round", "strategy", "budget", "labels", "source")
     for r in info["rounds"]:
@@ -464,16 +526,24 @@ def semi_finetune(
         idx = run.labeled_indices
         if len(idx) == 0:
             raise UserError(f"{run_dir} has no labeled samples yet; run `alssl query {run_dir} --budget 2%` then `alssl label {run_dir} --from FILE.csv` (or --oracle)")
-        ckpt = run.checkpoints / "backbone.pt"
+        ckpt, record = run.checkpoints / "backbone.pt", {}
         if not fresh and not ckpt.exists():
             raise UserError(f"{run_dir} has no stage-1 backbone; run `alssl pretrain` first or pass --from-scratch")
-        tag = hashlib.sha256(json.dumps([args, options, from_scratch, backbone, idx.tolist()] + ([init] if init else []),
+        if not fresh:  # start from the feature set measured strongest on the labels (alssl/features.py)
+            from alssl.features import choose
+
+            choice = choose(run, dataset)
+            ckpt, record = choice.path, choice.record()
+        start_from = [record["features"]] if record.get("features", "ssl") != "ssl" else []  # (ssl: as before)
+        tag = hashlib.sha256(json.dumps([args, options, from_scratch, backbone, idx.tolist()] + ([init] if init else [])
+                                        + start_from,
                                         sort_keys=True).encode()).hexdigest()[:8]
         out = run.path / "semi" / f"{method}-{len(idx)}lab-{tag}"
         res = run_semi(dataset, labeled_idx=idx, labeled_y=run.labels[idx], out_dir=out,
                        backbone=backbone or run.config["pretrain"]["backbone"], init_weights=init,
                        init_checkpoint=None if fresh else ckpt, ckpt_every=ckpt_every, compile=compile,
-                       quiet=_quiet(quiet), options=options, **args)
+                       quiet=_quiet(quiet), options=options, record=record, **args)
+        res = {**res, **record}
         run.log_metrics({"stage": "semi", "dir": str(out.relative_to(run.path)), **{k: v for k, v in res.items() if k != "per_class_recall"}})
     typer.echo(json.dumps(res))
 
@@ -499,7 +569,8 @@ def export_model(
                             f"(`alssl query {run_dir} --budget 2%`, then `alssl label {run_dir} --from FILE.csv`)")
         check_writable(out)
         card = export(run, dataset, out)
-    typer.echo(json.dumps({"out": str(out), "classifier": card["classifier"], "classes": card["classes"],
+    typer.echo(json.dumps({"out": str(out), "classifier": card["classifier"], "features": card.get("features"),
+                           "classes": card["classes"],
                            "image_size": card["image_size"], "accuracy": card["accuracy"],
                            "accuracy_on": card["accuracy_on"]}))
 

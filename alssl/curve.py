@@ -16,6 +16,7 @@ import io
 import json
 import multiprocessing
 import signal
+import sys
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -221,13 +222,31 @@ def run_grid(out: Path, grid: Grid, counts: list[int], *, run_path: Path, jobs: 
     """Compute every missing cell of `grid` (chains in `jobs` processes) and return the path of curve.csv."""
     from rich.progress import Progress
 
+    from alssl.progress import format_duration
+
     chains = grid.chains()
-    with Progress(disable=quiet, transient=True) as bar:
-        task = bar.add_task("curve cells", total=len(chains) * len(counts), completed=_cells_done(out))
+    total, start, t0 = len(chains) * len(counts), _cells_done(out), time.perf_counter()
+    said = False
+
+    def project(done: int) -> None:  # one line with the projected wall time, once a chain of cells is measured
+        nonlocal said
+        left, elapsed = total - done, time.perf_counter() - t0
+        if said or done <= start or left == 0:
+            return
+        said = True
+        per = elapsed / (done - start)
+        if per * left >= 60:
+            print(f"# curve: {left} cells left ≈ {format_duration(per * left)} at {format_duration(per)} a cell "
+                  f"({jobs} job{'s' if jobs > 1 else ''}; measured over {done - start} cells); rerun the same "
+                  f"command to resume", file=sys.stderr, flush=True)
+
+    with Progress(disable=quiet, transient=True, speed_estimate_period=3600.0) as bar:
+        task = bar.add_task("curve cells", total=total, completed=start)
         if jobs <= 1:
             for ch in chains:
                 run_chain(out, grid, counts, ch, run_path)
                 bar.update(task, completed=_cells_done(out))
+                project(_cells_done(out))
         else:
             # A Pool, not a ProcessPoolExecutor: leaving the `with` (done, an error, Ctrl-C, SIGTERM) terminates the
             # workers, whereas an executor's shutdown waits for every queued chain. Workers leave Ctrl-C to the parent
@@ -235,6 +254,7 @@ def run_grid(out: Path, grid: Grid, counts: list[int], *, run_path: Path, jobs: 
             with multiprocessing.Pool(jobs, initializer=_chain_worker_init) as pool:
                 for _ in pool.imap_unordered(_run_chain_star, [(out, grid, counts, ch, run_path) for ch in chains]):
                     bar.update(task, completed=_cells_done(out))
+                    project(_cells_done(out))
     return publish(out)
 
 

@@ -84,7 +84,7 @@ def _semi_candidates(run: Run, labeled_digest: str) -> list[tuple[Path, dict]]:
 
 def best_classifier(run: Run, dataset: Dataset) -> tuple[Classifier, dict]:
     """The best model the run has (module doc) and a record of how it was made."""
-    from alssl.features import pool_features
+    from alssl.features import choose, pool_features
     from alssl.semi.trainer import array_digest
 
     idx = run.labeled_indices
@@ -105,14 +105,14 @@ def best_classifier(run: Run, dataset: Dataset) -> tuple[Classifier, dict]:
         head.load_state_dict({"weight": teacher["head.weight"], "bias": teacher["head.bias"]})
         acc = result.get("accuracy")
         record |= {"classifier": f"semi:{result['method']}", "semi_method": result["method"],
+                   "features": result.get("features"), "features_why": result.get("features_why"),
                    "semi_steps": result.get("steps"), "backbone": result["backbone"], "semi_dir": str(d.relative_to(run.path)),
                    "accuracy": acc, "accuracy_on": f"test set ({len(dataset.x_test)} images)" if acc is not None else None}
     else:
-        ckpt = run.checkpoints / "backbone.pt"
-        if not ckpt.exists():
-            raise UserError(f"{run.path} has no stage-1 backbone; run `alssl pretrain` first")
-        backbone, meta = load_backbone_checkpoint(ckpt, expect_channels=dataset.channels)
-        train, test = pool_features(run.path, dataset)
+        choice = choose(run, dataset)  # the feature set measured strongest on the labels (alssl/features.py)
+        backbone, meta = load_backbone_checkpoint(choice.path, expect_channels=dataset.channels)
+        train, test = pool_features(run.path, dataset, choice.path)
+        record |= {**choice.record(), "feature_scores": {n: s.get("cv_accuracy") for n, s in choice.scores.items()}}
         probe = fit_probe("linear", train[idx], y, num_classes=dataset.num_classes, seed=0)
         head = folded_linear_probe(probe, dataset.num_classes, train.shape[1])
         if dataset.has_test:

@@ -52,8 +52,10 @@ from torch import nn
 from alssl.augment import SSLView, normalise
 from alssl.backbones import backbone_checkpoint, build_backbone, load_init_weights
 from alssl.data import Dataset, PoolReader
-from alssl.errors import UserError, check_seed
+from alssl.errors import UserError, check_seed, warn
+from alssl.features import rankme
 from alssl.prefetch import ahead
+from alssl.progress import Projection, progress_bar
 from alssl.runs import Run, atomic_torch_save, read_jsonl, torch_load, write_jsonl
 
 METHODS = ("simsiam", "moco", "byol")
@@ -127,6 +129,23 @@ def knn_accuracy(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, test_
     return float((votes.argmax(1).numpy() == test_y).mean())
 
 
+def knn_cv_accuracy(x: np.ndarray, y: np.ndarray, *, num_classes: int, k: int = 20, t: float = 0.1,
+                    folds: int = 5) -> float | None:
+    """Weighted kNN accuracy by stratified k-fold *within* one labeled set (an image folder's `--test`, whose pool has
+    no labels): each fold is voted on by the other folds. None when a class has fewer than 2 images."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(y, minlength=num_classes)
+    n_splits = int(min(folds, counts[counts > 0].min())) if len(y) else 0
+    if n_splits < 2 or np.count_nonzero(counts) < 2:
+        return None
+    correct = 0
+    for tr, te in StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=0).split(x, y):
+        correct += round(knn_accuracy(x[tr], y[tr], x[te], y[te], num_classes=num_classes, k=min(k, len(tr)), t=t)
+                         * len(te))
+    return correct / len(y)
+
+
 @torch.no_grad()
 def _embed(backbone: nn.Module, rows: PoolReader, mean, std, batch_size: int = 1024) -> np.ndarray:
     was_training = backbone.training
@@ -158,6 +177,20 @@ def _calibrate_bn(encoder: nn.Module, rows: PoolReader, view: nn.Module, bs: int
     for m in bns:
         m.momentum = m._saved_momentum
         del m._saved_momentum
+
+
+KNN_POOL = "kNN: labeled pool votes for the test set"
+KNN_TEST_CV = "kNN: 5-fold within the labeled test set"
+RANKME_ONLY = "RankMe only (no labeled images)"
+
+
+def score_source(dataset: Dataset) -> str:
+    """How pretraining scores features on this data (docs/pretrain.md "Is stage 1 helping?")."""
+    if dataset.has_ground_truth and dataset.has_test:
+        return KNN_POOL
+    if dataset.has_test:
+        return KNN_TEST_CV
+    return RANKME_ONLY
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -291,6 +324,9 @@ def pretrain(
     view = SSLView(dataset.image_size, dataset.channels, dataset.mean, dataset.std, hflip=hflip)
     if eman and not state_path.exists():
         _calibrate_bn(net.encoder, rows, view, bs)
+    if rank == 0 and total > 0 and not state_path.exists():  # the start, kept as a feature set of its own
+        atomic_torch_save(backbone_checkpoint(net.encoder.backbone, name=backbone, in_channels=dataset.channels,
+                                              init=init, epochs=0, seed=seed), ckpt_dir / "start.pt")
     teacher = copy.deepcopy(net.encoder).requires_grad_(False) if method in ("moco", "byol") else None
     if method == "moco":
         q = queue_size if queue_size is not None else min(4096, n_pool // 2)
@@ -353,18 +389,27 @@ def pretrain(
         atomic_torch_save(state, state_path)
 
     view = view.to(fabric.device)
-    if not (dataset.has_ground_truth and dataset.has_test):
-        knn_every = 0  # an unlabeled pool: no labels to vote with
-    test_rows = PoolReader(dataset.x_test, fabric.device) if knn_every > 0 else None
+    knn_on = score_source(dataset) if knn_every > 0 else None
+    test_rows = PoolReader(dataset.x_test, fabric.device) if knn_on not in (None, RANKME_ONLY) else None
+    few_rows = None  # a pool without labels is embedded only on 1,024 evenly spaced images, for RankMe
+    if knn_on not in (None, KNN_POOL):
+        few_rows = PoolReader(dataset.x_train[np.linspace(0, n_pool - 1, min(n_pool, 1024)).astype(np.int64)],
+                              fabric.device)
 
     def monitor(epoch: int, loss: float | None, collapse: float | None) -> dict:
-        acc = None
-        if knn_every > 0 and (epoch % knn_every == 0 or step == total):
+        acc = rank_me = None
+        if knn_on is not None and (epoch % knn_every == 0 or step == total):
             bb = net.encoder.backbone
-            acc = round(knn_accuracy(_embed(bb, rows, dataset.mean, dataset.std), dataset.y_train,
-                                     _embed(bb, test_rows, dataset.mean, dataset.std), dataset.y_test,
-                                     num_classes=dataset.num_classes, k=knn_k, t=knn_t), 4)
-        rec = {"stage": "pretrain", "epoch": epoch, "step": step, "loss": loss, "knn_accuracy": acc,
+            pool = _embed(bb, rows if knn_on == KNN_POOL else few_rows, dataset.mean, dataset.std)
+            rank_me = round(rankme(pool), 2)
+            if knn_on == KNN_POOL:  # a labeled benchmark: the pool votes for the test images
+                acc = knn_accuracy(pool, dataset.y_train, _embed(bb, test_rows, dataset.mean, dataset.std),
+                                   dataset.y_test, num_classes=dataset.num_classes, k=knn_k, t=knn_t)
+            elif knn_on == KNN_TEST_CV:  # an image folder with --test: folds of the test set vote for each other
+                acc = knn_cv_accuracy(_embed(bb, test_rows, dataset.mean, dataset.std), dataset.y_test,
+                                      num_classes=dataset.num_classes, k=min(knn_k, 20), t=knn_t)
+            acc = None if acc is None else round(acc, 4)
+        rec = {"stage": "pretrain", "epoch": epoch, "step": step, "loss": loss, "knn_accuracy": acc, "rankme": rank_me,
                "collapse_std": collapse, "lr": optimizer.param_groups[0]["lr"]}
         if collapse is not None and collapse < 0.1 / math.sqrt(256 if method == "byol" else 128):  # 1/√d healthy
             warnings.warn(f"epoch {epoch}: representation collapse (std of l2-normalised outputs {collapse:.4f})")
@@ -374,7 +419,10 @@ def pretrain(
         history.append(monitor(0, None, None))
         run.log_metrics(history[-1])
 
-    progress, task = _progress(quiet or rank != 0, total, step, f"{method} {backbone}")
+    progress, task = progress_bar(f"{method} {backbone}", total, step, quiet=quiet or rank != 0,
+                                  fields={"loss": "-", "kNN": "-"})
+    projection = Projection(f"pretrain {method} {backbone}", total, step, per_step=bs * world,
+                            hint="; Ctrl-C and rerun the same command to resume") if rank == 0 else None
     t0, done_here = time.perf_counter(), 0
     net_d.train()
     if teacher is not None:
@@ -425,15 +473,17 @@ def pretrain(
             n_steps += 1
             if ckpt_every_steps and step % ckpt_every_steps == 0 and it + 1 < steps_per_epoch:
                 save()
-            if progress is not None and (step % 5 == 0 or step == total):
+            if progress is not None:
                 progress.update(task, completed=step, loss=f"{loss.item():.3f}")
+            if projection is not None:
+                projection.step(step)
             _fault_after_steps(done_here)
             if it + 1 == steps_per_epoch:  # end of an epoch: monitor line, checkpoint
                 if rank == 0:
                     history.append(monitor(epoch + 1, round(float(loss_sum) / n_steps, 4), round(float(std_sum) / n_steps, 4)))
                     run.log_metrics(history[-1])
                     if progress is not None and history[-1]["knn_accuracy"] is not None:
-                        progress.update(task, knn=f"{history[-1]['knn_accuracy']:.3f}")
+                        progress.update(task, kNN=f"{history[-1]['knn_accuracy']:.3f}")
                 save()
                 fabric.barrier()
     seconds = time.perf_counter() - t0
@@ -442,6 +492,7 @@ def pretrain(
     if rank != 0:
         return None
     knn = [h["knn_accuracy"] for h in history if h["knn_accuracy"] is not None]  # empty with knn_every=0
+    ranks = [h.get("rankme") for h in history if h.get("rankme") is not None]
     meta = {"method": method, "epochs": epochs, "steps": total, "knn_accuracy": knn[-1] if knn else None,
             "eman": eman, "seed": seed, "world_size": world}
     if in_sync is not None:
@@ -450,9 +501,17 @@ def pretrain(
                       ckpt_dir / "backbone.pt")
     if total == 0:
         save()
-    return {**meta, "backbone": backbone, "knn_accuracy_init": history[0]["knn_accuracy"],
-            "loss": history[-1]["loss"], "seconds": round(seconds, 2),
-            "images_per_s": round(done_here * bs * world / seconds, 1) if done_here else None}
+    summary = {**meta, "backbone": backbone, "knn_accuracy_init": history[0]["knn_accuracy"], "knn_on": knn_on,
+               "rankme": ranks[-1] if ranks else None, "rankme_init": history[0].get("rankme"),
+               "loss": history[-1]["loss"], "seconds": round(seconds, 2),
+               "images_per_s": round(done_here * bs * world / seconds, 1) if done_here else None}
+    if total > 0 and summary["knn_accuracy"] is not None and summary["knn_accuracy_init"] is not None \
+            and summary["knn_accuracy"] < summary["knn_accuracy_init"]:
+        warn(f"the trained features score {summary['knn_accuracy']:.3f}, below their start "
+             f"({summary['knn_accuracy_init']:.3f}; {knn_on}): stage 1 made them worse. Try starting from pretrained "
+             f"weights (--init), more --epochs, or the start itself (--epochs 0); `alssl probe`, `query` and `export` "
+             f"compare both on your labels and use the stronger")
+    return summary
 
 
 def _check_finite(finite: torch.Tensor, method: str, step: int, every: int, ckpt_dir: Path) -> None:
@@ -488,17 +547,6 @@ def _loss(method: str, net: nn.Module, teacher: nn.Module | None, criterion: nn.
     z0, p0 = net(x0)
     z1, p1 = net(x1)
     return 0.5 * (criterion(p0, k1) + criterion(p1, k0)), z0
-
-
-def _progress(quiet: bool, total: int, start: int, label: str):
-    if quiet or total == 0:
-        return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]}  kNN {task.fields[knn]}"), TimeRemainingColumn())
-    task = progress.add_task(label, total=total, completed=start, loss="-", knn="-")
-    return progress, task
 
 
 def load_state(run_path: Path) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import zlib
 from pathlib import Path
@@ -32,7 +33,7 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
           thumbnails: bool = False, options: dict | None = None) -> tuple[Path, bool]:
     """Open round K's query (or re-show the open one asked with the same arguments). Returns (csv path, reshown)."""
     from alssl.acquisition import NEEDS_LABELS, STRATEGIES, AcquisitionContext, select  # torch, faiss: query only
-    from alssl.features import pool_features
+    from alssl.features import choose, pool_features
 
     ask = {"budget": str(budget), "strategy": strategy, "seed": seed, "probe": probe}
     open_q = run.state["open_query"]
@@ -54,7 +55,8 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
             f"strategy {strategy} needs labeled samples to start; label a first round with `alssl query {run.path} "
             f"--budget {budget} --strategy random`"
         )
-    train_emb, _ = pool_features(run.path, dataset)
+    choice = choose(run, dataset)
+    train_emb, _ = pool_features(run.path, dataset, choice.path)
     k = run.n_rounds
     ctx = AcquisitionContext(
         embeddings=train_emb, labeled=labeled, labels=run.labels, num_classes=dataset.num_classes,
@@ -65,8 +67,11 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
     atomic_write_text(run.path / rel, query_csv(dataset, picked.tolist()))
     if thumbnails:
         atomic_write_bytes(run.path / f"queries/round-{k}.png", contact_sheet(dataset.x_train, picked))
+    meta = {**ask, "round": k, "file": rel, **choice.record(), **({"info": ctx.info} if ctx.info else {})}
+    atomic_write_text(run.path / f"queries/round-{k}.json",  # the query CSV's metadata: what picked it, on which features
+                      json.dumps({**meta, "feature_scores": choice.scores}, indent=1) + "\n")
     fault_point("query-after-csv")
-    run.state["open_query"] = {**ask, "round": k, "file": rel, "indices": picked.tolist(), **({"info": ctx.info} if ctx.info else {})}
+    run.state["open_query"] = {**meta, "indices": picked.tolist()}
     run.save_state()
     return run.path / rel, False
 
@@ -293,7 +298,8 @@ def label_any(run: Run, dataset: Dataset, path: Path) -> int:
 def _close(run: Run, idx: np.ndarray, y: np.ndarray, *, source: str) -> int:
     open_q = run.state["open_query"]
     run.add_labels(idx, y, round_meta={"strategy": open_q["strategy"], "budget": open_q["budget"], "seed": open_q["seed"], "source": source,
-                                       **({"info": open_q["info"]} if open_q.get("info") else {})})
+                                       **({"info": open_q["info"]} if open_q.get("info") else {}),
+                                       **({"features": open_q["features"]} if open_q.get("features") else {})})
     run.state["open_query"] = None
     run.save_state()
     return len(idx)

@@ -13,6 +13,8 @@ import torch
 # One torch thread per process: on a shared 2-core machine two threads measured 3x slower than one (spin-waiting
 # OpenMP threads), and the subprocesses the tests start inherit the setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No test may reach the network: `--init hub` and timm / huggingface_hub read only local caches when this is set.
+os.environ["HF_HUB_OFFLINE"] = "1"
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]

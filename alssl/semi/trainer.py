@@ -241,13 +241,14 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
                   lr: float = 0.03, weight_decay: float = 5e-4, teacher: str = "ema", ema_decay: float = 0.999,
                   unlabeled_idx: np.ndarray | None = None, seed: int = 0, ckpt_every: int = 100,
                   eval_every: int = 0, quiet: bool = False, device: str = "auto", options: dict | None = None,
-                  prefetch: bool = True, compile: bool = False) -> dict:
+                  prefetch: bool = True, compile: bool = False, record: dict | None = None) -> dict:
     """Semi-supervised fine-tuning of backbone + linear head on the labeled pool indices; see docs/semi.md.
 
     Returns {"method", "steps", "accuracy", "balanced_accuracy", "per_class_recall", "n_labeled", "n_unlabeled"}
     measured on the test split with the EMA/EMAN teacher. `init_checkpoint` (a stage-1 backbone.pt) overrides
     `backbone`; `init_weights` (a state dict file or "hub", see backbones.load_init_weights) starts `backbone` from
-    the user's weights instead. `out_dir` receives state.pt (resumable), metrics.jsonl and result.json.
+    the user's weights instead. `out_dir` receives state.pt (resumable), metrics.jsonl and result.json (plus the
+    plain fields of `record`, e.g. which feature set the fine-tune started from).
     """
     from alssl.semi import METHODS
 
@@ -354,8 +355,14 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
 
         from rich.progress import Progress
 
-        with Progress(disable=quiet or not sys.stderr.isatty(), transient=True) as bar:
+        from alssl.progress import Projection
+
+        # an hour's window for the ETA: rich's default (30 s) never sees two samples of a 26 s CPU step
+        with Progress(disable=quiet or not sys.stderr.isatty(), transient=True, speed_estimate_period=3600.0) as bar:
             task = bar.add_task(f"semi {method}", total=steps, completed=start)
+            projection = Projection(f"semi-finetune {method}", steps, start,
+                                    per_step=batch_size * (1 + (mu if m.uses_unlabeled else 0)),
+                                    hint="; Ctrl-C and rerun the same command to resume")
             net.train()
             ema.train()
             busy, n_busy = 0.0, 0  # seconds in steps (checkpoint writes included) since the last metrics line
@@ -403,6 +410,7 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
                                        "optimizer": opt.state_dict(), "method": m.state_dict()}, state_path)
                     last_good = done
                 bar.update(task, completed=done, description=f"semi {method} loss {float(loss.detach()):.3f}")
+                projection.step(done)
                 if fault_at and done == fault_at:
                     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -411,7 +419,8 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
     result = {"method": method, "steps": steps, "accuracy": res["accuracy"],
               "balanced_accuracy": res["balanced_accuracy"], "per_class_recall": res["per_class_recall"],
               "n_labeled": int(len(li)), "n_unlabeled": int(len(ui)) if m.uses_unlabeled else 0}
-    atomic_write_text(out_dir / "result.json", json.dumps({**result, "backbone": backbone, "teacher": teacher}, indent=1))
+    atomic_write_text(out_dir / "result.json", json.dumps({**(record or {}), **result, "backbone": backbone,
+                                                           "teacher": teacher}, indent=1))
     return result
 
 
