@@ -217,6 +217,25 @@ def cv_choice_accuracy(x: np.ndarray, y: np.ndarray, *, num_classes: int, seed: 
     return correct / total
 
 
+def _measured(cache: Path, key: str, train: np.ndarray, idx: np.ndarray, y: np.ndarray, num_classes: int,
+              seed: int) -> dict:
+    """{"rankme", "cv_accuracy"} of one feature set on these labels, cached beside its embeddings (a small JSON keyed
+    by the labeled set: every command on the same labels measures once)."""
+    try:
+        saved = json.loads(cache.read_text())
+        got = saved.get(key) if isinstance(saved, dict) else None
+        if isinstance(got, dict) and set(got) == {"rankme", "cv_accuracy"}:
+            return got
+    except (OSError, ValueError, UnicodeDecodeError):
+        saved = {}
+    cv = cv_choice_accuracy(train[idx], y, num_classes=num_classes, seed=seed) if len(idx) else None
+    got = {"rankme": round(rankme(train), 2), "cv_accuracy": None if cv is None else round(cv, 4)}
+    keep = {k: v for k, v in (saved if isinstance(saved, dict) else {}).items()}
+    keep = dict(list(keep.items())[-31:])  # the last 32 labeled sets
+    atomic_write_text(cache, json.dumps({**keep, key: got}))
+    return got
+
+
 def choose(run: Run, dataset: Dataset, *, test_probe: str | None = None, kernel: str = "linear",
            seed: int = 0) -> Choice:
     """The feature set to use on this run's labels (module doc), with every set's scores.
@@ -231,13 +250,12 @@ def choose(run: Run, dataset: Dataset, *, test_probe: str | None = None, kernel:
     idx = run.labeled_indices
     y = run.labels[idx]
     scores: dict[str, dict] = {}
+    labels_key = hashlib.sha256(np.stack([idx, y]).astype(np.int64).tobytes() + str(seed).encode()).hexdigest()[:16]
     for name, fs in sets.items():
         train, test = pool_features(run.path, dataset, fs.path)
-        s: dict = {"origin": fs.origin, "rankme": round(rankme(train), 2),
-                   "cv_accuracy": None}
+        s: dict = {"origin": fs.origin, **_measured(run.path / "features" / f"{file_digest(fs.path)}.scores.json",
+                                                    labels_key, train, idx, y, dataset.num_classes, seed)}
         if len(idx):
-            cv = cv_choice_accuracy(train[idx], y, num_classes=dataset.num_classes, seed=seed)
-            s["cv_accuracy"] = None if cv is None else round(cv, 4)
             if test_probe is not None and dataset.has_test:
                 model = fit_probe(test_probe, train[idx], y, num_classes=dataset.num_classes, kernel=kernel, seed=seed)
                 s["test_accuracy"] = round(float(model.accuracy(test, dataset.y_test)), 4)

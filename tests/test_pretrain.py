@@ -165,7 +165,7 @@ def test_ddp_two_ranks_on_cpu(tmp_path):
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # epochs 0 and 1, written once (rank 0 only)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["backbone.pt", "pretrain-state.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["backbone.pt", "pretrain-state.pt", "start.pt"]
 
 
 # ---------------------------------------------------------------- damaged state, other data, seeds (issue 17)
