@@ -293,6 +293,125 @@ def test_probcover_delta_is_the_largest_radius_with_95_percent_pure_balls():
         delta_from_radii(r, 1.5)
 
 
+# ------------------------------------------------------------------ at scale (issue 29): same picks where small
+def test_typiclust_faiss_kmeans_picks_what_the_sklearn_path_picks_where_the_clusterings_agree():
+    """The faiss k-means (used above 50,000 points) changes only the clustering: on separated blobs, where both
+    clusterings find the blobs, the picks are the same points, cold start and with labels."""
+    from alssl.acquisition.typiclust import cluster_pool
+
+    for seed in range(3):
+        x, y = _ten_blobs(seed)
+        for labeled in ((), np.flatnonzero(y == 3)[:4]):
+            picks = {}
+            for backend in ("sklearn", "faiss"):  # K = 10 clusters: the blobs, for both
+                options = {"typiclust_kmeans": backend, "typiclust_max_clusters": 10}
+                ctx = make_ctx(x, labeled, num_classes=10, options=options)
+                picks[backend] = select("typiclust", ctx, 10, np.random.default_rng(seed))
+            assert picks["faiss"].tolist() == picks["sklearn"].tolist(), (seed, len(labeled))
+        ctx = make_ctx(x, num_classes=10)
+        a, b = cluster_pool(ctx, 10, 0, "sklearn"), cluster_pool(ctx, 10, 0, "faiss")
+        assert len(set(zip(a.tolist(), b.tolist()))) == 10  # the same partition, up to cluster names
+    with pytest.raises(UserError, match="typiclust_kmeans must be one of auto, sklearn, faiss"):
+        select("typiclust", make_ctx(x, options={"typiclust_kmeans": "torch"}), 3, np.random.default_rng(0))
+
+
+def sparse_graph_probcover(x: np.ndarray, labeled: np.ndarray, delta: float, budget: int, rng) -> list[int]:
+    """ProbCover's greedy as alssl ran it before issue 29: the whole δ-ball graph in a scipy sparse matrix
+    (faiss exact range search), out-edges = balls; the reference the bounded-memory version must equal."""
+    import faiss
+    import scipy.sparse as sp
+
+    from alssl.acquisition.base import l2_normalise
+
+    x = l2_normalise(x)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    lims, _, cols = index.range_search(x, float(delta) ** 2)
+    graph = sp.csr_matrix((np.ones(len(cols), bool), cols, lims.astype(np.int64)), shape=(len(x), len(x)))
+    into = graph.T.tocsr()
+    covered = np.zeros(len(x), bool)
+    covered[graph[np.flatnonzero(labeled)].indices] = True
+    degree = np.asarray(graph @ (~covered).astype(np.int64)).ravel()
+    picked = []
+    for _ in range(budget):
+        best = degree.max(initial=0)
+        if best <= 0:
+            break
+        p = int(rng.choice(np.flatnonzero(degree == best)))
+        new = graph.indices[graph.indptr[p] : graph.indptr[p + 1]]
+        new = new[~covered[new]]
+        covered[new] = True
+        degree -= np.bincount(into[new].indices, minlength=len(x))
+        picked.append(p)
+    return picked
+
+
+@pytest.mark.parametrize("delta", [0.3, 0.6, 1.0])
+def test_probcover_bounded_memory_equals_the_sparse_graph(delta, monkeypatch):
+    """Same picks, same order, as the stored graph, with distance blocks far smaller than the pool (several
+    blocks per pass, so the block bookkeeping is exercised)."""
+    import alssl.acquisition.probcover as pc
+
+    monkeypatch.setattr(pc, "Q_CHUNK", 37)
+    monkeypatch.setattr(pc, "DB_CHUNK", 101)
+    x, y = _ten_blobs(1)
+    x = x + np.random.default_rng(2).normal(size=x.shape).astype(np.float32) * 3  # overlapping balls
+    for labeled in ((), np.flatnonzero(y == 0)[:5].tolist() + [7]):
+        ctx = make_ctx(x, labeled, num_classes=10, options={"delta": delta})
+        ours = pc.probcover_select(ctx, 30, np.random.default_rng(4))
+        ref = sparse_graph_probcover(x, ctx.labeled, delta, 30, np.random.default_rng(4))
+        assert ours[: len(ref)].tolist() == ref, (delta, len(labeled))
+
+
+def test_probcover_above_max_points_works_on_a_fixed_subsample():
+    x, y = _ten_blobs(0)
+    lab = np.flatnonzero(y == 2)[:3]
+    runs = []
+    for seed in (0, 1):
+        ctx = make_ctx(x, lab, num_classes=10, options={"probcover_max_points": 300})
+        runs.append((select("probcover", ctx, 8, np.random.default_rng(seed)), ctx.info))
+    (a, info), (b, _) = runs
+    assert info["probcover_points"] == 300 and info["random_fill"] == 0
+    from alssl.acquisition.probcover import work_rows
+
+    rows = work_rows(len(x), 300)
+    assert np.isin(a, rows).all() and np.isin(b, rows).all()  # candidates come from the subsample
+    assert len(set(y[a].tolist())) == 8  # still one pick per uncovered blob while blobs are left
+
+
+class BlockReads:
+    """Embeddings that answer only row reads (slices, index arrays) of at most `limit` rows, like a big memmap
+    should be read; a whole-array conversion raises."""
+
+    def __init__(self, x: np.ndarray, limit: int):
+        self.x, self.limit, self.shape, self.dtype, self.ndim = x, limit, x.shape, x.dtype, x.ndim
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, rows):
+        out = self.x[rows]
+        assert out.ndim == 2 and len(out) <= self.limit, f"read {out.shape} at once"
+        return out
+
+    def __array__(self, *a, **k):
+        raise AssertionError("read the whole embedding matrix at once")
+
+
+def test_every_strategy_reads_its_features_through_the_accessor(digits, monkeypatch):
+    """Every feature-based strategy answers on embeddings that only allow block reads of FEATURE_CHUNK rows."""
+    import alssl.acquisition.base as base
+
+    d, x = digits
+    monkeypatch.setattr(base, "FEATURE_CHUNK", 256)
+    lab = np.random.default_rng(0).choice(len(x), 30, replace=False)
+    for name in sorted(set(STRATEGIES) - {"random", "vaal"}):
+        ctx = make_ctx(x, lab, d.y_train, num_classes=10)
+        ctx.embeddings = BlockReads(x, 256)
+        picked = select(name, ctx, 12, np.random.default_rng(0))
+        assert len(np.unique(picked)) == 12, name
+
+
 # ------------------------------------------------------------------ VAAL
 @pytest.fixture
 def one_torch_thread():

@@ -38,9 +38,10 @@ __all__ = ["AcquisitionContext", "NEEDS_LABELS", "OPTIONS", "STRATEGIES", "selec
 
 def _check_context(ctx: AcquisitionContext) -> None:
     n = len(ctx.labeled)
-    emb, labeled, labels = np.asarray(ctx.embeddings), np.asarray(ctx.labeled), np.asarray(ctx.labels)
-    if emb.ndim != 2 or len(emb) != n or len(labels) != n or labeled.dtype != bool:
-        raise UserError(f"acquisition context is inconsistent: embeddings {emb.shape}, labeled {labeled.shape} "
+    shape = tuple(ctx.embeddings.shape)  # never np.asarray(embeddings): they may be a big memmap
+    labeled, labels = np.asarray(ctx.labeled), np.asarray(ctx.labels)
+    if len(shape) != 2 or shape[0] != n or len(labels) != n or labeled.dtype != bool:
+        raise UserError(f"acquisition context is inconsistent: embeddings {shape}, labeled {labeled.shape} "
                         f"({labeled.dtype}), labels {labels.shape}; all must cover the same N pool samples")
     if labeled.any() and (labels[labeled].min() < 0 or labels[labeled].max() >= ctx.num_classes):
         raise UserError(f"labeled samples must carry labels in 0..{ctx.num_classes - 1}; check the run's labels")
