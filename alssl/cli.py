@@ -281,7 +281,7 @@ def probe(
 def query(
     run_dir: Path = typer.Argument(..., metavar="RUN"),
     budget: str = typer.Option(..., help="2% of the pool or a count like 500"),
-    strategy: str = typer.Option("random", help="random | entropy | margin | svm-margin | kcenter | vaal | typiclust | probcover"),
+    strategy: str = typer.Option("random", help="random | entropy | margin | svm-margin | kcenter | vaal | typiclust | probcover | badge | cluster-margin"),
     seed: int = typer.Option(0),
     probe: str = typer.Option("linear", help="Probe behind the uncertainty strategies"),
     delta: Optional[float] = typer.Option(None, help="ProbCover ball radius (default: purity heuristic)"),

@@ -412,6 +412,130 @@ def test_every_strategy_reads_its_features_through_the_accessor(digits, monkeypa
         assert len(np.unique(picked)) == 12, name
 
 
+# ------------------------------------------------------------------ BADGE / Cluster-Margin (issue 29)
+def official_badge_init_centers(X: np.ndarray, K: int, rng: np.random.Generator) -> list[int]:
+    """A transcription of the official BADGE k-means++ seeding (JordanAsh/badge, query_strategies/
+    badge_sampling.py `init_centers`) on materialised gradient embeddings X, with one change: scipy's
+    `rv_discrete(...).rvs()` (global numpy RNG) is replaced by an inverse-CDF draw from `rng`, so both sides can
+    be fed the same uniform numbers."""
+    from sklearn.metrics import pairwise_distances
+
+    ind = int(np.argmax([np.linalg.norm(s, 2) for s in X]))
+    mu, inds_all = [X[ind]], [ind]
+    while len(mu) < K:
+        if len(mu) == 1:
+            D2 = pairwise_distances(X, mu).ravel().astype(float)
+        else:
+            newD = pairwise_distances(X, [mu[-1]]).ravel().astype(float)
+            D2 = np.minimum(D2, newD)
+        Ddist = (D2**2) / sum(D2**2)
+        draw = lambda: min(int(np.searchsorted(np.cumsum(Ddist), rng.random(), side="right")), len(X) - 1)  # noqa: E731
+        ind = draw()
+        while ind in inds_all:
+            ind = draw()
+        mu.append(X[ind])
+        inds_all.append(ind)
+    return inds_all
+
+
+def test_badge_picks_what_the_official_seeding_picks_on_the_same_gradient_embeddings(digits):
+    """Same probe, same uniform draws: alssl's factorised k-means++ (never materialising g) against the
+    transcribed official init_centers on the materialised embeddings; pick overlap over 3 seeds."""
+    from alssl.acquisition.badge import badge_picks, gradient_embedding
+
+    d, x = digits
+    x, y = x[:400], d.y_train[:400]
+    overlaps = []
+    for seed in range(3):
+        lab = np.random.default_rng(seed).choice(len(x), 20, replace=False)
+        ctx = make_ctx(x, lab, y, num_classes=10)
+        probe = fit_probe("linear", x[lab], y[lab], num_classes=10, seed=seed)
+        cand = ctx.unlabeled_indices
+        ours = badge_picks(ctx, probe, cand, 30, np.random.default_rng(seed))
+        ref = cand[official_badge_init_centers(gradient_embedding(probe, x[cand]), 30, np.random.default_rng(seed))]
+        assert ours[0] == ref[0]  # the largest gradient norm
+        overlaps.append(len(set(ours.tolist()) & set(ref.tolist())) / 30)
+    assert np.mean(overlaps) >= 0.9, overlaps
+
+
+def test_badge_gradient_embedding_by_hand():
+    """g = (p − e_ŷ) ⊗ z: for a 2-class probe, the predicted class's block is (p_ŷ − 1)·z, the other p_other·z."""
+    from alssl.acquisition.badge import gradient_embedding
+
+    lab = np.array([[-2, 0], [-2, 1], [2, 0], [2, 1]], np.float32)
+    probe = fit_probe("linear", lab, np.array([0, 0, 1, 1]), num_classes=2)
+    q = np.array([[1.0, 0.5]], np.float32)
+    p = probe.predict_proba(q)[0]
+    z = probe.scaler.transform(q)[0]
+    assert p.argmax() == 1
+    assert np.allclose(gradient_embedding(probe, q)[0], np.r_[p[0] * z, (p[1] - 1) * z])
+
+
+def test_badge_prefers_uncertain_points_and_spreads_them():
+    """Three labeled classes at the corners of a triangle; unlabeled: sure points next to the corners and two tight
+    groups on the midpoints of two different edges (uncertain between different class pairs). The first pick
+    (largest gradient norm) is an uncertain point; without the sure points, two picks take one of each group
+    (a second pick from the same group would be a copy of the first gradient)."""
+    rng = np.random.default_rng(0)
+    corners = np.array([[0, 4], [-3.5, -2], [3.5, -2]])
+    lab = np.concatenate([c + 0.3 * rng.normal(size=(4, 2)) for c in corners])
+    sure = np.concatenate([c * 1.5 + 0.1 * rng.normal(size=(6, 2)) for c in corners])
+    edge_a = (corners[0] + corners[1]) / 2 + 0.02 * rng.normal(size=(5, 2))
+    edge_b = (corners[1] + corners[2]) / 2 + 0.02 * rng.normal(size=(5, 2))
+    y = np.repeat([0, 1, 2], 4)
+    emb = np.concatenate([lab, edge_a, edge_b, sure]).astype(np.float32)  # groups: rows 12..16, 17..21
+    ctx = make_ctx(emb, range(12), np.r_[y, [-1] * 28], num_classes=3)
+    assert 12 <= select("badge", ctx, 1, np.random.default_rng(0))[0] < 22
+    ctx = make_ctx(emb[:22], range(12), np.r_[y, [-1] * 10], num_classes=3)
+    for seed in range(5):
+        picked = select("badge", ctx, 2, np.random.default_rng(seed))
+        assert sorted(i >= 17 for i in picked) == [False, True], picked
+
+
+def test_cluster_margin_takes_round_robin_from_the_smallest_clusters(tmp_path):
+    """Planted clusters of 2, 4, 8 and 16 points, all of them margin candidates (k_m ≥ pool): the picks go
+    smallest cluster first, one per cluster per round, and the clusters are computed once per feature set."""
+    import alssl.acquisition.cluster_margin as cm
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(8)[:4] * 50
+    sizes = [16, 2, 8, 4]
+    blobs = np.concatenate([c + rng.normal(0, 0.1, (n, 8)) for c, n in zip(centres, sizes)])
+    lab = np.array([[0.0] * 8, [100.0] + [0.0] * 7])  # two labeled points, one per class, far from every blob
+    emb = np.concatenate([lab, blobs]).astype(np.float32)
+    cluster_of = np.r_[[-1, -1], np.repeat(np.arange(4), sizes)]
+    size_of = np.r_[[0, 0], np.repeat(sizes, sizes)]
+    options = {"cluster_margin_clusters": 4}
+    cm._CLUSTERS.clear()
+    for seed in range(3):
+        ctx = make_ctx(emb, [0, 1], np.r_[[0, 1], [-1] * 30], options=options, cache_dir=tmp_path)
+        picked = select("cluster-margin", ctx, 9, np.random.default_rng(seed))
+        assert ctx.info["clusters_source"] == ("computed" if seed == 0 else "cached")
+        assert [size_of[i] for i in picked] == [2, 4, 8, 16, 2, 4, 8, 16, 4]  # rounds, smallest first
+        assert len(set(cluster_of[picked[:4]].tolist())) == 4
+    cm._CLUSTERS.clear()  # a fresh process reads the stored clusters
+    ctx = make_ctx(emb, [0, 1], np.r_[[0, 1], [-1] * 30], options=options, cache_dir=tmp_path)
+    select("cluster-margin", ctx, 3, np.random.default_rng(0))
+    assert ctx.info["clusters_source"] == "cached" and len(list(tmp_path.glob("*.cluster-margin-4.npy"))) == 1
+
+
+def test_cluster_margin_candidates_are_the_lowest_margins():
+    """k_m = 1 × B: the picks are exactly the B smallest-margin points (round-robin only orders them)."""
+    emb, lab, y = _two_class_line()
+    ctx = make_ctx(emb, lab, y, options={"cluster_margin_candidates": 1})
+    assert select("cluster-margin", ctx, 1, np.random.default_rng(0)).tolist() == [7]
+
+
+def test_cluster_margin_on_micro_clusters_above_hac_points(monkeypatch):
+    """Above HAC_POINTS the HAC runs on k-means micro-cluster centroids: separated blobs still come out whole."""
+    import alssl.acquisition.cluster_margin as cm
+
+    monkeypatch.setattr(cm, "HAC_POINTS", 60)
+    x, y = _ten_blobs(0)
+    clusters = cm.hac_clusters(make_ctx(x), 10)
+    assert len(set(zip(clusters.tolist(), y.tolist()))) == 10
+
+
 # ------------------------------------------------------------------ VAAL
 @pytest.fixture
 def one_torch_thread():

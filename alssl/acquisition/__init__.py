@@ -2,7 +2,7 @@
 
 Bengar et al. 2021 (arXiv 2108.11458) compare entropy, k-center greedy, VAAL and SVM min-margin against random
 on top of a frozen self-supervised backbone; TypiClust and ProbCover are the low-budget strategies that came
-after. `select()` is the entry point: it validates the request, dispatches, and checks the answer.
+after; BADGE and Cluster-Margin the batch-aware ones (uncertain and diverse). `select()` is the entry point: it validates the request, dispatches, and checks the answer.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from typing import Callable
 
 import numpy as np
 
+from alssl.acquisition.badge import badge_select
 from alssl.acquisition.base import OPTIONS, AcquisitionContext, random_sampling, require_labels
+from alssl.acquisition.cluster_margin import cluster_margin_select
 from alssl.acquisition.kcenter import kcenter_greedy
 from alssl.acquisition.probcover import probcover_select
 from alssl.acquisition.typiclust import typiclust_select
@@ -30,8 +32,10 @@ STRATEGIES: dict[str, Strategy] = {
     "vaal": vaal_select,
     "typiclust": typiclust_select,
     "probcover": probcover_select,
+    "badge": badge_select,
+    "cluster-margin": cluster_margin_select,
 }
-NEEDS_LABELS: set[str] = {"entropy", "margin", "svm-margin", "vaal"}
+NEEDS_LABELS: set[str] = {"entropy", "margin", "svm-margin", "vaal", "badge", "cluster-margin"}
 
 __all__ = ["AcquisitionContext", "NEEDS_LABELS", "OPTIONS", "STRATEGIES", "select"]
 
