@@ -707,3 +707,20 @@ def test_cli_probcover_on_two_copies_of_a_run_with_other_seeds_uses_the_same_del
         r = cli("query", str(run), "--budget", "5", "--strategy", "probcover", "--seed", seed)  # later query: reused
         assert json.loads((run / "state.json").read_text())["open_query"]["info"]["delta_source"] == "cached"
     assert got[0][0] == got[1][0]
+
+
+# ------------------------------------------------------------------ bench/acq_scale.py runs (its numbers: docs)
+def test_acq_scale_bench_small_mode_prints_its_table(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "bench" / "acq_scale.py"), "--small", "--strategies",
+                          "random,probcover", "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "| probcover | " in out.stdout and "exponent" in out.stdout and "load=" in out.stdout
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert set(results) == {"random", "probcover"} and set(results["probcover"]) == {"300", "1000"}
+    assert all(r["picked"] == 10 and r["peak_rss_mb"] >= r["base_rss_mb"] for v in results.values() for r in v.values())
