@@ -14,6 +14,7 @@ import numpy as np
 from alssl.acquisition.badge import badge_select
 from alssl.acquisition.base import OPTIONS, AcquisitionContext, random_sampling, require_labels
 from alssl.acquisition.cluster_margin import cluster_margin_select
+from alssl.acquisition.duplicates import select_skipping_duplicates
 from alssl.acquisition.kcenter import kcenter_greedy
 from alssl.acquisition.probcover import probcover_select
 from alssl.acquisition.typiclust import typiclust_select
@@ -54,6 +55,16 @@ def _check_context(ctx: AcquisitionContext) -> None:
             raise unknown("acquisition option", key, OPTIONS)
 
 
+def skip_duplicates(ctx: AcquisitionContext) -> bool:
+    """The `skip_duplicates` option as a bool (True, "true", "1", "on" / False, "false", "0", "off"; default off)."""
+    value = ctx.options.get("skip_duplicates", False)
+    if isinstance(value, str):
+        if value.lower() not in ("true", "1", "on", "yes", "false", "0", "off", "no"):
+            raise UserError(f"acquisition option skip_duplicates={value!r} is not true or false; {OPTIONS['skip_duplicates']}")
+        return value.lower() in ("true", "1", "on", "yes")
+    return bool(value)
+
+
 def select(name: str, ctx: AcquisitionContext, budget: int, rng: np.random.Generator) -> np.ndarray:
     """Run strategy `name`: exactly `budget` unique, previously unlabeled absolute indices (int64)."""
     if name not in STRATEGIES:
@@ -68,7 +79,10 @@ def select(name: str, ctx: AcquisitionContext, budget: int, rng: np.random.Gener
         raise UserError(f"budget {budget} is more than the {n_free} unlabeled samples left; ask for at most {n_free}")
     if name in NEEDS_LABELS:
         require_labels(ctx, name)
-    picked = np.asarray(STRATEGIES[name](ctx, int(budget), rng), dtype=np.int64)
+    if skip_duplicates(ctx):
+        picked = select_skipping_duplicates(STRATEGIES[name], ctx, int(budget), rng)
+    else:
+        picked = np.asarray(STRATEGIES[name](ctx, int(budget), rng), dtype=np.int64)
     if picked.shape != (budget,) or len(np.unique(picked)) != budget:
         raise AssertionError(f"strategy {name} returned {picked.shape} / {len(np.unique(picked))} unique, not {budget}")
     if picked.min() < 0 or picked.max() >= len(ctx.labeled) or ctx.labeled[picked].any():

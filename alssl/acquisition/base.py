@@ -30,6 +30,9 @@ OPTIONS = {
     "vaal_epochs": "VAAL training length in passes over the pool (default 2; official 100)",
     "vaal_batch_size": "VAAL batch size for each of the labeled and unlabeled batches (default 64; official 128)",
     "vaal_width": "VAAL conv width of the first layer, doubled at each downsampling (default 32; official 128)",
+    "skip_duplicates": "never pick a near-duplicate of a labeled or already picked image: true | false (default false; "
+                       "alssl query: true for pools of image files)",
+    "duplicate_tau": "cosine similarity at which two images count as near-duplicates (default 0.98)",
     "device": "torch device for VAAL (default: cuda when available, else cpu)",
 }
 
