@@ -272,8 +272,18 @@ def probe(
             record |= {"cv_accuracy": None if acc is None else round(float(acc), 4), "cv_folds": k,
                        "note": ("no labeled test set: stratified k-fold cross-validation on the labeled set" if acc is not None
                                 else "no labeled test set and a class with a single label: label more to measure accuracy")}
+        if len(set(run.labeled_round[run.labeled_round >= 0].tolist())) >= 2:  # the stopping signal needs 2 rounds
+            from alssl.stopping import WINDOW, stopping_signal
+
+            sig = stopping_signal(train, run.labeled_round, run.labels, num_classes=dataset.num_classes, probe=probe,
+                                  kernel=kernel, seed=seed, cv_rounds=0)
+            record |= {"kappa": sig["kappa"][-WINDOW:], "predictions_stable": sig["stable"]}
         run.log_metrics({"stage": "probe", "round": run.n_rounds, **record})
     typer.echo(json.dumps(record))
+    if record.get("predictions_stable"):
+        from alssl.stopping import stable_message
+
+        typer.echo(f"# {stable_message(record['kappa'])}", err=True)
 
 
 # ------------------------------------------------------------------ stage 3
@@ -407,6 +417,11 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
                   f"{dup['images']} of {dup['pool']} images")
     if info["last_metrics"]:
         con.print(f"  last metrics: {info['last_metrics']}")
+    probes = [m for m in read_jsonl(run.metrics_file) if m.get("stage") == "probe"]
+    if probes and probes[-1].get("predictions_stable"):
+        from alssl.stopping import stable_message
+
+        con.print(f"  {stable_message(probes[-1]['kappa'])} (last probe, round {probes[-1]['round']})")
 
 
 def _count_rows(path: Path) -> int:
