@@ -276,8 +276,18 @@ def probe(
         record |= {"features_in_use": choice.name, "features_why": choice.why,
                    "features": {n: {k: v for k, v in s.items() if k != "origin"} for n, s in choice.scores.items()}}
         _remember_choice(run, choice)
+        if len(set(run.labeled_round[run.labeled_round >= 0].tolist())) >= 2:  # the stopping signal needs 2 rounds
+            from alssl.stopping import WINDOW, stopping_signal
+
+            sig = stopping_signal(train, run.labeled_round, run.labels, num_classes=dataset.num_classes, probe=probe,
+                                  kernel=kernel, seed=seed, cv_rounds=0)
+            record |= {"kappa": sig["kappa"][-WINDOW:], "predictions_stable": sig["stable"]}
         run.log_metrics({"stage": "probe", "round": run.n_rounds, **record})
     typer.echo(json.dumps(record))
+    if record.get("predictions_stable"):
+        from alssl.stopping import stable_message
+
+        typer.echo(f"# {stable_message(record['kappa'])}", err=True)
 
 
 def _remember_choice(run, choice) -> None:
@@ -340,12 +350,16 @@ def features(
 def query(
     run_dir: Path = typer.Argument(..., metavar="RUN"),
     budget: str = typer.Option(..., help="2% of the pool or a count like 500"),
-    strategy: str = typer.Option("random", help="random | entropy | margin | svm-margin | kcenter | vaal | typiclust | probcover"),
+    strategy: str = typer.Option("random", help="random | entropy | margin | svm-margin | kcenter | vaal | typiclust | probcover | badge | cluster-margin"),
     seed: int = typer.Option(0),
     probe: str = typer.Option("linear", help="Probe behind the uncertainty strategies"),
     delta: Optional[float] = typer.Option(None, help="ProbCover ball radius (default: purity heuristic)"),
     kernel: Optional[str] = typer.Option(None, help="SVM kernel behind svm-margin / the svm probe: linear | rbf"),
     thumbnails: bool = typer.Option(False, help="Also write queries/round-K.png, a contact sheet to label from"),
+    skip_duplicates: Optional[bool] = typer.Option(
+        None, "--skip-duplicates/--keep-duplicates",
+        help="Never pick a near-duplicate (feature cosine >= 0.98) of a labeled or picked image "
+             "(default: on for image folders, off for digits/npz/cifar10)"),
 ) -> None:
     """Stage 3: pick B new samples; writes RUN/queries/round-K.csv (index,id) and prints its path.
 
@@ -356,7 +370,8 @@ def query(
     from alssl.runs import Run, run_lock
 
     budget_count(budget, n_pool=max(1, Run.open(run_dir).state["n_pool"]))  # a bad budget answers before any loading
-    options = {k: v for k, v in {"delta": delta, "kernel": kernel}.items() if v is not None}
+    options = {k: v for k, v in {"delta": delta, "kernel": kernel, "skip_duplicates": skip_duplicates}.items()
+               if v is not None}
     with run_lock(run_dir):
         run, dataset = _load_run(run_dir)
         path, reshown = run_query(run, dataset, budget=budget, strategy=strategy, seed=seed, probe=probe,
@@ -431,6 +446,8 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
         "last_metrics": (read_jsonl(run.metrics_file) or [None])[-1],
         "probcover_delta": {f.name.split(".")[0]: json.loads(f.read_text())["delta"]  # per feature set (embeddings sha)
                             for f in sorted((Path(run_dir) / "features").glob("*.probcover.json"))},
+        "near_duplicates": {f.name.split(".")[0]: json.loads(f.read_text())  # per feature set: tau, groups, images
+                            for f in sorted((Path(run_dir) / "features").glob("*.duplicates-*.json"))},
     }
     if as_json:
         typer.echo(json.dumps(info))
@@ -457,8 +474,16 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
         con.print(f"  open query: round {q['round']} ({q['strategy']}, {q['budget']}) → {q['file']}")
     for sha, deltas in info["probcover_delta"].items():
         con.print(f"  probcover delta (features {sha}): " + ", ".join(f"{v:.4g} ({k})" for k, v in deltas.items()))
+    for sha, dup in info["near_duplicates"].items():
+        con.print(f"  near-duplicates (features {sha}, cosine >= {dup['tau']:g}): {dup['groups']} groups holding "
+                  f"{dup['images']} of {dup['pool']} images")
     if info["last_metrics"]:
         con.print(f"  last metrics: {info['last_metrics']}")
+    probes = [m for m in read_jsonl(run.metrics_file) if m.get("stage") == "probe"]
+    if probes and probes[-1].get("predictions_stable"):
+        from alssl.stopping import stable_message
+
+        con.print(f"  {stable_message(probes[-1]['kappa'])} (last probe, round {probes[-1]['round']})")
 
 
 def _count_rows(path: Path) -> int:

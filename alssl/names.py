@@ -4,7 +4,8 @@ milliseconds before any heavy import. The registries themselves (dicts of callab
 
 from __future__ import annotations
 
-STRATEGIES = ("random", "entropy", "margin", "svm-margin", "kcenter", "vaal", "typiclust", "probcover")
+STRATEGIES = ("random", "entropy", "margin", "svm-margin", "kcenter", "vaal", "typiclust", "probcover", "badge",
+              "cluster-margin")
 PROBES = ("linear", "svm")
 PRETRAIN_METHODS = ("simsiam", "moco", "byol")
 BACKBONES = ("cnn", "resnet18", "wrn28_2")

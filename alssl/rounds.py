@@ -58,9 +58,12 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
     choice = choose(run, dataset)
     train_emb, _ = pool_features(run.path, dataset, choice.path)
     k = run.n_rounds
+    options = dict(options or {})
+    if options.get("skip_duplicates") is None:  # on for pools of image files, off for benchmark data (train/<i> ids)
+        options["skip_duplicates"] = dataset.ids[0] != "train/0"
     ctx = AcquisitionContext(
         embeddings=train_emb, labeled=labeled, labels=run.labels, num_classes=dataset.num_classes,
-        images=dataset.x_train, probe=probe, options=dict(options or {}), cache_dir=run.path / "features",
+        images=dataset.x_train, probe=probe, options=options, cache_dir=run.path / "features",
     )
     picked = np.sort(select(strategy, ctx, n, strategy_rng(seed, k, strategy)))
     rel = f"queries/round-{k}.csv"

@@ -293,6 +293,319 @@ def test_probcover_delta_is_the_largest_radius_with_95_percent_pure_balls():
         delta_from_radii(r, 1.5)
 
 
+# ------------------------------------------------------------------ at scale (issue 29): same picks where small
+def test_typiclust_faiss_kmeans_picks_what_the_sklearn_path_picks_where_the_clusterings_agree():
+    """The faiss k-means (used above 50,000 points) changes only the clustering: on separated blobs, where both
+    clusterings find the blobs, the picks are the same points, cold start and with labels."""
+    from alssl.acquisition.typiclust import cluster_pool
+
+    for seed in range(3):
+        x, y = _ten_blobs(seed)
+        for labeled in ((), np.flatnonzero(y == 3)[:4]):
+            picks = {}
+            for backend in ("sklearn", "faiss"):  # K = 10 clusters: the blobs, for both
+                options = {"typiclust_kmeans": backend, "typiclust_max_clusters": 10}
+                ctx = make_ctx(x, labeled, num_classes=10, options=options)
+                picks[backend] = select("typiclust", ctx, 10, np.random.default_rng(seed))
+            assert picks["faiss"].tolist() == picks["sklearn"].tolist(), (seed, len(labeled))
+        ctx = make_ctx(x, num_classes=10)
+        a, b = cluster_pool(ctx, 10, 0, "sklearn"), cluster_pool(ctx, 10, 0, "faiss")
+        assert len(set(zip(a.tolist(), b.tolist()))) == 10  # the same partition, up to cluster names
+    with pytest.raises(UserError, match="typiclust_kmeans must be one of auto, sklearn, faiss"):
+        select("typiclust", make_ctx(x, options={"typiclust_kmeans": "torch"}), 3, np.random.default_rng(0))
+
+
+def sparse_graph_probcover(x: np.ndarray, labeled: np.ndarray, delta: float, budget: int, rng) -> list[int]:
+    """ProbCover's greedy as alssl ran it before issue 29: the whole δ-ball graph in a scipy sparse matrix
+    (faiss exact range search), out-edges = balls; the reference the bounded-memory version must equal."""
+    import faiss
+    import scipy.sparse as sp
+
+    from alssl.acquisition.base import l2_normalise
+
+    x = l2_normalise(x)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    lims, _, cols = index.range_search(x, float(delta) ** 2)
+    graph = sp.csr_matrix((np.ones(len(cols), bool), cols, lims.astype(np.int64)), shape=(len(x), len(x)))
+    into = graph.T.tocsr()
+    covered = np.zeros(len(x), bool)
+    covered[graph[np.flatnonzero(labeled)].indices] = True
+    degree = np.asarray(graph @ (~covered).astype(np.int64)).ravel()
+    picked = []
+    for _ in range(budget):
+        best = degree.max(initial=0)
+        if best <= 0:
+            break
+        p = int(rng.choice(np.flatnonzero(degree == best)))
+        new = graph.indices[graph.indptr[p] : graph.indptr[p + 1]]
+        new = new[~covered[new]]
+        covered[new] = True
+        degree -= np.bincount(into[new].indices, minlength=len(x))
+        picked.append(p)
+    return picked
+
+
+@pytest.mark.parametrize("delta", [0.3, 0.6, 1.0])
+def test_probcover_bounded_memory_equals_the_sparse_graph(delta, monkeypatch):
+    """Same picks, same order, as the stored graph, with distance blocks far smaller than the pool (several
+    blocks per pass, so the block bookkeeping is exercised)."""
+    import alssl.acquisition.probcover as pc
+
+    monkeypatch.setattr(pc, "Q_CHUNK", 37)
+    monkeypatch.setattr(pc, "DB_CHUNK", 101)
+    x, y = _ten_blobs(1)
+    x = x + np.random.default_rng(2).normal(size=x.shape).astype(np.float32) * 3  # overlapping balls
+    for labeled in ((), np.flatnonzero(y == 0)[:5].tolist() + [7]):
+        ctx = make_ctx(x, labeled, num_classes=10, options={"delta": delta})
+        ours = pc.probcover_select(ctx, 30, np.random.default_rng(4))
+        ref = sparse_graph_probcover(x, ctx.labeled, delta, 30, np.random.default_rng(4))
+        assert ours[: len(ref)].tolist() == ref, (delta, len(labeled))
+
+
+def test_probcover_above_max_points_works_on_a_fixed_subsample():
+    x, y = _ten_blobs(0)
+    lab = np.flatnonzero(y == 2)[:3]
+    runs = []
+    for seed in (0, 1):
+        ctx = make_ctx(x, lab, num_classes=10, options={"probcover_max_points": 300})
+        runs.append((select("probcover", ctx, 8, np.random.default_rng(seed)), ctx.info))
+    (a, info), (b, _) = runs
+    assert info["probcover_points"] == 300 and info["random_fill"] == 0
+    from alssl.acquisition.probcover import work_rows
+
+    rows = work_rows(len(x), 300)
+    assert np.isin(a, rows).all() and np.isin(b, rows).all()  # candidates come from the subsample
+    assert len(set(y[a].tolist())) == 8  # still one pick per uncovered blob while blobs are left
+
+
+class BlockReads:
+    """Embeddings that answer only row reads (slices, index arrays) of at most `limit` rows, like a big memmap
+    should be read; a whole-array conversion raises."""
+
+    def __init__(self, x: np.ndarray, limit: int):
+        self.x, self.limit, self.shape, self.dtype, self.ndim = x, limit, x.shape, x.dtype, x.ndim
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, rows):
+        out = self.x[rows]
+        assert out.ndim == 2 and len(out) <= self.limit, f"read {out.shape} at once"
+        return out
+
+    def __array__(self, *a, **k):
+        raise AssertionError("read the whole embedding matrix at once")
+
+
+def test_every_strategy_reads_its_features_through_the_accessor(digits, monkeypatch):
+    """Every feature-based strategy answers on embeddings that only allow block reads of FEATURE_CHUNK rows."""
+    import alssl.acquisition.base as base
+
+    d, x = digits
+    monkeypatch.setattr(base, "FEATURE_CHUNK", 256)
+    lab = np.random.default_rng(0).choice(len(x), 30, replace=False)
+    for name in sorted(set(STRATEGIES) - {"random", "vaal"}):
+        ctx = make_ctx(x, lab, d.y_train, num_classes=10)
+        ctx.embeddings = BlockReads(x, 256)
+        picked = select(name, ctx, 12, np.random.default_rng(0))
+        assert len(np.unique(picked)) == 12, name
+
+
+# ------------------------------------------------------------------ BADGE / Cluster-Margin (issue 29)
+def official_badge_init_centers(X: np.ndarray, K: int, rng: np.random.Generator) -> list[int]:
+    """A transcription of the official BADGE k-means++ seeding (JordanAsh/badge, query_strategies/
+    badge_sampling.py `init_centers`) on materialised gradient embeddings X, with one change: scipy's
+    `rv_discrete(...).rvs()` (global numpy RNG) is replaced by an inverse-CDF draw from `rng`, so both sides can
+    be fed the same uniform numbers."""
+    from sklearn.metrics import pairwise_distances
+
+    ind = int(np.argmax([np.linalg.norm(s, 2) for s in X]))
+    mu, inds_all = [X[ind]], [ind]
+    while len(mu) < K:
+        if len(mu) == 1:
+            D2 = pairwise_distances(X, mu).ravel().astype(float)
+        else:
+            newD = pairwise_distances(X, [mu[-1]]).ravel().astype(float)
+            D2 = np.minimum(D2, newD)
+        Ddist = (D2**2) / sum(D2**2)
+        draw = lambda: min(int(np.searchsorted(np.cumsum(Ddist), rng.random(), side="right")), len(X) - 1)  # noqa: E731
+        ind = draw()
+        while ind in inds_all:
+            ind = draw()
+        mu.append(X[ind])
+        inds_all.append(ind)
+    return inds_all
+
+
+def test_badge_picks_what_the_official_seeding_picks_on_the_same_gradient_embeddings(digits):
+    """Same probe, same uniform draws: alssl's factorised k-means++ (never materialising g) against the
+    transcribed official init_centers on the materialised embeddings; pick overlap over 3 seeds."""
+    from alssl.acquisition.badge import badge_picks, gradient_embedding
+
+    d, x = digits
+    x, y = x[:400], d.y_train[:400]
+    overlaps = []
+    for seed in range(3):
+        lab = np.random.default_rng(seed).choice(len(x), 20, replace=False)
+        ctx = make_ctx(x, lab, y, num_classes=10)
+        probe = fit_probe("linear", x[lab], y[lab], num_classes=10, seed=seed)
+        cand = ctx.unlabeled_indices
+        ours = badge_picks(ctx, probe, cand, 30, np.random.default_rng(seed))
+        ref = cand[official_badge_init_centers(gradient_embedding(probe, x[cand]), 30, np.random.default_rng(seed))]
+        assert ours[0] == ref[0]  # the largest gradient norm
+        overlaps.append(len(set(ours.tolist()) & set(ref.tolist())) / 30)
+    assert np.mean(overlaps) >= 0.9, overlaps
+
+
+def test_badge_gradient_embedding_by_hand():
+    """g = (p − e_ŷ) ⊗ z: for a 2-class probe, the predicted class's block is (p_ŷ − 1)·z, the other p_other·z."""
+    from alssl.acquisition.badge import gradient_embedding
+
+    lab = np.array([[-2, 0], [-2, 1], [2, 0], [2, 1]], np.float32)
+    probe = fit_probe("linear", lab, np.array([0, 0, 1, 1]), num_classes=2)
+    q = np.array([[1.0, 0.5]], np.float32)
+    p = probe.predict_proba(q)[0]
+    z = probe.scaler.transform(q)[0]
+    assert p.argmax() == 1
+    assert np.allclose(gradient_embedding(probe, q)[0], np.r_[p[0] * z, (p[1] - 1) * z])
+
+
+def test_badge_prefers_uncertain_points_and_spreads_them():
+    """Three labeled classes at the corners of a triangle; unlabeled: sure points next to the corners and two tight
+    groups on the midpoints of two different edges (uncertain between different class pairs). The first pick
+    (largest gradient norm) is an uncertain point; without the sure points, two picks take one of each group
+    (a second pick from the same group would be a copy of the first gradient)."""
+    rng = np.random.default_rng(0)
+    corners = np.array([[0, 4], [-3.5, -2], [3.5, -2]])
+    lab = np.concatenate([c + 0.3 * rng.normal(size=(4, 2)) for c in corners])
+    sure = np.concatenate([c * 1.5 + 0.1 * rng.normal(size=(6, 2)) for c in corners])
+    edge_a = (corners[0] + corners[1]) / 2 + 0.02 * rng.normal(size=(5, 2))
+    edge_b = (corners[1] + corners[2]) / 2 + 0.02 * rng.normal(size=(5, 2))
+    y = np.repeat([0, 1, 2], 4)
+    emb = np.concatenate([lab, edge_a, edge_b, sure]).astype(np.float32)  # groups: rows 12..16, 17..21
+    ctx = make_ctx(emb, range(12), np.r_[y, [-1] * 28], num_classes=3)
+    assert 12 <= select("badge", ctx, 1, np.random.default_rng(0))[0] < 22
+    ctx = make_ctx(emb[:22], range(12), np.r_[y, [-1] * 10], num_classes=3)
+    for seed in range(5):
+        picked = select("badge", ctx, 2, np.random.default_rng(seed))
+        assert sorted(i >= 17 for i in picked) == [False, True], picked
+
+
+def test_cluster_margin_takes_round_robin_from_the_smallest_clusters(tmp_path):
+    """Planted clusters of 2, 4, 8 and 16 points, all of them margin candidates (k_m ≥ pool): the picks go
+    smallest cluster first, one per cluster per round, and the clusters are computed once per feature set."""
+    import alssl.acquisition.cluster_margin as cm
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(8)[:4] * 50
+    sizes = [16, 2, 8, 4]
+    blobs = np.concatenate([c + rng.normal(0, 0.1, (n, 8)) for c, n in zip(centres, sizes)])
+    lab = np.array([[0.0] * 8, [100.0] + [0.0] * 7])  # two labeled points, one per class, far from every blob
+    emb = np.concatenate([lab, blobs]).astype(np.float32)
+    cluster_of = np.r_[[-1, -1], np.repeat(np.arange(4), sizes)]
+    size_of = np.r_[[0, 0], np.repeat(sizes, sizes)]
+    options = {"cluster_margin_clusters": 4}
+    cm._CLUSTERS.clear()
+    for seed in range(3):
+        ctx = make_ctx(emb, [0, 1], np.r_[[0, 1], [-1] * 30], options=options, cache_dir=tmp_path)
+        picked = select("cluster-margin", ctx, 9, np.random.default_rng(seed))
+        assert ctx.info["clusters_source"] == ("computed" if seed == 0 else "cached")
+        assert [size_of[i] for i in picked] == [2, 4, 8, 16, 2, 4, 8, 16, 4]  # rounds, smallest first
+        assert len(set(cluster_of[picked[:4]].tolist())) == 4
+    cm._CLUSTERS.clear()  # a fresh process reads the stored clusters
+    ctx = make_ctx(emb, [0, 1], np.r_[[0, 1], [-1] * 30], options=options, cache_dir=tmp_path)
+    select("cluster-margin", ctx, 3, np.random.default_rng(0))
+    assert ctx.info["clusters_source"] == "cached" and len(list(tmp_path.glob("*.cluster-margin-4.npy"))) == 1
+
+
+def test_cluster_margin_candidates_are_the_lowest_margins():
+    """k_m = 1 × B: the picks are exactly the B smallest-margin points (round-robin only orders them)."""
+    emb, lab, y = _two_class_line()
+    ctx = make_ctx(emb, lab, y, options={"cluster_margin_candidates": 1})
+    assert select("cluster-margin", ctx, 1, np.random.default_rng(0)).tolist() == [7]
+
+
+def test_cluster_margin_on_micro_clusters_above_hac_points(monkeypatch):
+    """Above HAC_POINTS the HAC runs on k-means micro-cluster centroids: separated blobs still come out whole."""
+    import alssl.acquisition.cluster_margin as cm
+
+    monkeypatch.setattr(cm, "HAC_POINTS", 60)
+    x, y = _ten_blobs(0)
+    clusters = cm.hac_clusters(make_ctx(x), 10)
+    assert len(set(zip(clusters.tolist(), y.tolist()))) == 10
+
+
+# ------------------------------------------------------------------ near-duplicates (issue 29)
+def _planted_duplicates(seed: int = 0):
+    """40 distinct points in 32-d, point k copied 1 + k % 4 times with tiny noise (cosine > 0.999): 100 rows."""
+    rng = np.random.default_rng(seed)
+    distinct = rng.normal(size=(40, 32))
+    group = np.repeat(np.arange(40), 1 + np.arange(40) % 4)
+    x = (distinct[group] + 0.003 * rng.normal(size=(len(group), 32))).astype(np.float32)
+    order = rng.permutation(len(x))  # copies scattered over the pool
+    return x[order], group[order]
+
+
+def test_duplicate_groups_finds_the_planted_copies_exact_and_with_the_ivf_index(monkeypatch):
+    import alssl.acquisition.duplicates as dup
+
+    x, group = _planted_duplicates()
+    for exact_max in (10**6, 10):  # flat index, then the inverted-file index
+        monkeypatch.setattr(dup, "EXACT_MAX_N", exact_max)
+        found = dup.duplicate_groups(make_ctx(x))
+        assert len(set(zip(found.tolist(), group.tolist()))) == 40 == len(np.unique(found))
+    assert dup.summary(group) == {"groups": 30, "images": 90}
+
+
+@pytest.mark.parametrize("name", sorted(set(STRATEGIES) - {"vaal"}))
+def test_no_query_contains_two_near_duplicates_or_a_copy_of_a_labeled_image(name):
+    x, group = _planted_duplicates()
+    labels = group % 3
+    lab = [int(np.flatnonzero(group == g)[0]) for g in (3, 7, 11, 15, 2, 5)]  # groups of 4, and 3 / 2 copies
+    for seed in range(2):
+        ctx = make_ctx(x, lab, labels, num_classes=3, options={"skip_duplicates": True})
+        picked = select(name, ctx, 20, np.random.default_rng(seed))
+        assert len(set(group[picked].tolist())) == 20, name  # one per group
+        assert not set(group[picked].tolist()) & set(group[lab].tolist()), name  # no copy of a labeled image
+        assert ctx.info["duplicates_skipped"] >= 0
+
+
+def test_skip_duplicates_when_only_copies_are_left_says_so(capsys):
+    x, group = _planted_duplicates()
+    ctx = make_ctx(x, options={"skip_duplicates": "true"})
+    picked = select("kcenter", ctx, 45, np.random.default_rng(0))
+    assert len(set(group[picked].tolist())) == 40 and len(np.unique(picked)) == 45
+    assert "5 of the 45 picks are random" in capsys.readouterr().err
+    with pytest.raises(UserError, match="skip_duplicates='maybe' is not true or false"):
+        select("random", make_ctx(x, options={"skip_duplicates": "maybe"}), 3, np.random.default_rng(0))
+
+
+def test_cli_query_on_an_image_folder_skips_duplicates_and_status_counts_them(tmp_path):
+    from PIL import Image
+
+    from conftest import run_cli_inprocess as cli
+
+    pool = tmp_path / "photos"
+    pool.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        img = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+        img.save(pool / f"img{i:02d}.png")
+        if i < 6:  # six photos saved twice
+            img.save(pool / f"img{i:02d} copy.png")
+    run = tmp_path / "run"
+    r = cli("pretrain", "--data", str(pool), "--out", str(run), "--epochs", "0", "--image-size", "16", "-q")
+    assert r.returncode == 0, r.stderr
+    r = cli("query", str(run), "--budget", "16", "--strategy", "random")
+    assert r.returncode == 0, r.stderr
+    ids = [line.split(",", 1)[1].strip('"') for line in (run / "queries" / "round-0.csv").read_text().splitlines()[1:]]
+    assert len({i.replace(" copy", "") for i in ids}) == 16  # every photo once
+    status = json.loads(cli("status", str(run), "--json").stdout)
+    (summary,) = status["near_duplicates"].values()
+    assert summary["groups"] == 6 and summary["images"] == 12 and summary["pool"] == 22
+
+
 # ------------------------------------------------------------------ VAAL
 @pytest.fixture
 def one_torch_thread():
@@ -464,3 +777,20 @@ def test_cli_probcover_on_two_copies_of_a_run_with_other_seeds_uses_the_same_del
         r = cli("query", str(run), "--budget", "5", "--strategy", "probcover", "--seed", seed)  # later query: reused
         assert json.loads((run / "state.json").read_text())["open_query"]["info"]["delta_source"] == "cached"
     assert got[0][0] == got[1][0]
+
+
+# ------------------------------------------------------------------ bench/acq_scale.py runs (its numbers: docs)
+def test_acq_scale_bench_small_mode_prints_its_table(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "bench" / "acq_scale.py"), "--small", "--strategies",
+                          "probcover", "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "| probcover | " in out.stdout and "exponent" in out.stdout and "load=" in out.stdout
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert set(results) == {"probcover"} and set(results["probcover"]) == {"300", "1000"}
+    assert all(r["picked"] == 10 and r["peak_rss_mb"] >= r["base_rss_mb"] for v in results.values() for r in v.values())

@@ -2,7 +2,7 @@
 
 Bengar et al. 2021 (arXiv 2108.11458) compare entropy, k-center greedy, VAAL and SVM min-margin against random
 on top of a frozen self-supervised backbone; TypiClust and ProbCover are the low-budget strategies that came
-after. `select()` is the entry point: it validates the request, dispatches, and checks the answer.
+after; BADGE and Cluster-Margin the batch-aware ones (uncertain and diverse). `select()` is the entry point: it validates the request, dispatches, and checks the answer.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from typing import Callable
 
 import numpy as np
 
+from alssl.acquisition.badge import badge_select
 from alssl.acquisition.base import OPTIONS, AcquisitionContext, random_sampling, require_labels
+from alssl.acquisition.cluster_margin import cluster_margin_select
+from alssl.acquisition.duplicates import select_skipping_duplicates
 from alssl.acquisition.kcenter import kcenter_greedy
 from alssl.acquisition.probcover import probcover_select
 from alssl.acquisition.typiclust import typiclust_select
@@ -30,23 +33,36 @@ STRATEGIES: dict[str, Strategy] = {
     "vaal": vaal_select,
     "typiclust": typiclust_select,
     "probcover": probcover_select,
+    "badge": badge_select,
+    "cluster-margin": cluster_margin_select,
 }
-NEEDS_LABELS: set[str] = {"entropy", "margin", "svm-margin", "vaal"}
+NEEDS_LABELS: set[str] = {"entropy", "margin", "svm-margin", "vaal", "badge", "cluster-margin"}
 
 __all__ = ["AcquisitionContext", "NEEDS_LABELS", "OPTIONS", "STRATEGIES", "select"]
 
 
 def _check_context(ctx: AcquisitionContext) -> None:
     n = len(ctx.labeled)
-    emb, labeled, labels = np.asarray(ctx.embeddings), np.asarray(ctx.labeled), np.asarray(ctx.labels)
-    if emb.ndim != 2 or len(emb) != n or len(labels) != n or labeled.dtype != bool:
-        raise UserError(f"acquisition context is inconsistent: embeddings {emb.shape}, labeled {labeled.shape} "
+    shape = tuple(ctx.embeddings.shape)  # never np.asarray(embeddings): they may be a big memmap
+    labeled, labels = np.asarray(ctx.labeled), np.asarray(ctx.labels)
+    if len(shape) != 2 or shape[0] != n or len(labels) != n or labeled.dtype != bool:
+        raise UserError(f"acquisition context is inconsistent: embeddings {shape}, labeled {labeled.shape} "
                         f"({labeled.dtype}), labels {labels.shape}; all must cover the same N pool samples")
     if labeled.any() and (labels[labeled].min() < 0 or labels[labeled].max() >= ctx.num_classes):
         raise UserError(f"labeled samples must carry labels in 0..{ctx.num_classes - 1}; check the run's labels")
     for key in ctx.options:
         if key not in OPTIONS:
             raise unknown("acquisition option", key, OPTIONS)
+
+
+def skip_duplicates(ctx: AcquisitionContext) -> bool:
+    """The `skip_duplicates` option as a bool (True, "true", "1", "on" / False, "false", "0", "off"; default off)."""
+    value = ctx.options.get("skip_duplicates", False)
+    if isinstance(value, str):
+        if value.lower() not in ("true", "1", "on", "yes", "false", "0", "off", "no"):
+            raise UserError(f"acquisition option skip_duplicates={value!r} is not true or false; {OPTIONS['skip_duplicates']}")
+        return value.lower() in ("true", "1", "on", "yes")
+    return bool(value)
 
 
 def select(name: str, ctx: AcquisitionContext, budget: int, rng: np.random.Generator) -> np.ndarray:
@@ -63,7 +79,10 @@ def select(name: str, ctx: AcquisitionContext, budget: int, rng: np.random.Gener
         raise UserError(f"budget {budget} is more than the {n_free} unlabeled samples left; ask for at most {n_free}")
     if name in NEEDS_LABELS:
         require_labels(ctx, name)
-    picked = np.asarray(STRATEGIES[name](ctx, int(budget), rng), dtype=np.int64)
+    if skip_duplicates(ctx):
+        picked = select_skipping_duplicates(STRATEGIES[name], ctx, int(budget), rng)
+    else:
+        picked = np.asarray(STRATEGIES[name](ctx, int(budget), rng), dtype=np.int64)
     if picked.shape != (budget,) or len(np.unique(picked)) != budget:
         raise AssertionError(f"strategy {name} returned {picked.shape} / {len(np.unique(picked))} unique, not {budget}")
     if picked.min() < 0 or picked.max() >= len(ctx.labeled) or ctx.labeled[picked].any():

@@ -6,9 +6,11 @@ and every strategy returns absolute pool indices.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -21,9 +23,16 @@ OPTIONS = {
     "probcover_alpha": "probcover purity threshold for choosing delta (default 0.95)",
     "typiclust_max_clusters": "typiclust's cap on the number of k-means clusters (default 500)",
     "typiclust_knn": "typiclust's K for typicality (default 20)",
+    "typiclust_kmeans": "typiclust's k-means: auto | sklearn | faiss (default auto: sklearn up to 50,000 points)",
+    "probcover_max_points": "probcover works on a seeded subsample of at most this many pool points (default 50000)",
+    "cluster_margin_candidates": "cluster-margin's margin candidates as a multiple of the budget (default 10)",
+    "cluster_margin_clusters": "cluster-margin's number of HAC clusters (default: pool size / 20, 2..1000)",
     "vaal_epochs": "VAAL training length in passes over the pool (default 2; official 100)",
     "vaal_batch_size": "VAAL batch size for each of the labeled and unlabeled batches (default 64; official 128)",
     "vaal_width": "VAAL conv width of the first layer, doubled at each downsampling (default 32; official 128)",
+    "skip_duplicates": "never pick a near-duplicate of a labeled or already picked image: true | false (default false; "
+                       "alssl query: true for pools of image files)",
+    "duplicate_tau": "cosine similarity at which two images count as near-duplicates (default 0.98)",
     "device": "torch device for VAAL (default: cuda when available, else cpu)",
 }
 
@@ -45,6 +54,37 @@ class AcquisitionContext:
     @property
     def unlabeled_indices(self) -> np.ndarray:
         return np.flatnonzero(~self.labeled)
+
+
+FEATURE_CHUNK = 32768  # rows per block read from the embeddings (64 MiB at D = 512, float32)
+
+
+def feature_chunks(ctx: AcquisitionContext, rows: np.ndarray | None = None, *, normalise: bool = False,
+                   chunk: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The one accessor every strategy reads its features through: (row indices [n], float32 block [n, D]) over
+    the whole pool (`rows=None`, in order) or the given rows, `chunk` (default FEATURE_CHUNK) rows at a time, optionally L2-normalised.
+
+    Only one block is in memory at a time, so a memory-mapped `ctx.embeddings` is read from disk block by block."""
+    n, chunk = len(ctx.embeddings), chunk or FEATURE_CHUNK
+    for i in range(0, n if rows is None else len(rows), chunk):
+        idx = np.arange(i, min(i + chunk, n)) if rows is None else np.asarray(rows[i : i + chunk])
+        block = np.asarray(ctx.embeddings[i : i + len(idx)] if rows is None else ctx.embeddings[idx], np.float32)
+        yield idx, (l2_normalise(block) if normalise else block)
+
+
+def features_of(ctx: AcquisitionContext, rows: np.ndarray, *, normalise: bool = False) -> np.ndarray:
+    """float32 [len(rows), D]: the features of a (small) set of rows, gathered through `feature_chunks`."""
+    blocks = [block for _, block in feature_chunks(ctx, np.asarray(rows), normalise=normalise)]
+    return np.concatenate(blocks) if blocks else np.zeros((0, ctx.embeddings.shape[1]), np.float32)
+
+
+def features_digest(embeddings: np.ndarray) -> str:
+    """sha256 (16 hex digits) of the float32 bytes of the embeddings, read block by block: names per-feature-set
+    caches (`RUN/features/<digest>.*`)."""
+    h = hashlib.sha256()
+    for i in range(0, len(embeddings), FEATURE_CHUNK):
+        h.update(np.ascontiguousarray(embeddings[i : i + FEATURE_CHUNK], dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
 
 
 def require_labels(ctx: AcquisitionContext, name: str) -> None:

@@ -13,33 +13,41 @@ Implementation (exact, O(N) extra memory, never an N×N matrix):
   never picked while any point is still at distance > 0; once every remaining distance is 0 the rest of the
   budget is filled with random unlabeled samples;
 - nothing labeled: the first centre is a uniformly random unlabeled sample.
+The embeddings are read block by block through `feature_chunks` (FEATURE_CHUNK rows at a time), so a memory-mapped
+feature matrix is streamed from disk and nothing but O(N) vectors is added to it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from alssl.acquisition.base import AcquisitionContext, faiss_index, fill_random
+from alssl.acquisition.base import AcquisitionContext, faiss_index, feature_chunks, features_of, fill_random
 
 
-def initial_min_sq_dist(x: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(squared distance [N] float32 of every row of x to its nearest centre row, that centre's index [N] int64)."""
-    index = faiss_index(x.shape[1])
-    index.add(np.ascontiguousarray(x[centres]))
-    dist, nn = index.search(x, 1)  # [N, 1] each
-    return np.maximum(dist[:, 0], 0.0).astype(np.float32), centres[nn[:, 0]].astype(np.int64)
+def initial_min_sq_dist(ctx: AcquisitionContext, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(squared distance [N] float32 of every pool row to its nearest centre row, that centre's index [N] int64)."""
+    index = faiss_index(ctx.embeddings.shape[1])
+    index.add(np.ascontiguousarray(features_of(ctx, centres)))
+    min_dist, nearest = np.empty(len(ctx.embeddings), np.float32), np.empty(len(ctx.embeddings), np.int64)
+    for idx, block in feature_chunks(ctx):
+        dist, nn = index.search(block, 1)  # [n, 1] each
+        min_dist[idx], nearest[idx] = np.maximum(dist[:, 0], 0.0), centres[nn[:, 0]]
+    return min_dist, nearest
 
 
 def kcenter_greedy(ctx: AcquisitionContext, budget: int, rng: np.random.Generator) -> np.ndarray:
     """B unlabeled indices by greedy farthest-first traversal from the labeled set."""
-    x = np.ascontiguousarray(ctx.embeddings, dtype=np.float32)  # [N, D]; no copy for float32 C-order input
-    n = len(x)
-    sq_norm = np.einsum("ij,ij->i", x, x)  # [N]
+    n = len(ctx.embeddings)
+    sq_norm = np.empty(n, np.float32)  # [N]
+    for idx, block in feature_chunks(ctx):
+        sq_norm[idx] = np.einsum("ij,ij->i", block, block)
     buf = np.empty(n, np.float32)  # [N] distances to the newest centre
     closer = np.empty(n, bool)
 
     def add_centre(c: int) -> None:
-        np.matmul(x, x[c], out=buf)  # [N] one streaming pass
+        centre = features_of(ctx, np.array([c]))[0]  # [D]
+        for idx, block in feature_chunks(ctx):  # one streaming pass, block by block
+            np.matmul(block, centre, out=buf[idx[0] : idx[-1] + 1])
         np.multiply(buf, -2.0, out=buf)
         np.add(buf, sq_norm, out=buf)
         np.add(buf, sq_norm[c], out=buf)
@@ -51,7 +59,7 @@ def kcenter_greedy(ctx: AcquisitionContext, budget: int, rng: np.random.Generato
 
     picked: list[int] = []
     if ctx.labeled.any():
-        min_dist, nearest = initial_min_sq_dist(x, np.flatnonzero(ctx.labeled))
+        min_dist, nearest = initial_min_sq_dist(ctx, np.flatnonzero(ctx.labeled))
         min_dist[ctx.labeled] = 0.0
     else:
         min_dist = np.full(n, np.inf, np.float32)
@@ -63,7 +71,7 @@ def kcenter_greedy(ctx: AcquisitionContext, budget: int, rng: np.random.Generato
         p = int(np.argmax(min_dist))
         if not min_dist[p] > 0.0:
             break  # every remaining point coincides with a centre
-        if np.array_equal(x[p], x[nearest[p]]):
+        if np.array_equal(*features_of(ctx, np.array([p, nearest[p]]))):
             min_dist[p] = 0.0  # exact duplicate of a centre seen through float32 rounding; it covers nothing
             continue
         picked.append(p)

@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from alssl.acquisition.base import AcquisitionContext, lowest, option, require_labels
-from alssl.probes import CHUNK, Probe, fit_probe
+from alssl.acquisition.base import AcquisitionContext, feature_chunks, features_of, lowest, option, require_labels
+from alssl.probes import Probe, fit_probe
 
 
 def _probe(ctx: AcquisitionContext, kind: str, rng: np.random.Generator) -> Probe:
     idx = np.flatnonzero(ctx.labeled)
-    return fit_probe(kind, ctx.embeddings[idx], ctx.labels[idx], num_classes=ctx.num_classes,
+    return fit_probe(kind, features_of(ctx, idx), ctx.labels[idx], num_classes=ctx.num_classes,
                      kernel=option(ctx, "kernel", "linear", str), seed=int(rng.integers(2**31 - 1)))
 
 
 def _scores(ctx: AcquisitionContext, score_fn, candidates: np.ndarray) -> np.ndarray:
     """score_fn over the candidates' embeddings, chunk by chunk (no copy of the whole pool)."""
-    out = [score_fn(ctx.embeddings[candidates[i : i + CHUNK]]) for i in range(0, len(candidates), CHUNK)]
-    return np.concatenate(out)
+    out = [score_fn(block) for _, block in feature_chunks(ctx, candidates)]
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def entropy_scores(p: np.ndarray) -> np.ndarray:
