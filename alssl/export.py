@@ -125,6 +125,28 @@ def best_classifier(run: Run, dataset: Dataset) -> tuple[Classifier, dict]:
     return Classifier(backbone, head, dataset.mean, dataset.std).eval(), record
 
 
+EXPORT_FILES = ["model.pt", "model.ts", "model.json"]
+
+
+def is_export_dir(out: Path) -> bool:
+    """Whether `out` holds an earlier `alssl export` (its model.json is an alssl model card)."""
+    try:
+        card = json.loads((out / "model.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(card, dict) and "alssl_version" in card and "classes" in card
+
+
+def is_predictions_csv(out: Path) -> bool:
+    """Whether `out` is an earlier `alssl predict` output (a CSV starting with the header path,label,confidence)."""
+    try:
+        with open(out, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    return head.startswith(b"path,label,confidence")
+
+
 def export(run: Run, dataset: Dataset, out: Path) -> dict:
     """Write out/model.pt, out/model.ts and out/model.json; returns the model card."""
     model, record = best_classifier(run, dataset)

@@ -52,6 +52,19 @@ def local_files_url(rel: str) -> str:
     return LOCAL_FILES + quote(rel.replace(os.sep, "/"), safe="/")
 
 
+TASK_FILES = ["tasks.json", "config.xml", "images"]
+
+
+def is_tasks_dir(out: Path) -> bool:
+    """Whether `out` holds earlier `alssl tasks` output (a tasks.json of alssl's tasks)."""
+    try:
+        tasks = json.loads((out / "tasks.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(tasks, list) and all(isinstance(t, dict) and isinstance(t.get("data"), dict)
+                                           and "alssl_index" in t["data"] for t in tasks)
+
+
 def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: Path | None = None) -> dict:
     """out/tasks.json + out/config.xml for the open query (and out/images/ for datasets that live in memory)."""
     from alssl.labeling.session import suggestions

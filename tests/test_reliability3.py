@@ -1,0 +1,208 @@
+"""Reliability, round three (issue 25): labels never land on other photos, outputs never overwrite a run file or an
+input, no orphan decoding workers, every run file validated, every numeric option checked before anything is
+written. Each case failed on the code before issue 25.
+
+CLI cases run the entry point in-process (`conftest.run_cli_inprocess`); `assert_user_error` asks for exit 2, one
+`error:` line and no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import copy_of, snapshot
+from conftest import run_cli_inprocess as run_cli
+from test_bad_inputs import assert_user_error, check
+
+
+def _photos(root: Path, n: int, seed: int = 0) -> list[str]:
+    """`n` distinct small photos under root (two subfolders); returns their relative paths."""
+    rng = np.random.default_rng(seed)
+    rels = []
+    for i in range(n):
+        rel = f"{'a' if i % 2 else 'b'}/img_{i:02d}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / rel)
+        rels.append(rel)
+    return sorted(rels)
+
+
+@pytest.fixture(scope="module")
+def base_folder_run(tmp_path_factory) -> dict:
+    """A run on a folder of 8 photos (random init, 16 px), one round of 4 labels imported by path, one query open."""
+    root = tmp_path_factory.mktemp("folder")
+    photos, run = root / "photos", root / "run"
+    rels = _photos(photos, 8)
+    r = run_cli("pretrain", "--data", str(photos), "--out", str(run), "--epochs", "0", "--image-size", "16",
+                "--classes", "cat,dog", "-q")
+    assert r.returncode == 0, r.stderr
+    labels = root / "labels.csv"
+    labels.write_text("id,label\n" + "".join(f"{rel},{'cat' if k % 2 else 'dog'}\n" for k, rel in enumerate(rels[:4])))
+    r = run_cli("label", str(run), "--from", str(labels), "--any")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("query", str(run), "--budget", "2", "--strategy", "random")
+    assert r.returncode == 0, r.stderr
+    return {"root": root, "photos": photos, "run": run, "rels": rels}
+
+
+@pytest.fixture
+def folder_run(base_folder_run, tmp_path) -> dict:
+    """A private copy of the folder run and its photos (the run's data spec is rewritten to the copy)."""
+    photos = copy_of(base_folder_run["photos"], tmp_path / "photos")
+    run = copy_of(base_folder_run["run"], tmp_path / "run")
+    state = json.loads((run / "state.json").read_text())
+    state["config"]["data"]["spec"] = str(photos)
+    (run / "state.json").write_text(json.dumps(state))
+    return {"photos": photos, "run": run, "rels": base_folder_run["rels"], "tmp": tmp_path}
+
+
+# ---------------------------------------------------------------- 1. the pool's identity
+def test_run_records_its_pool_identity(folder_run):
+    pool = json.loads((folder_run["run"] / "state.json").read_text())["config"]["data"]["pool"]
+    assert len(pool["ids_sha256"]) == 64 and len(pool["content_sha256"]) == 64
+    assert "content_sha256" in (folder_run["run"] / "run.toml").read_text()
+
+
+@pytest.mark.parametrize("change", ["swap-names", "replace-content"])
+def test_same_count_change_and_deleted_pool_is_refused(folder_run, change):
+    """A same-count change to the folder + a deleted RUN/pool used to rebuild a shifted pool: labels moved."""
+    photos, run, rels = folder_run["photos"], folder_run["run"], folder_run["rels"]
+    a, b = photos / rels[0], photos / rels[1]
+    if change == "swap-names":
+        tmp = photos / "tmp.png"
+        a.rename(tmp), b.rename(a), tmp.rename(b)
+    else:
+        Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(a)
+    shutil.rmtree(run / "pool")
+    before = snapshot(run)
+    r = run_cli("query", str(run), "--budget", "2", "--strategy", "random")
+    assert_user_error(r, "not the one this run was made from", "restore the folder")
+    assert snapshot(run) == before and not (run / "pool").exists()  # the wrong pool is not left for the next command
+
+
+def test_deleted_pool_of_an_unchanged_folder_is_rebuilt(folder_run):
+    run = folder_run["run"]
+    ids = json.loads((run / "pool" / "manifest.json").read_text())["pool"]
+    os.utime(folder_run["photos"] / folder_run["rels"][0], (1, 1))  # a touch: same bytes, the rebuild accepts it
+    shutil.rmtree(run / "pool")
+    r = run_cli("query", str(run), "--budget", "2", "--strategy", "random")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "pool" / "manifest.json").read_text())["pool"] == ids
+
+
+# ---------------------------------------------------------------- 2. outputs never overwrite inputs or run files
+def test_predict_out_never_overwrites_a_run_file_or_an_input(folder_run):
+    run, photos = folder_run["run"], folder_run["photos"]
+    extra = folder_run["tmp"] / "new"
+    _photos(extra, 2, seed=5)
+    new_photo = extra / "a" / "img_01.png"
+    cases = [
+        (run / "state.json", "inside the run dir"),
+        (run / "pool" / "pixels.npy", "inside the run dir"),
+        (photos / "a" / "img_01.png", "into an input"),
+        (photos / "predictions.csv", "into an input"),
+        (new_photo, "into an input"),
+    ]
+    for out, needle in cases:
+        before, photos_before = snapshot(run), snapshot(photos)
+        new_before = new_photo.read_bytes()
+        r = run_cli("predict", str(run), "--data", str(extra), "--out", str(out))
+        assert_user_error(r, needle)
+        assert snapshot(run) == before and snapshot(photos) == photos_before and new_photo.read_bytes() == new_before
+    other = folder_run["tmp"] / "notes.txt"
+    other.write_text("my notes\n")
+    assert_user_error(run_cli("predict", str(run), "--pool", "--out", str(other)), "--force")
+    assert other.read_text() == "my notes\n"
+    out = folder_run["tmp"] / "pred.csv"
+    for _ in range(2):  # a previous predictions CSV is replaced without --force
+        r = run_cli("predict", str(run), "--pool", "--out", str(out))
+        assert r.returncode == 0, r.stderr
+    assert run_cli("predict", str(run), "--pool", "--out", str(other), "--force").returncode == 0
+    assert other.read_text().startswith("path,label,confidence")
+
+
+def test_export_tasks_and_curve_out_refuse_run_dirs_inputs_and_foreign_files(folder_run, tmp_path):
+    run, photos = folder_run["run"], folder_run["photos"]
+    for cmd in (["export", str(run)], ["tasks", str(run)]):
+        for out, needle in ((run, "inside the run dir"), (run / "checkpoints", "inside the run dir"),
+                            (photos / "models", "into an input")):
+            check(run, [*cmd, "--out", str(out)], needle)
+        foreign = tmp_path / f"{cmd[0]}-foreign"
+        foreign.mkdir()
+        mine = {"export": "model.json", "tasks": "tasks.json"}[cmd[0]]
+        (foreign / mine).write_text("{\"mine\": 1}\n")
+        check(run, [*cmd, "--out", str(foreign)], "--force")
+        assert (foreign / mine).read_text() == "{\"mine\": 1}\n"
+        fine = tmp_path / f"{cmd[0]}-out"
+        for _ in range(2):  # an earlier output of the same command is replaced
+            r = run_cli(*cmd, "--out", str(fine))
+            assert r.returncode == 0, r.stderr
+    foreign = tmp_path / "curve-foreign"
+    foreign.mkdir()
+    (foreign / "curve.csv").write_text("mine\n")
+    r = run_cli("curve", "--data", "digits", "--strategies", "random", "--budgets", "10", "--seeds", "1",
+                "--epochs", "0", "--out", str(foreign))
+    assert_user_error(r, "--force")
+    r = run_cli("curve", "--data", "digits", "--strategies", "random", "--budgets", "10", "--seeds", "1",
+                "--epochs", "0", "--out", str(run / "curve"))
+    assert_user_error(r, "inside the run dir")
+    assert (foreign / "curve.csv").read_text() == "mine\n"
+
+
+# ---------------------------------------------------------------- 3. no orphan workers
+WORKER_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    from alssl.data.folder import Workers
+
+    def task(k):
+        open(os.path.join(sys.argv[1], f"{os.getpid()}.pid"), "w").close()
+        time.sleep(120)  # "decoding" until the parent is gone
+
+    with Workers(2) as w:
+        w.map(task, [0, 1, 2, 3])
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_decoding_workers_die_with_a_killed_parent(tmp_path):
+    script = tmp_path / "decode.py"
+    script.write_text(WORKER_SCRIPT)
+    (tmp_path / "pids").mkdir()
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "pids")],
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        deadline = time.monotonic() + 60
+        while len(list((tmp_path / "pids").iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = [int(p.stem) for p in (tmp_path / "pids").iterdir()]
+        assert len(workers) == 2 and all(_alive(w) for w in workers)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [w for w in workers if _alive(w)]
+    finally:
+        parent.kill()
+    for w in left:  # (clean up before failing)
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their killed parent"
