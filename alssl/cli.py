@@ -20,7 +20,7 @@ try:  # typer >= 0.22 vendors click; older typer depends on it
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc
 
-from alssl.errors import UserError, check_seed
+from alssl.errors import UserError, check_positive, check_seed
 
 app = typer.Typer(
     add_completion=False,
@@ -129,6 +129,9 @@ def pretrain(
     if not backbone.startswith(("torchvision:", "timm:")) and backbone not in registry.BACKBONES:
         raise unknown("backbone", backbone, registry.BACKBONES)
     check_seed(seed)
+    if lr is not None:
+        check_positive(lr, "--lr")
+    check_positive(temperature, "--temperature")
     if init is not None and init != "hub":
         init = str(Path(init).expanduser().resolve())
     if image_size is not None and image_size < 1:
@@ -252,6 +255,7 @@ def probe(
     from alssl.probes import KERNELS, PROBES, cross_val_accuracy, fit_probe
     from alssl.runs import run_lock
 
+    check_seed(seed)
     if probe not in PROBES:
         raise unknown("probe", probe, PROBES)
     if kernel not in KERNELS:
@@ -296,6 +300,7 @@ def query(
     from alssl.rounds import query as run_query
     from alssl.runs import Run, run_lock
 
+    check_seed(seed)
     budget_count(budget, n_pool=max(1, Run.open(run_dir).state["n_pool"]))  # a bad budget answers before any loading
     options = {k: v for k, v in {"delta": delta, "kernel": kernel}.items() if v is not None}
     with run_lock(run_dir):
@@ -370,8 +375,7 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
         "rounds": run.state["rounds"],
         "open_query": None if run.state["open_query"] is None else {k: v for k, v in run.state["open_query"].items() if k != "indices"},
         "last_metrics": (read_jsonl(run.metrics_file) or [None])[-1],
-        "probcover_delta": {f.name.split(".")[0]: json.loads(f.read_text())["delta"]  # per feature set (embeddings sha)
-                            for f in sorted((Path(run_dir) / "features").glob("*.probcover.json"))},
+        "probcover_delta": _probcover_deltas(Path(run_dir)),
     }
     if as_json:
         typer.echo(json.dumps(info))
@@ -397,6 +401,24 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
         con.print(f"  probcover delta (features {sha}): " + ", ".join(f"{v:.4g} ({k})" for k, v in deltas.items()))
     if info["last_metrics"]:
         con.print(f"  last metrics: {info['last_metrics']}")
+
+
+def _probcover_deltas(run_dir: Path) -> dict:
+    """ProbCover's chosen radii per feature set (embeddings sha); a damaged cache file is skipped with a warning
+    (it is only a cache: the next probcover query recomputes it)."""
+    from alssl.errors import warn
+
+    out = {}
+    for f in sorted((run_dir / "features").glob("*.probcover.json")):
+        try:
+            delta = json.loads(f.read_text())["delta"]
+            if not isinstance(delta, dict) or not all(isinstance(v, (int, float)) for v in delta.values()):
+                raise ValueError
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
+            warn(f"{f} is damaged and not shown; delete it (the next probcover query recomputes it)")
+            continue
+        out[f.name.split(".")[0]] = delta
+    return out
 
 
 def _count_rows(path: Path) -> int:
@@ -437,11 +459,13 @@ def semi_finetune(
     import hashlib
 
     from alssl.errors import unknown
-    from alssl.runs import run_lock
+    from alssl.runs import read_jsonl, run_lock
     from alssl.semi import METHODS, semi_finetune as run_semi
 
     if method not in METHODS:
         raise unknown("method", method, METHODS)
+    check_seed(seed)
+    check_positive(lr, "--lr")
     if teacher not in ("ema", "eman"):
         raise unknown("teacher", teacher, ["ema", "eman"])
     if unlabeled_profile not in ("same", "reversed"):
@@ -474,7 +498,9 @@ def semi_finetune(
                        backbone=backbone or run.config["pretrain"]["backbone"], init_weights=init,
                        init_checkpoint=None if fresh else ckpt, ckpt_every=ckpt_every, compile=compile,
                        quiet=_quiet(quiet), options=options, **args)
-        run.log_metrics({"stage": "semi", "dir": str(out.relative_to(run.path)), **{k: v for k, v in res.items() if k != "per_class_recall"}})
+        record = {"stage": "semi", "dir": str(out.relative_to(run.path)), **{k: v for k, v in res.items() if k != "per_class_recall"}}
+        if not any(r.get("stage") == "semi" and r.get("dir") == record["dir"] for r in read_jsonl(run.metrics_file)):
+            run.log_metrics(record)  # once per fine-tune: a rerun of a finished one (or after a kill) adds no twin
     typer.echo(json.dumps(res))
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from alssl.budget import parse_budget
 from alssl.data import Dataset
-from alssl.errors import UserError, suggest, unknown, warn
+from alssl.errors import UserError, check_seed, suggest, unknown, warn
 from alssl.faults import fault_point
 from alssl.runs import Run, atomic_write_bytes, atomic_write_text
 
@@ -34,6 +34,7 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
     from alssl.acquisition import NEEDS_LABELS, STRATEGIES, AcquisitionContext, select  # torch, faiss: query only
     from alssl.features import pool_features
 
+    check_seed(seed)
     ask = {"budget": str(budget), "strategy": strategy, "seed": seed, "probe": probe}
     open_q = run.state["open_query"]
     if open_q is not None:

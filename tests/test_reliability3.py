@@ -206,3 +206,101 @@ def test_decoding_workers_die_with_a_killed_parent(tmp_path):
     for w in left:  # (clean up before failing)
         os.kill(w, signal.SIGKILL)
     assert not left, f"workers {left} outlived their killed parent"
+
+
+# ---------------------------------------------------------------- 6. damaged fine-tune state, ProbCover cache; 10. metrics
+from test_bad_inputs import base_run, run_dir  # noqa: E402,F401 - the digits run fixtures (one round labeled, one open)
+
+
+@pytest.fixture(scope="module")
+def base_semi_run(base_run, tmp_path_factory) -> Path:
+    """`base_run` with a finished 2-step supervised fine-tune on its labels."""
+    d = copy_of(base_run, tmp_path_factory.mktemp("semi") / "run")
+    r = run_cli("semi-finetune", str(d), "--method", "supervised", "--steps", "2", "--batch-size", "4", "-q")
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+@pytest.fixture
+def semi_run(base_semi_run, tmp_path) -> Path:
+    return copy_of(base_semi_run, tmp_path / "semi-run")
+
+
+def _damage_semi_state(run: Path, how: str) -> None:
+    import torch
+
+    state_pt = next((run / "semi").glob("*/state.pt"))
+    if how == "garbage":
+        state_pt.write_bytes(b"not a checkpoint")
+    elif how == "not-a-state":
+        torch.save({"x": 1}, state_pt)
+    else:  # the head of another shape
+        state = torch.load(state_pt, weights_only=True)
+        state["teacher"]["head.weight"] = torch.zeros(3, 5)
+        torch.save(state, state_pt)
+
+
+@pytest.mark.parametrize("how", ["garbage", "not-a-state", "wrong-shape"])
+def test_damaged_fine_tune_state(semi_run, tmp_path, how):
+    _damage_semi_state(semi_run, how)
+    check(semi_run, ["export", str(semi_run), "--out", str(tmp_path / "m")], "delete")
+    r = run_cli("tasks", str(semi_run), "--out", str(tmp_path / "t"))  # suggestions are dropped with a warning
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "warning: no suggestions" in r.stderr, r.stderr
+
+
+def test_semi_record_is_not_duplicated_when_a_finished_fine_tune_reruns(semi_run):
+    """A kill -9 after the record was appended (or a plain rerun) used to add a second `semi` record."""
+    r = run_cli("semi-finetune", str(semi_run), "--method", "supervised", "--steps", "2", "--batch-size", "4", "-q")
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(l) for l in (semi_run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(rec["stage"] == "semi" for rec in records) == 1
+
+
+def test_status_with_a_damaged_probcover_cache(run_dir):
+    (run_dir / "features").mkdir(exist_ok=True)
+    (run_dir / "features" / "0123456789abcdef.probcover.json").write_text("{not json")
+    r = run_cli("status", str(run_dir), "--json")
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "probcover.json is damaged" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- 9. numeric options checked before anything is written
+@pytest.mark.parametrize("args, needle", [
+    (["probe", "{run}", "--seed", "-1"], "--seed must be an integer"),
+    (["probe", "{run}", "--seed", str(2**70)], "--seed must be an integer"),
+    (["query", "{run}", "--budget", "5", "--seed", "-1"], "--seed must be an integer"),
+    (["semi-finetune", "{run}", "--lr", "nan"], "--lr must be a finite number > 0"),
+    (["semi-finetune", "{run}", "--lr", "-0.1"], "--lr must be a finite number > 0"),
+])
+def test_numeric_options_on_a_run(run_dir, args, needle):
+    check(run_dir, [a.format(run=run_dir) for a in args], needle)
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--lr", "-0.1"), ("--lr", "0"),
+                                         ("--temperature", "inf"), ("--temperature", "nan")])
+def test_numeric_pretrain_options_leave_no_run_dir(tmp_path, flag, value):
+    out = tmp_path / "run"
+    assert_user_error(run_cli("pretrain", "--data", "digits", "--out", str(out), "--epochs", "1", flag, value), flag)
+    assert not out.exists()
+
+
+def test_nan_init_weights_are_refused(tmp_path):
+    import torch
+
+    from alssl.backbones import build_backbone
+
+    sd = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+          for k, v in build_backbone("cnn", 1).state_dict().items()}
+    torch.save(sd, tmp_path / "nan.pt")
+    out = tmp_path / "run"
+    assert_user_error(run_cli("pretrain", "--data", "digits", "--out", str(out), "--epochs", "0", "--init",
+                              str(tmp_path / "nan.pt")), "NaN or infinite weights")
+    assert not out.exists()
+
+
+def test_upper_case_npz_extension(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), np.arange(40) % 2
+    with open(tmp_path / "DATA.NPZ", "wb") as f:  # (np.savez would add ".npz" to a path)
+        np.savez(f, x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
+    r = run_cli("pretrain", "--data", str(tmp_path / "DATA.NPZ"), "--out", str(tmp_path / "run"), "--epochs", "0", "-q")
+    assert r.returncode == 0, r.stderr

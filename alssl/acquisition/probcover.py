@@ -76,6 +76,19 @@ def delta_cache_path(cache_dir: Path, embeddings: np.ndarray) -> Path:
     return Path(cache_dir) / f"{digest}.probcover.json"
 
 
+def _read_cache(path: Path) -> dict:
+    """A δ cache file as {"delta": {key: δ}}; a missing or damaged one (not JSON, δ not a positive finite number) is
+    treated as empty, so δ is estimated again and the file rewritten whole."""
+    try:
+        stored = json.loads(path.read_text())
+        deltas = stored["delta"]
+        if isinstance(deltas, dict) and all(type(v) in (int, float) and 0 < v < float("inf") for v in deltas.values()):
+            return {"delta": dict(deltas)}
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
+        pass
+    return {"delta": {}}
+
+
 def estimated_delta(embeddings: np.ndarray, num_classes: int, *, alpha: float = ALPHA,
                     cache_dir: Path | None = None) -> tuple[float, str]:
     """(δ, "cached" | "estimated"): the purity heuristic's δ, computed once per feature set and kept in cache_dir."""
@@ -83,13 +96,13 @@ def estimated_delta(embeddings: np.ndarray, num_classes: int, *, alpha: float = 
 
     key = f"alpha={alpha:g},classes={num_classes}"
     path = None if cache_dir is None else delta_cache_path(cache_dir, embeddings)
-    stored = json.loads(path.read_text()) if path is not None and path.exists() else {}
-    if key in stored.get("delta", {}):
+    stored = _read_cache(path) if path is not None else {"delta": {}}
+    if key in stored["delta"]:
         return float(stored["delta"][key]), "cached"
     delta = choose_delta(l2_normalise(embeddings), num_classes, alpha=alpha, seed=DELTA_SEED)
     if path is not None:
         record = {"n": int(len(embeddings)), "dim": int(embeddings.shape[1]), "kmeans_seed": DELTA_SEED,
-                  "delta": {**stored.get("delta", {}), key: delta}}
+                  "delta": {**stored["delta"], key: delta}}
         atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
     return delta, "estimated"
 
