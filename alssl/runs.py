@@ -68,7 +68,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """UTF-8; a file name that is not UTF-8 (held by Python as surrogate escapes) is written as its own bytes, and
+    read back exactly with `errors="surrogateescape"`."""
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

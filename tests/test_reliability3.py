@@ -304,3 +304,179 @@ def test_upper_case_npz_extension(tmp_path):
         np.savez(f, x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
     r = run_cli("pretrain", "--data", str(tmp_path / "DATA.NPZ"), "--out", str(tmp_path / "run"), "--epochs", "0", "-q")
     assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------- 8. a damaged RUN/pool is refused, never rewritten
+def _edit_manifest(run: Path, edit) -> None:
+    path = run / "pool" / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+
+
+POOL_DAMAGE = {
+    "garbage-pixels": (lambda run: (run / "pool" / "pixels.npy").write_bytes(b"garbage" * 100), "not an alssl pool"),
+    "reversed-names": (lambda run: _edit_manifest(run, lambda m: m["pool"].reverse()), "not this run's pool"),
+    "mean-not-numbers": (lambda run: _edit_manifest(run, lambda m: m.update(mean="abc")), "mean must be a list"),
+    "pool-not-a-list": (lambda run: _edit_manifest(run, lambda m: m.update(pool=5)), "pool must be a non-empty list"),
+    "manifest-not-json": (lambda run: (run / "pool" / "manifest.json").write_text("{"), "corrupt"),
+    "other-image-size": (lambda run: np.save(run / "pool" / "pixels.npy", np.zeros((8, 8, 8, 3), np.uint8)),
+                         "holds images [8, 8, 8, 3]"),
+    "other-channels": (lambda run: np.save(run / "pool" / "pixels.npy", np.zeros((8, 16, 16, 1), np.uint8)),
+                       "holds images [8, 16, 16, 1]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POOL_DAMAGE))
+def test_damaged_pool_is_refused(folder_run, case):
+    damage, needle = POOL_DAMAGE[case]
+    damage(folder_run["run"])
+    check(folder_run["run"], ["query", str(folder_run["run"]), "--budget", "2", "--strategy", "random"], needle,
+          f"delete {folder_run['run'] / 'pool'}")
+
+
+def test_garbage_test_cache_is_rebuilt(tmp_path):
+    from alssl.data.folder import load_test_folder
+
+    for c in ("cat", "dog"):
+        _photos(tmp_path / "test" / c, 2, seed=len(c))
+    (tmp_path / "pool").mkdir()
+    kw = dict(classes=["cat", "dog"], image_size=8, channels=3, workers=1)
+    x, y, _ = load_test_folder(tmp_path / "test", tmp_path / "pool", **kw)
+    for garbage in (b"PK\x03\x04 not a zip", b"garbage"):
+        (tmp_path / "pool" / "test.npz").write_bytes(garbage)
+        x2, y2, _ = load_test_folder(tmp_path / "test", tmp_path / "pool", **kw)
+        assert np.array_equal(x, x2) and np.array_equal(y, y2)
+
+
+# ---------------------------------------------------------------- 4. ids are exact; 5. unreadable subfolders reported
+ODD_NAMES = [" leading.png", "trailing .png", 'quo"te, comma.png', "new\nline.png", os.fsdecode(b"caf\xe9.png")]
+
+
+def test_odd_file_names_round_trip_through_query_label_and_the_page(tmp_path):
+    import csv
+
+    photos, run = tmp_path / "photos", tmp_path / "run"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ODD_NAMES + ["plain_0.png", "plain_1.png"]:
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(photos / name)
+    r = run_cli("pretrain", "--data", str(photos), "--out", str(run), "--epochs", "0", "--image-size", "8",
+                "--classes", "cat,dog", "-q")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("query", str(run), "--budget", "4", "--strategy", "random", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    with open(r.stdout.strip(), newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = list(csv.reader(f))[1:]
+    with open(tmp_path / "labels.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "label"])
+        w.writerows([ident, "cat"] for _, ident in rows)
+    r = run_cli("label", str(run), "--from", str(tmp_path / "labels.csv"))
+    assert r.returncode == 0, r.stderr
+    state = json.loads((run / "state.json").read_text())
+    ids = json.loads((run / "pool" / "manifest.json").read_text())["pool"]
+    assert sorted(ids[i] for i, k in enumerate(state["labeled_round"]) if k == 0) == sorted(ident for _, ident in rows)
+    # the rest through the page's path (partial CSV -> Submit), which answered 409 forever for " leading.png"
+    from alssl.cli import _load_run
+    from alssl.labeling.session import LabelSession
+    from alssl.runs import run_lock
+
+    r = run_cli("query", str(run), "--budget", "3", "--strategy", "random")
+    assert r.returncode == 0, r.stderr
+    with run_lock(run):
+        run_obj, dataset = _load_run(run)
+    session = LabelSession(run, dataset, classes=["cat", "dog"])
+    session.load(run_obj)
+    for i in session.indices:
+        assert session.set_label(i, "dog")[0] == 200
+    status, res = session.submit()
+    assert status == 200, res
+    assert all(k >= 0 for k in json.loads((run / "state.json").read_text())["labeled_round"])
+    from alssl.labeling.studio import local_files_url
+
+    assert local_files_url(ODD_NAMES[-1]).endswith("caf%E9.png")
+
+
+def test_unreadable_subfolder_is_reported(tmp_path, monkeypatch):
+    photos, run = tmp_path / "photos", tmp_path / "run"
+    _photos(photos, 6)
+    locked = photos / "b"
+
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    r = run_cli("pretrain", "--data", str(photos), "--out", str(run), "--epochs", "0", "--image-size", "8", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "warning: skipped 1 unreadable" in r.stderr and "b/" in r.stderr, r.stderr
+    assert "b/,folder cannot be listed (PermissionError" in (run / "skipped.csv").read_text()
+
+
+# ---------------------------------------------------------------- 7. label files and page requests of bad shapes
+def _proper_task(run: Path) -> dict:
+    i = json.loads((run / "state.json").read_text())["open_query"]["indices"][0]
+    return {"id": 1, "data": {"alssl_index": i}, "annotations": [{"id": 1, "result": [
+        {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": ["1"]}}]}]}
+
+
+LS_CASES = {
+    "annotations-not-a-list": lambda run: json.dumps([_proper_task(run), {"id": 2, "data": {}, "annotations": 5}]),
+    "result-not-a-list": lambda run: json.dumps([_proper_task(run), {"id": 2, "data": {"alssl_index": 0},
+                                                                     "annotations": [{"id": 3, "result": 7}]}]),
+    "data-a-list": lambda run: json.dumps([_proper_task(run), {"id": 2, "data": [1, 2], "annotations": []}]),
+    "deep-nesting": lambda run: "[" * 200_000 + "]" * 200_000,
+    "huge-index-csv": lambda run: "index,label\n" + "9" * 5000 + ",1\n",
+    "huge-label-csv": lambda run: f"index,label\n{_proper_task(run)['data']['alssl_index']}," + "9" * 5000 + "\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(LS_CASES))
+def test_label_files_of_bad_shapes(run_dir, tmp_path, case):
+    text = LS_CASES[case](run_dir)
+    path = tmp_path / ("labels.csv" if case.endswith("csv") else "export.json")
+    path.write_text(text)
+    check(run_dir, ["label", str(run_dir), "--from", str(path)], "label file")
+
+
+def _asgi(app, method: str, path: str, body: bytes = b"") -> int:
+    """The status of one request to an ASGI app, in-process (no server, no httpx)."""
+    import asyncio
+
+    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"token=T",
+             "headers": [(b"content-type", b"application/json")], "http_version": "1.1", "scheme": "http",
+             "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": ""}
+    pending, sent = [{"type": "http.request", "body": body, "more_body": False}], []
+
+    async def receive():
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"]
+
+
+def test_label_page_answers_4xx_to_deep_json_and_a_damaged_state(run_dir):
+    from alssl.cli import _load_run
+    from alssl.labeling.server import make_app
+    from alssl.labeling.session import LabelSession
+    from alssl.runs import run_lock
+
+    with run_lock(run_dir):
+        run, dataset = _load_run(run_dir)
+    session = LabelSession(run_dir, dataset, classes=dataset.classes)
+    session.load(run)
+    app = make_app(session, "T")
+    assert _asgi(app, "GET", "/api/query") == 200
+    assert _asgi(app, "POST", "/api/label", b"[" * 100_000 + b"]" * 100_000) == 400
+    (run_dir / "state.json").write_text("{damaged")
+    for method, path in (("GET", "/api/query"), ("POST", "/api/submit"), ("POST", "/api/next")):
+        assert _asgi(app, method, path, b"{}") == 409, path
+    i = session.indices[0]
+    assert _asgi(app, "POST", "/api/label", json.dumps({"index": i, "label": "1"}).encode()) == 409
