@@ -359,7 +359,7 @@ def test_odd_file_names_round_trip_through_query_label_and_the_page(tmp_path):
     photos, run = tmp_path / "photos", tmp_path / "run"
     photos.mkdir()
     rng = np.random.default_rng(1)
-    for name in ODD_NAMES + ["plain_0.png", "plain_1.png"]:
+    for name in ODD_NAMES + ["plain_0.png", "plain_1.png", "plain_2.png", "plain_3.png"]:
         Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(photos / name)
     r = run_cli("pretrain", "--data", str(photos), "--out", str(run), "--epochs", "0", "--image-size", "8",
                 "--classes", "cat,dog", "-q")
@@ -392,6 +392,18 @@ def test_odd_file_names_round_trip_through_query_label_and_the_page(tmp_path):
         assert session.set_label(i, "dog")[0] == 200
     status, res = session.submit()
     assert status == 200, res
+    # and the last two through Label Studio: tasks.json (valid UTF-8 JSON) -> an export -> label --from
+    r = run_cli("query", str(run), "--budget", "2", "--strategy", "random")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("tasks", str(run), "--out", str(tmp_path / "ls"))
+    assert r.returncode == 0, r.stderr
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_bytes().decode("utf-8"))
+    for k, t in enumerate(tasks):
+        t |= {"id": k + 1, "annotations": [{"id": k + 1, "result": [{"from_name": "label", "to_name": "image",
+                                                                      "type": "choices", "value": {"choices": ["cat"]}}]}]}
+    (tmp_path / "export.json").write_text(json.dumps(tasks))
+    r = run_cli("label", str(run), "--from", str(tmp_path / "export.json"))
+    assert r.returncode == 0, r.stderr
     assert all(k >= 0 for k in json.loads((run / "state.json").read_text())["labeled_round"])
     from alssl.labeling.studio import local_files_url
 

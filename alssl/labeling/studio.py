@@ -106,7 +106,13 @@ def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: P
                                     "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
                                                 "value": {"choices": [name]}}]}]
         tasks.append(task)
-    atomic_write_text(out / "tasks.json", json.dumps(tasks, indent=1, ensure_ascii=False) + "\n")
+    text = json.dumps(tasks, indent=1, ensure_ascii=False)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a file name that is not UTF-8: \udcXX escapes keep tasks.json valid UTF-8
+            text = json.dumps(tasks, indent=1)
+    atomic_write_text(out / "tasks.json", text + "\n")
     atomic_write_text(out / "config.xml", labeling_config(classes))
     return {"tasks": str(out / "tasks.json"), "config": str(out / "config.xml"), "n": len(tasks),
             "round": int(open_q["round"]), "document_root": str(root), "storage": str(storage),
