@@ -241,10 +241,10 @@ def run_grid(out: Path, grid: Grid, counts: list[int], *, run_path: Path, jobs: 
 
 def _chain_worker_init(parent_pid: int) -> None:
     """Ctrl-C is the parent's; SIGTERM and the parent's death (even by kill -9) end the worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # first: a SIGTERM during the import below ends the worker quietly
     from alssl.data.folder import set_parent_death_signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     set_parent_death_signal(parent_pid)
 
 
