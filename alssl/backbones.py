@@ -336,6 +336,10 @@ def load_init_weights(model: nn.Module, name: str, init: str) -> dict:
                          f"{', ...' if len(shapes) > 1 else ''})")
         raise UserError(f"--init {init} does not fit backbone {name}: {'; '.join(parts)}; give weights of the same "
                         f"architecture (and channel count)")
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise UserError(f"--init {init} holds NaN or infinite weights ({bad}); give weights of a model that trained "
+                        f"without diverging")
     target.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
     return {"init": str(init), "init_tensors": len(sd)}
 

@@ -20,7 +20,7 @@ try:  # typer >= 0.22 vendors click; older typer depends on it
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc
 
-from alssl.errors import UserError, check_seed
+from alssl.errors import UserError, check_positive, check_seed
 
 app = typer.Typer(
     add_completion=False,
@@ -129,6 +129,9 @@ def pretrain(
     if not backbone.startswith(("torchvision:", "timm:")) and backbone not in registry.BACKBONES:
         raise unknown("backbone", backbone, registry.BACKBONES)
     check_seed(seed)
+    if lr is not None:
+        check_positive(lr, "--lr")
+    check_positive(temperature, "--temperature")
     if init is not None and init != "hub":
         init = str(Path(init).expanduser().resolve())
     if image_size is not None and image_size < 1:
@@ -165,7 +168,7 @@ def pretrain(
                     if folder:
                         data_cfg |= {"classes": dataset.classes or None, "image_size": dataset.image_size,
                                      "pool": {"n": dataset.n_pool, "image_size": dataset.image_size,
-                                              "channels": dataset.channels}}
+                                              "channels": dataset.channels, **(dataset.pool_identity or {})}}
                     _prepare_backbone(backbone, init, dataset.channels, dataset.image_size)
                     run = Run.create(out, n_pool=dataset.n_pool, config={"data": data_cfg, "pretrain": args})
                 except BaseException:
@@ -252,6 +255,7 @@ def probe(
     from alssl.probes import KERNELS, PROBES, cross_val_accuracy, fit_probe
     from alssl.runs import run_lock
 
+    check_seed(seed)
     if probe not in PROBES:
         raise unknown("probe", probe, PROBES)
     if kernel not in KERNELS:
@@ -369,6 +373,7 @@ def query(
     from alssl.rounds import query as run_query
     from alssl.runs import Run, run_lock
 
+    check_seed(seed)
     budget_count(budget, n_pool=max(1, Run.open(run_dir).state["n_pool"]))  # a bad budget answers before any loading
     options = {k: v for k, v in {"delta": delta, "kernel": kernel, "skip_duplicates": skip_duplicates}.items()
                if v is not None}
@@ -444,10 +449,8 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
         "rounds": run.state["rounds"],
         "open_query": None if run.state["open_query"] is None else {k: v for k, v in run.state["open_query"].items() if k != "indices"},
         "last_metrics": (read_jsonl(run.metrics_file) or [None])[-1],
-        "probcover_delta": {f.name.split(".")[0]: json.loads(f.read_text())["delta"]  # per feature set (embeddings sha)
-                            for f in sorted((Path(run_dir) / "features").glob("*.probcover.json"))},
-        "near_duplicates": {f.name.split(".")[0]: json.loads(f.read_text())  # per feature set: tau, groups, images
-                            for f in sorted((Path(run_dir) / "features").glob("*.duplicates-*.json"))},
+        "probcover_delta": _probcover_deltas(Path(run_dir)),
+        "near_duplicates": _near_duplicates(Path(run_dir)),
     }
     if as_json:
         typer.echo(json.dumps(info))
@@ -484,6 +487,42 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
         from alssl.stopping import stable_message
 
         con.print(f"  {stable_message(probes[-1]['kappa'])} (last probe, round {probes[-1]['round']})")
+
+
+def _near_duplicates(run_dir: Path) -> dict:
+    """The near-duplicate groups found per feature set (embeddings sha): tau, groups, images, pool; a damaged cache
+    file is skipped with a warning (the next query recomputes it)."""
+    from alssl.errors import warn
+
+    out = {}
+    for f in sorted((run_dir / "features").glob("*.duplicates-*.json")):
+        try:
+            dup = json.loads(f.read_text())
+            if not all(isinstance(dup.get(k), (int, float)) for k in ("tau", "groups", "images", "pool")):
+                raise ValueError
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError, AttributeError):
+            warn(f"{f} is damaged and not shown; delete it (the next query recomputes it)")
+            continue
+        out[f.name.split(".")[0]] = dup
+    return out
+
+
+def _probcover_deltas(run_dir: Path) -> dict:
+    """ProbCover's chosen radii per feature set (embeddings sha); a damaged cache file is skipped with a warning
+    (it is only a cache: the next probcover query recomputes it)."""
+    from alssl.errors import warn
+
+    out = {}
+    for f in sorted((run_dir / "features").glob("*.probcover.json")):
+        try:
+            delta = json.loads(f.read_text())["delta"]
+            if not isinstance(delta, dict) or not all(isinstance(v, (int, float)) for v in delta.values()):
+                raise ValueError
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
+            warn(f"{f} is damaged and not shown; delete it (the next probcover query recomputes it)")
+            continue
+        out[f.name.split(".")[0]] = delta
+    return out
 
 
 def _count_rows(path: Path) -> int:
@@ -524,11 +563,13 @@ def semi_finetune(
     import hashlib
 
     from alssl.errors import unknown
-    from alssl.runs import run_lock
+    from alssl.runs import read_jsonl, run_lock
     from alssl.semi import METHODS, semi_finetune as run_semi
 
     if method not in METHODS:
         raise unknown("method", method, METHODS)
+    check_seed(seed)
+    check_positive(lr, "--lr")
     if teacher not in ("ema", "eman"):
         raise unknown("teacher", teacher, ["ema", "eman"])
     if unlabeled_profile not in ("same", "reversed"):
@@ -569,7 +610,9 @@ def semi_finetune(
                        init_checkpoint=None if fresh else ckpt, ckpt_every=ckpt_every, compile=compile,
                        quiet=_quiet(quiet), options=options, record=record, **args)
         res = {**res, **record}
-        run.log_metrics({"stage": "semi", "dir": str(out.relative_to(run.path)), **{k: v for k, v in res.items() if k != "per_class_recall"}})
+        rec = {"stage": "semi", "dir": str(out.relative_to(run.path)), **{k: v for k, v in res.items() if k != "per_class_recall"}}
+        if not any(r.get("stage") == "semi" and r.get("dir") == rec["dir"] for r in read_jsonl(run.metrics_file)):
+            run.log_metrics(rec)  # once per fine-tune: a rerun of a finished one (or after a kill) adds no twin
     typer.echo(json.dumps(res))
 
 
@@ -578,20 +621,23 @@ def semi_finetune(
 def export_model(
     run_dir: Path = typer.Argument(..., metavar="RUN"),
     out: Path = typer.Option(..., help="Folder for model.pt, model.ts and model.json"),
+    force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
 ) -> None:
     """The best model the run has (the semi-supervised fine-tune on the current labels, else backbone + linear probe)
     → model.pt (state dict), model.ts (TorchScript: float [B, C, S, S] in [0, 1] → logits) and model.json.
 
     Example: alssl export runs/mine --out models/mine
     """
-    from alssl.export import export
-    from alssl.runs import check_writable, run_lock
+    from alssl.export import EXPORT_FILES, export, is_export_dir
+    from alssl.runs import check_output, check_writable, data_inputs, run_lock
 
     with run_lock(run_dir):
         run, dataset = _load_run(run_dir)
         if run.labeled_mask.sum() == 0:
             raise UserError(f"{run_dir} has no labels yet, so there is no classifier to export; label some images first "
                             f"(`alssl query {run_dir} --budget 2%`, then `alssl label {run_dir} --from FILE.csv`)")
+        check_output(out, names=EXPORT_FILES, is_previous=is_export_dir, inputs=data_inputs(run.config["data"]),
+                     force=force, what="an exported model")
         check_writable(out)
         card = export(run, dataset, out)
     typer.echo(json.dumps({"out": str(out), "classifier": card["classifier"], "features": card.get("features"),
@@ -608,6 +654,7 @@ def predict(
     pool: bool = typer.Option(False, "--pool", help="Predict every unlabeled pool image instead (pre-annotations)"),
     out: Path = typer.Option(..., help="CSV to write: path,label,confidence"),
     workers: Optional[int] = typer.Option(None, min=1, help="Decoding processes (default: CPU count, at most 8)"),
+    force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Predict classes with the run's best model (as `alssl export` picks it); same preprocessing as training.
@@ -616,8 +663,8 @@ def predict(
       alssl predict runs/mine --data new_photos/ --out predictions.csv
       alssl predict runs/mine --pool --out pool_predictions.csv
     """
-    from alssl.export import predict_files, predict_pool
-    from alssl.runs import run_lock
+    from alssl.export import is_predictions_csv, predict_files, predict_pool
+    from alssl.runs import check_output, data_inputs, run_lock
 
     sources = [p.expanduser() for p in [*(data or []), *(paths or [])]]
     if pool == bool(sources):
@@ -629,6 +676,8 @@ def predict(
         if run.labeled_mask.sum() == 0:
             raise UserError(f"{run_dir} has no labels yet, so there is no classifier to predict with; label some images "
                             f"first (`alssl query {run_dir} --budget 2%`, then `alssl label {run_dir} --from FILE.csv`)")
+        check_output(out, names=None, is_previous=is_predictions_csv, inputs=[*data_inputs(run.config["data"]), *sources],
+                     force=force, what="a predictions CSV")
         if pool:
             res = predict_pool(run, dataset, out)
         else:
@@ -682,6 +731,7 @@ def curve(
     imbalance: Optional[float] = typer.Option(None),
     jobs: int = typer.Option(1, help="Parallel processes over (probe, strategy, seed) chains"),
     plot_only: Optional[Path] = typer.Option(None, help="Only redraw DIR/curve.png from DIR/curve.csv"),
+    force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Budget-curve grid: strategies × budgets × seeds → curve.csv + curve.png/svg. Resumable.
@@ -700,6 +750,7 @@ def curve(
 
     if out is None:
         raise UserError("give --out DIR for the curve files (or --plot-only DIR to redraw one)")
+    _check_curve_out(out, _data_config(data, imbalance, 0), force)
     grid = Grid(data=_data_config(data, imbalance, 0), strategies=_split(strategies), budgets=_split(budgets),
                 seeds=seeds, probes=_split(probe), semi=semi, semi_steps=semi_steps,
                 semi_batch_size=semi_batch_size, semi_mu=semi_mu)
@@ -709,10 +760,22 @@ def curve(
     typer.echo(json.dumps({"csv": str(csv_path), "png": str(png), "svg": str(svg)}))
 
 
+CURVE_FILES = ["curve.csv", "curve.png", "curve.svg", "grid.json", "cells", "pretrain"]
+
+
+def _check_curve_out(out: Path, data: dict, force: bool) -> None:
+    """A curve dir is a new folder or an earlier grid (it holds grid.json); never inside a run dir or the data."""
+    from alssl.runs import check_output, data_inputs
+
+    check_output(out, names=CURVE_FILES, is_previous=lambda d: (d / "grid.json").is_file(), inputs=data_inputs(data),
+                 force=force, what="a budget curve")
+
+
 @app.command("run")
 def run_pipeline(
     config: Path = typer.Argument(..., help="pipelines/NAME.toml"),
     out: Optional[Path] = typer.Option(None, help="Output dir (default: the config's [output] dir)"),
+    force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """The whole pipeline from a config: pretrain once, then the budget-curve grid and its plots.
@@ -734,6 +797,7 @@ def run_pipeline(
     pargs = {k: v for k, v in asdict(cfg.pretrain).items() if k != "from_run"}
     from_run = Path(cfg.pretrain.from_run) if cfg.pretrain.from_run else None
     out = out or Path(cfg.output.dir)
+    _check_curve_out(out, _data_config(cfg.data.spec, cfg.data.imbalance, cfg.data.seed), force)
     csv_path, png, svg = run_experiment(out, grid, pretrain_args=pargs, from_run=from_run, jobs=c.jobs,
                                         quiet=_quiet(quiet), title=cfg.output.title)
     typer.echo(json.dumps({"csv": str(csv_path), "png": str(png), "svg": str(svg)}))
@@ -804,6 +868,7 @@ def tasks(
     format: str = typer.Option("label-studio", "--format", help="label-studio"),
     document_root: Optional[Path] = typer.Option(None, help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT (default: the pool folder; for datasets without image files, --out)"),
     classes: Optional[str] = typer.Option(None, help="Class list (a,b,c or @classes.txt) for a run that has none yet"),
+    force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
 ) -> None:
     """Label Studio tasks for the open query (+ its labeling config); import the export with `alssl label --from`.
 
@@ -815,13 +880,15 @@ def tasks(
         raise unknown("format", format, ["label-studio"])
     names = _classes_option(classes)
     from alssl.labeling.session import resolve_classes
-    from alssl.labeling.studio import write_tasks
-    from alssl.runs import check_writable, run_lock
+    from alssl.labeling.studio import TASK_FILES, is_tasks_dir, write_tasks
+    from alssl.runs import check_output, check_writable, data_inputs, run_lock
 
     with run_lock(run_dir):
         run, dataset = _load_run(run_dir)
         label_classes, _ = resolve_classes(dataset, names)
         if run.state["open_query"] is not None:
+            check_output(out, names=TASK_FILES, is_previous=is_tasks_dir, inputs=data_inputs(run.config["data"]),
+                         force=force, what="Label Studio tasks")
             check_writable(out)
         res = write_tasks(run, dataset, out, classes=label_classes, document_root=document_root)
     typer.echo(json.dumps(res))

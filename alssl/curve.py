@@ -15,6 +15,7 @@ import fcntl
 import io
 import json
 import multiprocessing
+import os
 import signal
 import sys
 import time
@@ -251,16 +252,20 @@ def run_grid(out: Path, grid: Grid, counts: list[int], *, run_path: Path, jobs: 
             # A Pool, not a ProcessPoolExecutor: leaving the `with` (done, an error, Ctrl-C, SIGTERM) terminates the
             # workers, whereas an executor's shutdown waits for every queued chain. Workers leave Ctrl-C to the parent
             # and die silently on its SIGTERM; a cell is written atomically, so a worker stopped mid-cell loses only it.
-            with multiprocessing.Pool(jobs, initializer=_chain_worker_init) as pool:
+            with multiprocessing.Pool(jobs, initializer=_chain_worker_init, initargs=(os.getpid(),)) as pool:
                 for _ in pool.imap_unordered(_run_chain_star, [(out, grid, counts, ch, run_path) for ch in chains]):
                     bar.update(task, completed=_cells_done(out))
                     project(_cells_done(out))
     return publish(out)
 
 
-def _chain_worker_init() -> None:
+def _chain_worker_init(parent_pid: int) -> None:
+    """Ctrl-C is the parent's; SIGTERM and the parent's death (even by kill -9) end the worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # first: a SIGTERM during the import below ends the worker quietly
+    from alssl.data.folder import set_parent_death_signal
+
+    set_parent_death_signal(parent_pid)
 
 
 def _run_chain_star(args: tuple) -> int:

@@ -68,16 +68,40 @@ def folded_linear_probe(probe, num_classes: int, dim: int) -> nn.Linear:
     return head
 
 
+def _semi_problem(state, result) -> str | None:
+    """What is wrong with a finished fine-tune's state.pt / result.json (the parts export reads), or None."""
+    if not isinstance(result, dict) or not isinstance(result.get("backbone"), str) or not isinstance(result.get("method"), str):
+        return "result.json lacks its backbone or method"
+    if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), dict) or not isinstance(state.get("teacher"), dict):
+        return "state.pt is not an alssl fine-tune state (fingerprint, teacher)"
+    teacher = state["teacher"]
+    if not all(isinstance(v, torch.Tensor) for v in teacher.values()) or not {"head.weight", "head.bias"} <= teacher.keys():
+        return "state.pt's teacher weights are not tensors with a head"
+    return None
+
+
 def _semi_candidates(run: Run, labeled_digest: str) -> list[tuple[Path, dict]]:
-    """Finished fine-tunes of this run trained on exactly the current labeled set: (dir, result.json)."""
+    """Finished fine-tunes of this run trained on exactly the current labeled set: (dir, result.json).
+
+    A fine-tune still running (or killed) has no result.json yet and is not a candidate; a finished one whose files
+    are damaged is a UserError naming it (never a traceback, never silently another model)."""
     out = []
     for d in sorted((run.path / "semi").glob("*/")):
+        if not (d / "result.json").exists():
+            continue
+        fix = f"delete {d} (that fine-tune is dropped) or rerun the `alssl semi-finetune` that made it"
         try:
             result = json.loads((d / "result.json").read_text())
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise UserError(f"{d / 'result.json'} is unreadable ({type(exc).__name__}); {fix}") from None
+        try:
             state = torch_load(d / "state.pt")
-        except (OSError, ValueError, UserError):
-            continue
-        if isinstance(state, dict) and state.get("fingerprint", {}).get("labeled") == labeled_digest:
+        except UserError as exc:
+            raise UserError(f"{exc}".split("; ")[0] + f"; {fix}") from None
+        problem = _semi_problem(state, result)
+        if problem:
+            raise UserError(f"{d} is damaged ({problem}); {fix}")
+        if state["fingerprint"].get("labeled") == labeled_digest:
             out.append((d, result))
     return out
 
@@ -100,9 +124,18 @@ def best_classifier(run: Run, dataset: Dataset) -> tuple[Classifier, dict]:
         d, result = max(found, key=lambda c: (c[1].get("accuracy") or -1.0, (c[0] / "result.json").stat().st_mtime))
         teacher = torch_load(d / "state.pt")["teacher"]
         backbone = build_backbone(result["backbone"], dataset.channels)
-        backbone.load_state_dict({k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")})
         head = nn.Linear(backbone.dim, dataset.num_classes)
-        head.load_state_dict({"weight": teacher["head.weight"], "bias": teacher["head.bias"]})
+        try:
+            backbone.load_state_dict({k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")})
+            head.load_state_dict({"weight": teacher["head.weight"], "bias": teacher["head.bias"]})
+        except (RuntimeError, ValueError) as exc:  # missing keys, other shapes
+            reason = str(exc).strip().splitlines()[0][:160]
+            raise UserError(f"{d / 'state.pt'} does not fit backbone {result['backbone']} ({reason}); delete {d} "
+                            f"(that fine-tune is dropped) or rerun the `alssl semi-finetune` that made it") from None
+        if not all(bool(torch.isfinite(t).all()) for t in [*backbone.state_dict().values(), *head.state_dict().values()]
+                   if t.is_floating_point()):
+            raise UserError(f"{d / 'state.pt'} holds non-finite weights; delete {d} (that fine-tune is dropped) or "
+                            f"rerun the `alssl semi-finetune` that made it")
         acc = result.get("accuracy")
         record |= {"classifier": f"semi:{result['method']}", "semi_method": result["method"],
                    "features": result.get("features"), "features_why": result.get("features_why"),
@@ -123,6 +156,28 @@ def best_classifier(run: Run, dataset: Dataset) -> tuple[Classifier, dict]:
         record |= {"classifier": "linear-probe", "semi_method": None, "backbone": meta["backbone"],
                    "accuracy": None if acc is None else round(float(acc), 4), "accuracy_on": on}
     return Classifier(backbone, head, dataset.mean, dataset.std).eval(), record
+
+
+EXPORT_FILES = ["model.pt", "model.ts", "model.json"]
+
+
+def is_export_dir(out: Path) -> bool:
+    """Whether `out` holds an earlier `alssl export` (its model.json is an alssl model card)."""
+    try:
+        card = json.loads((out / "model.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(card, dict) and "alssl_version" in card and "classes" in card
+
+
+def is_predictions_csv(out: Path) -> bool:
+    """Whether `out` is an earlier `alssl predict` output (a CSV starting with the header path,label,confidence)."""
+    try:
+        with open(out, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    return head.startswith(b"path,label,confidence")
 
 
 def export(run: Run, dataset: Dataset, out: Path) -> dict:

@@ -52,7 +52,7 @@ from torch import nn
 from alssl.augment import SSLView, normalise
 from alssl.backbones import backbone_checkpoint, build_backbone, load_init_weights
 from alssl.data import Dataset, PoolReader
-from alssl.errors import UserError, check_seed, warn
+from alssl.errors import UserError, check_positive, check_seed, warn
 from alssl.features import rankme
 from alssl.prefetch import ahead
 from alssl.progress import Projection, progress_bar
@@ -210,9 +210,13 @@ def _fabric(accelerator: str, devices, strategy: str, precision: str):
 
 
 def check_args(*, method: str, eman: bool, momentum: float, momentum_schedule: str | None, accelerator: str,
-               devices, strategy: str, precision: str, seed: int = 0):
+               devices, strategy: str, precision: str, seed: int = 0, lr: float | None = None,
+               temperature: float = 0.2):
     """Validate the stage-1 arguments (before anything is written); returns the configured (unlaunched) Fabric."""
     check_seed(seed)
+    if lr is not None:
+        check_positive(lr, "--lr")
+    check_positive(temperature, "--temperature")
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if eman and method == "simsiam":
@@ -295,7 +299,8 @@ def pretrain(
     `compile` runs the student's forward and backward through torch.compile (see docs/pretrain.md for when it pays).
     """
     fabric = check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
-                        accelerator=accelerator, devices=devices, strategy=strategy, precision=precision, seed=seed)
+                        accelerator=accelerator, devices=devices, strategy=strategy, precision=precision, seed=seed,
+                        lr=lr, temperature=temperature)
     if method == "byol":
         momentum_schedule = momentum_schedule or "cosine"  # BYOL: τ from 0.99 to 1 with a cosine schedule
     fabric.launch()

@@ -19,7 +19,7 @@ import numpy as np
 
 from alssl.budget import parse_budget
 from alssl.data import Dataset
-from alssl.errors import UserError, suggest, unknown, warn
+from alssl.errors import UserError, check_seed, suggest, unknown, warn
 from alssl.faults import fault_point
 from alssl.runs import Run, atomic_write_bytes, atomic_write_text
 
@@ -35,6 +35,7 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
     from alssl.acquisition import NEEDS_LABELS, STRATEGIES, AcquisitionContext, select  # torch, faiss: query only
     from alssl.features import choose, pool_features
 
+    check_seed(seed)
     ask = {"budget": str(budget), "strategy": strategy, "seed": seed, "probe": probe}
     open_q = run.state["open_query"]
     if open_q is not None:
@@ -139,11 +140,11 @@ def class_id(value: str, classes: list[str]) -> int | str:
     """A label cell -> class id, or the problem with it (a class name, or an integer id 0..K-1)."""
     if value in classes:
         return classes.index(value)
-    if re.fullmatch(r"[0-9]+", value) and int(value) < len(classes):
+    if re.fullmatch(r"[0-9]{1,18}", value) and int(value) < len(classes):  # (int() refuses > 4300 digits)
         return int(value)
     if not value:
         return "empty label"
-    return (f"unknown class {value!r}{suggest(value, classes)} (classes: "
+    return (f"unknown class {value[:80]!r}{suggest(value[:200], classes)} (classes: "
             f"{', '.join(classes) if len(classes) <= 30 else ', '.join(classes[:30]) + ', ...'})")
 
 
@@ -166,17 +167,19 @@ def parse_label_rows(rows: list[tuple[int | str, str | None, str | None, str]], 
     out_i, out_y = [], []
     for line, index, ident, lab in rows:
         if index is not None:
-            if not _INT.fullmatch(index):
-                problems.append(f"{_where(line)}: index {index[:40]!r} is not an integer")
+            if not _INT.fullmatch(index) or len(index) > 19:  # (int() refuses > 4300 digits)
+                problems.append(f"{_where(line)}: index {index[:40]!r} is not an integer pool index")
                 continue
             i = int(index)
             if not 0 <= i < n:
                 problems.append(f"{_where(line)}: unknown index {i} (the pool has {n} images, 0..{n - 1})")
                 continue
-            if ident is not None and dataset.ids[i] != ident:
+            if ident is not None and dataset.ids[i] != ident and dataset.ids[i].strip() != ident.strip():
                 problems.append(f"{_where(line)}: index {i} is {dataset.ids[i]!r}, not {ident[:80]!r}")
                 continue
         else:
+            if ident not in by_id and ident.strip() in by_id:
+                ident = ident.strip()  # a hand-made file's stray spaces (the exact name wins when both exist)
             if ident not in by_id:
                 problems.append(f"{_where(line)}: {ident[:80]!r} is not an image of the pool{suggest(ident, by_id)}")
                 continue
@@ -221,8 +224,9 @@ def read_label_csv(text: str) -> list[tuple[int, str | None, str | None, str]]:
             if len(row) != len(header):
                 raise UserError(f"label file rejected, nothing imported: line {line_no} has {len(row)} columns, the "
                                 f"header has {len(header)}; quote values that contain commas (\"a, b.jpg\")")
-            cells = dict(zip(header, (c.strip() for c in row)))
-            rows.append((line_no, cells.get("index"), cells.get("id"), cells["label"]))
+            cells = dict(zip(header, row))  # ids exactly as written: a file name may begin or end with a space
+            index = cells.get("index")
+            rows.append((line_no, None if index is None else index.strip(), cells.get("id"), cells["label"].strip()))
     except csv.Error as exc:
         raise UserError(f"label file is not valid CSV ({exc}); save it as plain UTF-8 CSV") from None
     return rows
@@ -262,8 +266,8 @@ def read_label_file(path: Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"label file {path} does not exist; pass the CSV you filled in (header id,label or index,label)")
-    try:
-        return path.read_text(encoding="utf-8-sig")
+    try:  # file names that are not UTF-8 come back exactly as the query CSV wrote them (runs.atomic_write_text)
+        return path.read_text(encoding="utf-8-sig", errors="surrogateescape")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"label file {path} is unreadable ({type(exc).__name__}); save it as UTF-8 CSV") from None
 

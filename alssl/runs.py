@@ -68,7 +68,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """UTF-8; a file name that is not UTF-8 (held by Python as surrogate escapes) is written as its own bytes, and
+    read back exactly with `errors="surrogateescape"`."""
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -390,6 +392,46 @@ def check_writable(path: Path) -> None:
             pass
     except OSError as exc:
         raise UserError(f"cannot write to {path} ({exc.strerror}); choose a writable --out directory") from None
+
+
+# ---------------------------------------------------------------- outputs
+def run_dir_around(path: Path) -> Path | None:
+    """The alssl run dir (holding state.json and run.toml) that is `path` or holds it, or None."""
+    for p in [path, *path.parents]:
+        if (p / "state.json").is_file() and (p / "run.toml").is_file():
+            return p
+    return None
+
+
+def data_inputs(data: dict) -> list[Path]:
+    """The files and folders a run's data section reads: the SPEC's file or folder (not `digits`) and --test."""
+    spec = str(data.get("spec", ""))
+    out = [] if spec == "digits" else [Path(spec[len("cifar10:"):] if spec.startswith("cifar10:") else spec)]
+    return out + ([Path(data["test"])] if data.get("test") else [])
+
+
+def check_output(out: Path, *, names: list[str] | None, is_previous, inputs: list[Path], force: bool,
+                 what: str) -> None:
+    """Refuse an `--out` that would overwrite a run's file, an input, or a file that is not `what` from an earlier
+    run of the same command (that last one only without `force`).
+
+    `names`: the files written inside the folder `out` (None: `out` is the file written). `is_previous(out)`: True
+    when what is there now was written by the same command. Nothing is written here."""
+    target = Path(out).expanduser().resolve()
+    run = run_dir_around(target)
+    if run is not None:
+        raise UserError(f"--out {out} is inside the run dir {run}, whose files alssl owns; write {what} outside "
+                        f"run dirs (nothing was changed)")
+    for src in inputs:
+        src = Path(src).expanduser().resolve()
+        if target == src or src in target.parents:
+            raise UserError(f"--out {out} would write {what} into an input ({src}); pick an --out outside the "
+                            f"data, e.g. next to it (nothing was changed)")
+    paths = [target] if names is None else [target / n for n in names]
+    there = next((p for p in paths if os.path.lexists(p)), None)
+    if there is not None and not force and not is_previous(target):
+        raise UserError(f"{there} exists and is not {what} written by alssl; pick another --out, or add --force to "
+                        f"replace it (nothing was changed)")
 
 
 # ---------------------------------------------------------------- locking

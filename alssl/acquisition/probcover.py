@@ -86,6 +86,19 @@ def delta_cache_path(cache_dir: Path, embeddings: np.ndarray) -> Path:
     return Path(cache_dir) / f"{features_digest(embeddings)}.probcover.json"
 
 
+def _read_cache(path: Path) -> dict:
+    """A δ cache file as {"delta": {key: δ}}; a missing or damaged one (not JSON, δ not a positive finite number) is
+    treated as empty, so δ is estimated again and the file rewritten whole."""
+    try:
+        stored = json.loads(path.read_text())
+        deltas = stored["delta"]
+        if isinstance(deltas, dict) and all(type(v) in (int, float) and 0 < v < float("inf") for v in deltas.values()):
+            return {"delta": dict(deltas)}
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
+        pass
+    return {"delta": {}}
+
+
 def estimated_delta(ctx: AcquisitionContext, xs: np.ndarray, *, alpha: float = ALPHA) -> tuple[float, str]:
     """(δ, "cached" | "estimated"): the purity heuristic's δ on the working rows xs (L2-normalised), computed once
     per feature set and kept in ctx.cache_dir."""
@@ -94,13 +107,13 @@ def estimated_delta(ctx: AcquisitionContext, xs: np.ndarray, *, alpha: float = A
     n = len(ctx.embeddings)
     key = f"alpha={alpha:g},classes={ctx.num_classes}" + (f",points={len(xs)}" if len(xs) < n else "")
     path = None if ctx.cache_dir is None else delta_cache_path(ctx.cache_dir, ctx.embeddings)
-    stored = json.loads(path.read_text()) if path is not None and path.exists() else {}
-    if key in stored.get("delta", {}):
+    stored = _read_cache(path) if path is not None else {"delta": {}}
+    if key in stored["delta"]:
         return float(stored["delta"][key]), "cached"
     delta = choose_delta(xs, ctx.num_classes, alpha=alpha, seed=DELTA_SEED)
     if path is not None:
         record = {"n": int(n), "dim": int(ctx.embeddings.shape[1]), "kmeans_seed": DELTA_SEED,
-                  "delta": {**stored.get("delta", {}), key: delta}}
+                  "delta": {**stored["delta"], key: delta}}
         atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
     return delta, "estimated"
 

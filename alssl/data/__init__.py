@@ -48,6 +48,7 @@ class Dataset:
     name: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable files (path, reason), folder pools
     fresh: bool = False  # a folder pool decoded by this call (not reused)
+    pool_identity: dict | None = None  # folder pools: what the run records to recognise its pool (folder.pool_identity)
 
     def __post_init__(self) -> None:
         if self.ids is None:
@@ -169,7 +170,7 @@ def is_benchmark_folder(root: Path) -> bool:
 def is_pool_spec(spec: str) -> bool:
     """True when SPEC names an unlabeled image folder (not digits / .npz / cifar10: / the benchmark layout)."""
     spec = str(spec)
-    if spec == "digits" or spec.startswith("cifar10:") or spec.endswith(".npz"):
+    if spec == "digits" or spec.startswith("cifar10:") or spec.lower().endswith(".npz"):
         return False
     root = Path(spec).expanduser()
     return root.is_dir() and not is_benchmark_folder(root)
@@ -209,7 +210,7 @@ def load_dataset(spec: str, *, imbalance: float | None = None, seed: int = 0, te
         ds = specs.load_digits()
     elif spec.startswith("cifar10:"):
         ds = specs.load_cifar10(spec, Path(spec[len("cifar10:") :]).expanduser())
-    elif spec.endswith(".npz"):
+    elif spec.lower().endswith(".npz"):
         ds = specs.load_npz(spec, root)
     elif root.is_dir():
         ds = specs.load_image_folder(spec, root)
@@ -245,4 +246,5 @@ def _load_pool(root: Path, *, test, classes, image_size, strict, pool_dir, worke
                                                                quiet=quiet)
         skipped += test_skipped
     return Dataset(x_train=pool.pixels, y_train=None, x_test=x_test, y_test=y_test, classes=names, ids=pool.ids,
-                   mean=pool.mean, std=pool.std, name=str(root), skipped=skipped, fresh=fresh)
+                   mean=pool.mean, std=pool.std, name=str(root), skipped=skipped, fresh=fresh,
+                   pool_identity=pool.identity)

@@ -2,17 +2,22 @@
 
 `build_pool` walks DIR recursively (sorted relative paths = the pool's one index space), reads every header, picks
 the image size and channel count, decodes every file in worker processes (`images.load_image`) straight into a
-uint8 `.npy` file, and writes a manifest of (path, bytes, mtime) for every file it saw. Unreadable files are
-skipped and listed. `open_pool` reuses a built pool after checking that the folder has not changed (a changed
-folder would shift the index space under a run, so it is refused). `DiskPool` reads rows with `os.pread`, not a
-memory map, so a process's resident memory holds a batch, never the pool.
+uint8 `.npy` file, and writes a manifest of (path, bytes, mtime) for every file it saw. Unreadable files (and
+unreadable subfolders) are skipped and listed. The manifest's `ids_sha256` (the pool's paths in index order) and
+`content_sha256` (those paths with the SHA-256 of each file's bytes) are the pool's identity: a run records them,
+and `open_pool` refuses a pool, reused or rebuilt, whose identity differs (a same-count change to the folder would
+otherwise move labels onto other photos). `open_pool` also refuses a reused pool whose folder changed since it was
+built, and a damaged manifest or pixel file. `DiskPool` reads rows with `os.pread`, not a memory map, so a process's
+resident memory holds a batch, never the pool.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -38,11 +43,18 @@ class DiskPool:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        with open(self.path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(f)
-            self.offset = f.tell()
+        try:
+            with open(self.path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+                self.offset = f.tell()
+        except OSError as exc:
+            raise UserError(f"cannot read {self.path} ({exc.strerror}); delete {self.path.parent} and rerun to rebuild "
+                            f"the pool") from None
+        except (ValueError, SyntaxError, TypeError):  # not an .npy header
+            raise UserError(f"{self.path} is not an alssl pool (no .npy header); delete {self.path.parent} and rerun "
+                            f"to rebuild the pool") from None
         if dtype != np.uint8 or fortran or len(shape) != 4:
             raise UserError(f"{self.path} is not an alssl pool (uint8 [N, S, S, C]); delete it and rerun to rebuild")
         self.shape: tuple[int, ...] = tuple(int(s) for s in shape)
@@ -110,13 +122,21 @@ class DiskPool:
 
 
 # ---------------------------------------------------------------- scanning
-def scan_folder(root: Path) -> list[tuple[str, int, int]]:
+def scan_folder(root: Path, unreadable: list[tuple[str, str]] | None = None) -> list[tuple[str, int, int]]:
     """(relative POSIX path, bytes, mtime_ns) of every image file under root, sorted by path.
 
     Hidden files and folders (names starting with ".") and alssl run dirs (holding state.json and run.toml) are
-    skipped; symlinked files are followed, symlinked folders are not (no loops)."""
+    skipped; symlinked files are followed, symlinked folders are not (no loops). A subfolder that cannot be listed
+    is appended to `unreadable` as ("sub/folder/", reason), like an unreadable file."""
+
+    def on_error(exc: OSError) -> None:
+        if unreadable is not None and exc.filename is not None:
+            rel = Path(exc.filename).relative_to(root).as_posix() if Path(exc.filename) != root else "."
+            unreadable.append((rel.rstrip("/") + "/", f"folder cannot be listed ({type(exc).__name__}: "
+                                                      f"{exc.strerror or exc})"))
+
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")
                        and not (os.path.isfile(os.path.join(dirpath, d, "state.json"))
                                 and os.path.isfile(os.path.join(dirpath, d, "run.toml")))]
@@ -151,13 +171,15 @@ class Workers:
 
     fork on Linux: workers start in milliseconds and never re-import the caller's __main__ (spawn would re-run an
     unguarded script); they only run PIL + numpy, never torch, so torch's / OpenMP's threads in the parent are
-    harmless. Elsewhere spawn, as the platform wants."""
+    harmless. Elsewhere spawn, as the platform wants. Workers die with their parent, even on `kill -9` of the
+    parent (`_worker_init`)."""
 
     def __init__(self, workers: int):
         self.ex = None
         if workers > 1:
             ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            self.ex = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_ignore_sigint)
+            self.ex = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                             initargs=(os.getpid(),))
 
     def __enter__(self) -> "Workers":
         return self
@@ -185,11 +207,31 @@ class Workers:
         return results
 
 
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the parent (one clean `error: interrupted` line, no traceback per worker)."""
+def _worker_init(parent_pid: int) -> None:
+    """Workers leave Ctrl-C to the parent (one clean `error: interrupted` line, no traceback per worker), and die
+    with it: on Linux the kernel sends them SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG), even by kill -9,
+    so no ~0.5 GB decoder is left orphaned. A parent that died before prctl ran is noticed by its pid."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    set_parent_death_signal(parent_pid)
+
+
+def set_parent_death_signal(parent_pid: int) -> None:
+    """This process gets SIGKILL when `parent_pid` (its parent) dies (Linux; a no-op elsewhere)."""
+    import signal
+
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # no libc prctl: the workers still end with the pool in every normal exit
+        return
+    if os.getppid() != parent_pid:  # the parent died between fork and prctl
+        os._exit(1)
 
 
 # ---------------------------------------------------------------- building
@@ -201,6 +243,7 @@ class BuiltPool:
     std: tuple[float, ...]
     image_size: int
     skipped: list[tuple[str, str]]
+    identity: dict  # pool_identity: what a run records to recognise its pool
 
 
 def _write_npy_header(path: Path, shape: tuple[int, ...]) -> int:
@@ -231,7 +274,8 @@ def decode_files(root: Path, rels: list[str], *, dest: Path, image_size: int | N
     Without `image_size` a header pass first reads every file's size (and mode): S = 32 when every image is at most
     32 px, else 64. C = 1 when every image is grayscale, else 3 (found by the header pass, or while decoding into a
     3-channel staging file that is then cut to its first channel). Unreadable files are skipped.
-    Returns {"kept": [rel...], "skipped": [(rel, reason)...], "image_size", "channels", "mean", "std"}."""
+    Returns {"kept": [rel...], "skipped": [(rel, reason)...], "image_size", "channels", "mean", "std",
+    "sha256": [SHA-256 of each kept file's bytes]}."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -261,9 +305,10 @@ def decode_files(root: Path, rels: list[str], *, dest: Path, image_size: int | N
                   str(staging), offset) for i in range(0, len(names), CHUNK)]
         task2 = bar.add_task(f"decoding {label} to {image_size}px", total=len(names))
         results = pool.map(decode_chunk, tasks, lambda n: bar.advance(task2, n), [len(t[1]) for t in tasks])
-    hist = sum(h for _, h, _ in results)
-    failed = dict(pos_reason for part, _, _ in results for pos_reason in part)
-    grays = [g for _, _, part in results for g in part]
+    hist = sum(r[1] for r in results)
+    failed = dict(pos_reason for r in results for pos_reason in r[0])
+    grays = [g for r in results for g in r[2]]
+    hashes = [h for r in results for h in r[3]]
     skipped = sorted(skipped + [(names[p], r) for p, r in failed.items()])
     kept_pos = [p for p in range(len(names)) if p not in failed]
     if channels is None:  # decoded without a header pass: 1 channel only if every kept file is grayscale
@@ -276,7 +321,7 @@ def decode_files(root: Path, rels: list[str], *, dest: Path, image_size: int | N
         os.replace(staging, dest)
     mean, std = _mean_std(hist) if kept_pos else ((), ())
     return {"kept": [names[p] for p in kept_pos], "skipped": skipped, "image_size": image_size, "channels": channels,
-            "mean": mean, "std": std}
+            "mean": mean, "std": std, "sha256": [hashes[p] for p in kept_pos]}
 
 
 def _copy_rows(src_path: Path, src_offset: int, dest: Path, rows: list[int], size: int, src_c: int, c: int) -> None:
@@ -304,13 +349,28 @@ def _fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
+def _sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj).encode("ascii")).hexdigest()  # JSON escapes every non-ASCII name
+
+
+def pool_identity(ids: list[str], hashes: list[str] | None) -> dict:
+    """The pool's identity: `ids_sha256` over its paths in index order, `content_sha256` over those paths with the
+    SHA-256 of each file's bytes (None for a pool built before alssl recorded it)."""
+    return {"ids_sha256": _sha256(ids), "content_sha256": None if hashes is None else _sha256([ids, hashes])}
+
+
 def build_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: bool, workers: int,
-               quiet: bool) -> dict:
-    """Decode the folder into `pool_dir` (built in `pool_dir.partial`, then renamed: a kill leaves no half pool)."""
-    files = scan_folder(root)
+               quiet: bool, expect: dict | None = None) -> dict:
+    """Decode the folder into `pool_dir` (built in `pool_dir.partial`, then renamed: a kill leaves no half pool).
+
+    With `expect` (a run's record of its pool) a pool whose identity differs is refused and discarded, never put
+    in place."""
+    unreadable: list[tuple[str, str]] = []
+    files = scan_folder(root, unreadable)
     if not files:
-        raise UserError(f"{root} holds no images ({', '.join(sorted(e.lstrip('.') for e in IMAGE_EXTS))}, any case, in any "
-                        f"subfolder); point --data at the folder with your images")
+        why = f" ({unreadable[0][0]}: {unreadable[0][1]})" if unreadable else ""
+        raise UserError(f"{root} holds no images{why} ({', '.join(sorted(e.lstrip('.') for e in IMAGE_EXTS))}, any "
+                        f"case, in any subfolder); point --data at the folder with your images")
     partial = pool_dir.with_name(pool_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -321,13 +381,19 @@ def build_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: bo
             rel, why = res["skipped"][0]
             raise UserError(f"none of the {len(files)} images under {root} could be read (e.g. {rel}: {why}); "
                             f"check that they are image files")
-        if strict and res["skipped"]:
-            rel, why = res["skipped"][0]
+        skipped = sorted(res["skipped"] + unreadable)
+        if strict and skipped:
+            rel, why = skipped[0]
             raise UserError(f"{root / rel} cannot be read ({why}) and --strict is set; replace or delete it "
-                            f"({len(res['skipped'])} unreadable in all), or drop --strict to skip unreadable files")
+                            f"({len(skipped)} unreadable in all), or drop --strict to skip unreadable files")
         manifest = {"format": FORMAT, "root": str(root), "image_size": res["image_size"], "channels": res["channels"],
-                    "files": files, "pool": res["kept"], "skipped": res["skipped"], "mean": res["mean"],
-                    "std": res["std"]}
+                    "files": files, "pool": res["kept"], "skipped": skipped, "mean": res["mean"],
+                    "std": res["std"], "content_sha256": pool_identity(res["kept"], res["sha256"])["content_sha256"]}
+        if expect and (problem := identity_problem(manifest, expect)):
+            raise UserError(f"the pool rebuilt from {root} is not the one this run was made from ({problem}): its "
+                            f"index space would shift and labels would land on other photos; restore the folder's "
+                            f"files exactly as they were when the run was made, or start a new run with another "
+                            f"--out (the rebuilt pool was discarded)")
         (partial / MANIFEST).write_text(json.dumps(manifest))
         _fsync_tree(partial)
         shutil.rmtree(pool_dir, ignore_errors=True)
@@ -338,14 +404,75 @@ def build_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: bo
     return manifest
 
 
-def read_manifest(pool_dir: Path) -> dict | None:
+def _is_num(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def manifest_problem(m) -> str | None:
+    """What is wrong with a loaded manifest.json (keys, types, ranges), or None when it is valid."""
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    keys = ("format", "root", "image_size", "channels", "files", "pool", "skipped", "mean", "std")
+    missing = [k for k in keys if k not in m]
+    if missing:
+        return f"key {missing[0]!r} is missing"
+    if m["format"] != FORMAT or type(m["format"]) is not int:
+        return f"format is {m['format']!r}, this alssl reads format {FORMAT}"
+    if not isinstance(m["root"], str):
+        return "root must be a string"
+    if type(m["image_size"]) is not int or m["image_size"] < 1:
+        return f"image_size must be a positive integer, got {m['image_size']!r}"
+    if m["channels"] not in (1, 3) or type(m["channels"]) is not int:
+        return f"channels must be 1 or 3, got {m['channels']!r}"
+    files, pool, skipped = m["files"], m["pool"], m["skipped"]
+    if not isinstance(files, list) or not all(isinstance(f, list) and len(f) == 3 and isinstance(f[0], str)
+                                              and type(f[1]) is int and type(f[2]) is int for f in files):
+        return "files must be a list of [path, bytes, mtime_ns]"
+    if not isinstance(pool, list) or not pool or not all(isinstance(r, str) for r in pool):
+        return "pool must be a non-empty list of paths"
+    if len(set(pool)) != len(pool):
+        return "pool lists a path twice"
+    if not isinstance(skipped, list) or not all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r)
+                                                for r in skipped):
+        return "skipped must be a list of [path, reason]"
+    for key in ("mean", "std"):
+        v = m[key]
+        if not isinstance(v, list) or len(v) != m["channels"] or not all(_is_num(x) for x in v):
+            return f"{key} must be a list of {m['channels']} finite numbers, got {str(v)[:40]}"
+    if any(x <= 0 for x in m["std"]):
+        return "std must be positive"
+    if not isinstance(m.get("content_sha256"), (str, type(None))):
+        return "content_sha256 must be a string"
+    return None
+
+
+def identity_problem(m: dict, expect: dict) -> str | None:
+    """How a pool's manifest differs from a run's record of its pool (n, image_size, channels and, for runs made by
+    this alssl, ids_sha256 and content_sha256), or None."""
+    have = (len(m["pool"]), m["image_size"], m["channels"])
+    want = (expect.get("n"), expect.get("image_size"), expect.get("channels"))
+    if have != want:
+        return (f"{have[0]} images of {have[1]}px with {have[2]} channel(s), the run's has {want[0]} of {want[1]}px "
+                f"with {want[2]}")
+    if expect.get("ids_sha256") and _sha256(m["pool"]) != expect["ids_sha256"]:
+        return "its file names in index order differ from the run's"
+    if expect.get("content_sha256") and m.get("content_sha256") != expect["content_sha256"]:
+        return "the same number of files, but their names or contents differ from the run's"
+    return None
+
+
+def read_manifest(pool_dir: Path) -> dict:
+    """The validated manifest of a built pool; a damaged one is a UserError naming the fix."""
+    fix = f"delete {pool_dir} and rerun to rebuild it (the rebuild is checked against the run's record of its photos)"
     try:
-        m = json.loads((pool_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    keys = {"format", "root", "image_size", "channels", "files", "pool", "skipped", "mean", "std"}
-    if not isinstance(m, dict) or not keys <= m.keys() or m["format"] != FORMAT or not (pool_dir / PIXELS).is_file():
-        return None
+        m = json.loads((pool_dir / MANIFEST).read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise UserError(f"cannot read {pool_dir / MANIFEST} ({exc.strerror}); {fix}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise UserError(f"{pool_dir / MANIFEST} is corrupt (not JSON); {fix}") from None
+    problem = manifest_problem(m)
+    if problem:
+        raise UserError(f"{pool_dir / MANIFEST} is damaged ({problem}); {fix}")
     return m
 
 
@@ -353,19 +480,18 @@ def open_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: boo
               quiet: bool = True, expect: dict | None = None) -> tuple[BuiltPool, bool]:
     """The pool of folder `root` kept in `pool_dir`: reused when the folder is unchanged, built when absent.
 
-    `expect` (the run's record: n, image_size, channels) makes a rebuilt pool prove it has the same index space.
+    `expect` (the run's record: n, image_size, channels, ids_sha256, content_sha256) makes a reused or rebuilt pool
+    prove it has the run's index space: the same files, in the same order, with the same bytes.
     Returns (pool, built_now)."""
-    m = read_manifest(pool_dir)
-    built = False
-    if m is None:
+    fix = f"delete {pool_dir} and rerun to rebuild it (the rebuild is checked against the run's record of its photos)"
+    built = not (pool_dir / MANIFEST).is_file() or not (pool_dir / PIXELS).is_file()
+    if built:
         m = build_pool(root, pool_dir, image_size=image_size, strict=strict, workers=workers or default_workers(),
-                       quiet=quiet)
-        built = True
-        if expect and (len(m["pool"]), m["image_size"], m["channels"]) != (expect["n"], expect["image_size"],
-                                                                          expect["channels"]):
-            raise UserError(f"the pool rebuilt from {root} ({len(m['pool'])} images) does not match the run's "
-                            f"({expect['n']}); restore the folder as it was, or start a new run")
+                       quiet=quiet, expect=expect)
     else:
+        m = read_manifest(pool_dir)
+        if expect and (problem := identity_problem(m, expect)):
+            raise UserError(f"{pool_dir} is not this run's pool ({problem}); {fix}")
         if image_size is not None and image_size != m["image_size"]:
             raise UserError(f"this run's pool was built at --image-size {m['image_size']} (not {image_size}); "
                             f"rerun with --image-size {m['image_size']} or pick a new --out")
@@ -374,11 +500,13 @@ def open_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: boo
             raise UserError(f"{root} changed since this run's pool was built: {changed}; a run's pool index space "
                             f"must not shift, so restore the folder as it was or start a new run with another --out")
     pixels = DiskPool(pool_dir / PIXELS)
-    if len(pixels) != len(m["pool"]):
-        raise UserError(f"{pool_dir} is inconsistent ({len(pixels)} images vs {len(m['pool'])} in its manifest); "
-                        f"delete {pool_dir} and rerun to rebuild it")
+    want = (len(m["pool"]), m["image_size"], m["image_size"], m["channels"])
+    if pixels.shape != want:
+        raise UserError(f"{pool_dir / PIXELS} holds images {list(pixels.shape)} but its manifest says "
+                        f"{list(want)}; {fix}")
     return BuiltPool(pixels=pixels, ids=list(m["pool"]), mean=tuple(m["mean"]), std=tuple(m["std"]),
-                     image_size=int(m["image_size"]), skipped=[tuple(s) for s in m["skipped"]]), built
+                     image_size=int(m["image_size"]), skipped=[tuple(s) for s in m["skipped"]],
+                     identity=pool_identity(m["pool"], None) | {"content_sha256": m.get("content_sha256")}), built
 
 
 # ---------------------------------------------------------------- classes and the labeled test folder
@@ -439,11 +567,15 @@ def load_test_folder(test_dir: Path, pool_dir: Path, *, classes: list[str], imag
             files += [(f"{c}/{rel}", size, mtime, k) for rel, size, mtime in scan_folder(test_dir / c)]
     scan = [f[:3] for f in files]
     cache = pool_dir / TEST
-    try:
+    try:  # the cache is used only when it is whole and of this folder; anything else is rebuilt from the folder
         with np.load(cache, allow_pickle=False) as f:
-            if json.loads(str(f["scan"])) == [list(s) for s in scan] and f["x"].shape[1:] == (image_size, image_size, channels):
-                return f["x"], f["y"], [tuple(s) for s in json.loads(str(f["skipped"]))]
-    except (OSError, ValueError, KeyError):
+            x, y = f["x"], f["y"]
+            ok = (json.loads(str(f["scan"])) == [list(s) for s in scan] and x.dtype == np.uint8
+                  and x.shape[1:] == (image_size, image_size, channels) and y.dtype.kind in "iu"
+                  and y.shape == (len(x),) and (len(y) == 0 or 0 <= y.min() <= y.max() < len(classes)))
+            if ok:
+                return x, y.astype(np.int64), [tuple(s) for s in json.loads(str(f["skipped"]))]
+    except Exception:  # noqa: BLE001 - a missing, garbage or foreign cache file (BadZipFile, ValueError, ...)
         pass
     if not files:
         raise UserError(f"--test {test_dir} holds no images in its class subfolders; add images or drop --test")

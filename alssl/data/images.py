@@ -16,6 +16,8 @@ prediction see identical pixels. Steps (documented in docs/data.md and written i
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
 import warnings
@@ -122,33 +124,38 @@ def peek_chunk(args: tuple[str, list[str]]) -> list[tuple[int, int, str] | str]:
 
 
 def decode_chunk(args: tuple[str, list[str], list[int], int, int, str, int]
-                 ) -> tuple[list[tuple[int, str]], np.ndarray, list[bool]]:
+                 ) -> tuple[list[tuple[int, str]], np.ndarray, list[bool], list[str]]:
     """Decode files into rows `positions` of the staging file.
 
-    Returns (failures (position, reason), per-channel histograms [C, 256], grayscale flag of each file)."""
+    Returns (failures (position, reason), per-channel histograms [C, 256], grayscale flag of each file, SHA-256 of
+    each file's bytes ("" for a failure)). Each file is read once: the bytes hashed are the bytes decoded."""
     root, rels, positions, size, channels, dest, offset = args
     row = size * size * channels
     hist = np.zeros((channels, 256), np.int64)
-    failed, grays = [], []
+    failed, grays, hashes = [], [], []
     fd = os.open(dest, os.O_WRONLY)
     try:
         for rel, pos in zip(rels, positions):
             path = os.path.join(root, rel)
             try:
-                if os.path.getsize(path) == 0:
+                with open(path, "rb") as f:
+                    data = f.read()
+                if not data:
                     raise ValueError("empty file (0 bytes)")
-                a, gray = decode_image(path, size, channels)
+                a, gray = decode_image(io.BytesIO(data), size, channels)
             except Exception as exc:  # noqa: BLE001
                 failed.append((pos, _reason(exc)))
                 grays.append(True)  # (not counted: the file is skipped)
+                hashes.append("")
                 continue
             grays.append(gray)
+            hashes.append(hashlib.sha256(data).hexdigest())
             os.pwrite(fd, np.ascontiguousarray(a).tobytes(), offset + pos * row)
             for c in range(channels):
                 hist[c] += np.bincount(a[..., c].reshape(-1), minlength=256)
     finally:
         os.close(fd)
-    return failed, hist, grays
+    return failed, hist, grays, hashes
 
 
 def _reason(exc: BaseException) -> str:

@@ -59,13 +59,22 @@ def make_app(session: LabelSession, token: str):
     def js(status: int, data: dict) -> JSONResponse:
         return JSONResponse(data, status_code=status, headers={**HEADERS, "Cache-Control": "no-store"})
 
+    async def call(fn, *args) -> JSONResponse:
+        """A session call's answer: (status, data), or data (200); a UserError (a damaged state.json, ...) is a 409
+        with its message, never a 500."""
+        try:
+            res = await run_in_threadpool(fn, *args)
+        except UserError as exc:
+            return js(409, {"error": str(exc)})
+        return js(200, res) if isinstance(res, dict) else js(*res)
+
     def forbidden() -> JSONResponse:
         return js(403, {"error": "missing or wrong token; open the URL that `alssl label-ui` printed"})
 
     async def body(request: Request) -> dict | None:
         try:
             data = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
             return None
         return data if isinstance(data, dict) else None
 
@@ -84,7 +93,7 @@ def make_app(session: LabelSession, token: str):
     async def api_query(request: Request) -> Response:
         if not ok(request):
             return forbidden()
-        return js(200, await run_in_threadpool(session.payload, image_url))
+        return await call(session.payload, image_url)
 
     async def api_label(request: Request) -> Response:
         if not ok(request):
@@ -92,17 +101,17 @@ def make_app(session: LabelSession, token: str):
         data = await body(request)
         if data is None or "index" not in data or "label" not in data:
             return js(400, {"error": 'send JSON {"index": <pool index>, "label": "<class>" or null}'})
-        return js(*await run_in_threadpool(session.set_label, data["index"], data["label"]))
+        return await call(session.set_label, data["index"], data["label"])
 
     async def api_submit(request: Request) -> Response:
         if not ok(request):
             return forbidden()
-        return js(*await run_in_threadpool(session.submit))
+        return await call(session.submit)
 
     async def api_next(request: Request) -> Response:
         if not ok(request):
             return forbidden()
-        return js(*await run_in_threadpool(session.next_query, image_url))
+        return await call(session.next_query, image_url)
 
     async def image(request: Request) -> Response:
         if not ok(request):

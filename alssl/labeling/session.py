@@ -65,7 +65,7 @@ def read_partial(path: Path, indices: list[int]) -> dict[int, str]:
     """{index: label} from a partial file, keeping only rows of this query (the file is ours: a row that does not
     fit is skipped with a warning rather than stopping the page; Submit validates everything again)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError) as exc:
@@ -215,12 +215,24 @@ class LabelSession:
     def _open_query_on_disk(self) -> dict | None:
         """state.json's open query, re-read only when the file changed (it is replaced atomically, so a read
         without the lock sees a whole file)."""
+        from alssl.runs import state_problem
+
         sfile = self.run_dir / "state.json"
-        st = sfile.stat()
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if key != self._state_key:
-            self._open_on_disk = json.loads(sfile.read_text())["open_query"]
-            self._state_key = key
+        fix = "restore it (or rerun `alssl label-ui`), then reload the page"
+        try:
+            st = sfile.stat()
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if key != self._state_key:
+                state = json.loads(sfile.read_bytes().decode("utf-8"))
+                problem = state_problem(state)
+                if problem:
+                    raise UserError(f"{sfile} is damaged ({problem}); {fix}")
+                self._open_on_disk = state["open_query"]
+                self._state_key = key
+        except OSError as exc:
+            raise UserError(f"cannot read {sfile} ({exc.strerror}); {fix}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise UserError(f"{sfile} is corrupt (not alssl run state); {fix}") from None
         return self._open_on_disk
 
     def is_open(self) -> bool:

@@ -49,7 +49,20 @@ def labeling_config(classes: list[str]) -> str:
 
 
 def local_files_url(rel: str) -> str:
-    return LOCAL_FILES + quote(rel.replace(os.sep, "/"), safe="/")
+    return LOCAL_FILES + quote(rel.replace(os.sep, "/").encode("utf-8", "surrogateescape"), safe="/")
+
+
+TASK_FILES = ["tasks.json", "config.xml", "images"]
+
+
+def is_tasks_dir(out: Path) -> bool:
+    """Whether `out` holds earlier `alssl tasks` output (a tasks.json of alssl's tasks)."""
+    try:
+        tasks = json.loads((out / "tasks.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(tasks, list) and all(isinstance(t, dict) and isinstance(t.get("data"), dict)
+                                           and "alssl_index" in t["data"] for t in tasks)
 
 
 def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: Path | None = None) -> dict:
@@ -93,7 +106,13 @@ def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: P
                                     "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
                                                 "value": {"choices": [name]}}]}]
         tasks.append(task)
-    atomic_write_text(out / "tasks.json", json.dumps(tasks, indent=1, ensure_ascii=False) + "\n")
+    text = json.dumps(tasks, indent=1, ensure_ascii=False)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a file name that is not UTF-8: \udcXX escapes keep tasks.json valid UTF-8
+            text = json.dumps(tasks, indent=1)
+    atomic_write_text(out / "tasks.json", text + "\n")
     atomic_write_text(out / "config.xml", labeling_config(classes))
     return {"tasks": str(out / "tasks.json"), "config": str(out / "config.xml"), "n": len(tasks),
             "round": int(open_q["round"]), "document_root": str(root), "storage": str(storage),
@@ -132,9 +151,10 @@ def read_export(text: str, kind: str, *, dataset, labeled: np.ndarray, labels: n
     if kind == "json":
         try:
             data = json.loads(text)
-        except ValueError as exc:
-            raise UserError(f"label file is not valid JSON ({exc}); export it again from Label Studio (JSON, JSON-MIN "
-                            f"or CSV)") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than any export
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:120]
+            raise UserError(f"label file is not valid JSON ({reason}); export it again from Label Studio (JSON, "
+                            f"JSON-MIN or CSV)") from None
         if isinstance(data, dict):
             data = [data]
         if not isinstance(data, list) or not all(isinstance(t, dict) for t in data):
@@ -153,14 +173,16 @@ def read_export(text: str, kind: str, *, dataset, labeled: np.ndarray, labels: n
 
 def _full_task(t: dict, n: int) -> dict:
     """One task of the JSON export: its data and the choice of its latest non-cancelled annotation."""
-    where = f"task {t.get('id', f'#{n}')}"
-    anns = [a for a in t.get("annotations") or [] if isinstance(a, dict)]
+    where = f"task {str(t.get('id', f'#{n}'))[:40]}"
+    if not isinstance(t.get("data"), dict):
+        return {"where": where, "data": {}, "label": None, "problem": "its data is not an object (not a Label Studio task)"}
+    anns = [a for a in _list(t.get("annotations")) if isinstance(a, dict)]
     live = [a for a in anns if not a.get("was_cancelled")]
     if not live:
         why = "every annotation was cancelled (skipped)" if anns else "no annotation"
         return {"where": where, "data": t.get("data") or {}, "label": None, "problem": why}
     latest = max(live, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), _num(a.get("id"))))
-    choices = [r for r in latest.get("result") or [] if isinstance(r, dict) and isinstance(r.get("value"), dict)
+    choices = [r for r in _list(latest.get("result")) if isinstance(r, dict) and isinstance(r.get("value"), dict)
                and "choices" in r["value"]]
     mine = [r for r in choices if r.get("from_name") == FROM_NAME] or choices
     if not mine:
@@ -193,6 +215,11 @@ def _min_tasks(records: list[dict], *, csv_lines: bool = False) -> list[dict]:
     return tasks
 
 
+def _list(v) -> list:
+    """A field that must be a list (annotations, result); anything else counts as empty."""
+    return v if isinstance(v, list) else []
+
+
 def _present(v) -> bool:
     return v not in (None, "", [], {})
 
@@ -200,7 +227,7 @@ def _present(v) -> bool:
 def _num(v) -> float:
     try:
         return float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return -1.0
 
 
@@ -259,7 +286,7 @@ def _rows(tasks: list[dict], *, dataset, labeled: np.ndarray, labels: np.ndarray
                 problems.append(f"{where}: no data.alssl_index and its image ({shown}) is not an image of the pool")
                 continue
             index = str(found)
-        if re.fullmatch(r"[0-9]+", index) and int(index) < len(labeled) and labeled[int(index)]:
+        if re.fullmatch(r"[0-9]{1,18}", index) and int(index) < len(labeled) and labeled[int(index)]:
             skipped += 1  # imported by an earlier round (a Label Studio project reused across rounds)
             if labels is not None and isinstance(t["label"], str) and 0 <= labels[int(index)] < len(dataset.classes):
                 changed += t["label"] != dataset.classes[labels[int(index)]]
