@@ -344,7 +344,9 @@ def label(
             n = (label_any if any_images else label_from_csv)(run, dataset, from_file)
         if names is not None and run.config["data"].get("classes") == names:
             atomic_write_text(run.path / "run.toml", toml_dumps({"alssl_format": run.state["format_version"], **run.config}))
-    typer.echo(f"imported {n} labels; {int(run.labeled_mask.sum())} labeled in {run.n_rounds} rounds")
+    n_skipped = len(run.state["rounds"][-1].get("skipped", []))
+    typer.echo(f"imported {n} labels{f' and {n_skipped} skipped images' if n_skipped else ''}; "
+               f"{int(run.labeled_mask.sum())} labeled in {run.n_rounds} rounds")
 
 
 @app.command()
@@ -366,6 +368,7 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
         "skipped": _count_rows(run.path / "skipped.csv"),
         "pool": run.state["n_pool"],
         "labeled": int(run.labeled_mask.sum()),
+        "skipped_images": [{"index": i, "round": r["round"]} for r in run.state["rounds"] for i in r.get("skipped", [])],
         "stages": run.state["stages"],
         "rounds": run.state["rounds"],
         "open_query": None if run.state["open_query"] is None else {k: v for k, v in run.state["open_query"].items() if k != "indices"},
@@ -386,10 +389,15 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
                   f"classes={', '.join(info['classes'] or []) or 'not set yet'}")
     for name, st in info["stages"].items():
         con.print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in st.items()))
-    table = Table("round", "strategy", "budget", "labels", "source")
+    table = Table("round", "strategy", "budget", "labels", "skipped", "source")
     for r in info["rounds"]:
-        table.add_row(str(r["round"]), str(r["strategy"]), str(r["budget"]), str(r["n"]), str(r["source"]))
+        table.add_row(str(r["round"]), str(r["strategy"]), str(r["budget"]), str(r["n"]), str(len(r.get("skipped", []))),
+                      str(r["source"]))
     con.print(table)
+    if info["skipped_images"]:
+        shown = ", ".join(str(s["index"]) for s in info["skipped_images"][:20])
+        con.print(f"  skipped (none of the classes, never queried again): {len(info['skipped_images'])} images, "
+                  f"pool indices {shown}{', ...' if len(info['skipped_images']) > 20 else ''} (`--json` lists them all)")
     if info["open_query"]:
         q = info["open_query"]
         con.print(f"  open query: round {q['round']} ({q['strategy']}, {q['budget']}) → {q['file']}")

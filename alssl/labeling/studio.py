@@ -3,11 +3,14 @@
 Out: one task per queried image, `data.image` a Label Studio local-files URL (`/data/local-files/?d=<path relative
 to the document root>`), `data.alssl_index` (the pool index: Label Studio exports task data back, so every export
 maps back without guessing), `data.alssl_id`, `data.alssl_round`, and `predictions` (the run's best model: class +
-score) when the run has labels; `config.xml` has one `<Choices name="label">` over the run's classes.
+score) when the run has labels and the model is at least SUGGEST_MIN (0.8) confident; `config.xml` has one
+`<Choices name="label">` over the run's classes.
 
 In: Label Studio's JSON export (tasks with `annotations`), JSON-MIN (one flat record per annotation) and CSV (the same
 columns). Each task maps back by `data.alssl_index`, else by its image path; its label is the choice of its latest
-(updated_at) annotation that was not cancelled ("skipped"). The rows then go through the same whole-file validation as
+(updated_at) annotation that was not cancelled; a task whose every annotation was cancelled (Label Studio's *Skip*)
+is "none of these" (`rounds.SKIP`: recorded as skipped in the round). JSON-MIN and CSV exports leave cancelled
+annotations out, so there a skip shows only through a `cancelled_annotations` count. The rows then go through the same whole-file validation as
 a label CSV (`rounds.parse_label_rows`), so an unknown class, a task outside the open query or a duplicate task
 rejects the file, listing the offending tasks, and nothing is imported. Tasks of images that earlier rounds already
 imported (a project reused across rounds) are skipped with a warning.
@@ -27,6 +30,7 @@ from urllib.parse import parse_qs, quote, unquote, urlparse
 import numpy as np
 
 from alssl.errors import UserError
+from alssl.rounds import SKIP
 
 FROM_NAME, TO_NAME = "label", "image"
 LOCAL_FILES = "/data/local-files/?d="
@@ -54,7 +58,7 @@ def local_files_url(rel: str) -> str:
 
 def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: Path | None = None) -> dict:
     """out/tasks.json + out/config.xml for the open query (and out/images/ for datasets that live in memory)."""
-    from alssl.labeling.session import suggestions
+    from alssl.labeling.session import SUGGEST_MIN, suggestions
     from alssl.runs import atomic_write_bytes, atomic_write_text
 
     open_q = run.state["open_query"]
@@ -87,7 +91,7 @@ def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: P
             rel = os.path.relpath(out / rel_file, root)
         task: dict = {"data": {"image": local_files_url(rel), "alssl_index": i, "alssl_id": rid,
                                "alssl_round": int(open_q["round"])}}
-        if i in sugg:
+        if i in sugg and sugg[i][1] >= SUGGEST_MIN:  # a weak guess pre-filled in Label Studio anchors the labeler
             name, score = sugg[i]
             task["predictions"] = [{"model_version": model, "score": score,
                                     "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
@@ -157,8 +161,9 @@ def _full_task(t: dict, n: int) -> dict:
     anns = [a for a in t.get("annotations") or [] if isinstance(a, dict)]
     live = [a for a in anns if not a.get("was_cancelled")]
     if not live:
-        why = "every annotation was cancelled (skipped)" if anns else "no annotation"
-        return {"where": where, "data": t.get("data") or {}, "label": None, "problem": why}
+        if anns:  # skipped in Label Studio: "none of these"
+            return {"where": where, "data": t.get("data") or {}, "label": SKIP}
+        return {"where": where, "data": t.get("data") or {}, "label": None, "problem": "no annotation"}
     latest = max(live, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), _num(a.get("id"))))
     choices = [r for r in latest.get("result") or [] if isinstance(r, dict) and isinstance(r.get("value"), dict)
                and "choices" in r["value"]]
@@ -185,7 +190,12 @@ def _min_tasks(records: list[dict], *, csv_lines: bool = False) -> list[dict]:
         data = {k: v for k, v in group[0][1].items() if k not in META and k != FROM_NAME}
         labeled = [(n, r) for n, r in group if _present(r.get(FROM_NAME))]
         if not labeled:
-            tasks.append({"where": where, "data": data, "label": None, "problem": "no annotation (or only cancelled ones)"})
+            if any(_num(r.get("cancelled_annotations")) > 0 for _, r in group):  # skipped in Label Studio
+                tasks.append({"where": where, "data": data, "label": SKIP})
+            else:
+                tasks.append({"where": where, "data": data, "label": None,
+                              "problem": "no annotation (or only cancelled ones: to import skipped tasks, export the "
+                                         "project as JSON, which keeps them)"})
             continue
         _, latest = max(labeled, key=lambda nr: (str(nr[1].get("updated_at") or nr[1].get("created_at") or ""),
                                                  _num(nr[1].get("annotation_id")), nr[0]))
