@@ -71,6 +71,12 @@ def _data_config(spec: str, imbalance: Optional[float], seed: int, **folder: obj
     return cfg | {k: v for k, v in folder.items() if v is not None}
 
 
+def _source(spec: str) -> dict:
+    """An image folder's SPEC as the user typed it, for information (run.toml `data.source`): the run itself reads
+    RUN/pool and needs the folder only to rebuild that."""
+    return {"source": spec} if _spec_path(spec) != spec else {}
+
+
 def _classes_option(text: Optional[str]) -> Optional[list[str]]:
     from alssl.data.folder import parse_classes
 
@@ -135,8 +141,9 @@ def pretrain(
         raise UserError(f"--image-size must be at least 1 pixel (got {image_size}); e.g. --image-size 64")
     names = _classes_option(classes)
     folder = is_pool_spec(data)  # an in-memory SPEC is checked whole before anything heavy (folders: while decoding)
-    preloaded = None if folder else load_dataset(data, imbalance=imbalance, seed=seed, test=test, classes=names,
-                                                 image_size=image_size)
+    # a resumed run reads its own data (an image folder's RUN/pool works with the folder moved away)
+    preloaded = None if folder or Run.exists(out) else load_dataset(data, imbalance=imbalance, seed=seed, test=test,
+                                                                    classes=names, image_size=image_size)
     from alssl.backbones import check_backbone_name
     from alssl.pretrain import check_args, pretrain as run_pretrain
 
@@ -163,9 +170,9 @@ def pretrain(
                                                         workers=workers, quiet=_quiet(quiet), **given)
                     data_cfg = _data_config(data, imbalance, seed, **given)
                     if folder:
-                        data_cfg |= {"classes": dataset.classes or None, "image_size": dataset.image_size,
-                                     "pool": {"n": dataset.n_pool, "image_size": dataset.image_size,
-                                              "channels": dataset.channels}}
+                        data_cfg |= _source(data) | {
+                            "classes": dataset.classes or None, "image_size": dataset.image_size,
+                            "pool": {"n": dataset.n_pool, "image_size": dataset.image_size, "channels": dataset.channels}}
                     _prepare_backbone(backbone, init, dataset.channels, dataset.image_size)
                     run = Run.create(out, n_pool=dataset.n_pool, config={"data": data_cfg, "pretrain": args})
                 except BaseException:

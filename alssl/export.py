@@ -125,13 +125,20 @@ def best_classifier(run: Run, dataset: Dataset) -> tuple[Classifier, dict]:
     return Classifier(backbone, head, dataset.mean, dataset.std).eval(), record
 
 
+def data_name(spec: str) -> str:
+    """A data SPEC by name only (a shared model card carries no local path): digits, cifar10:NAME, FILE.npz, FOLDER."""
+    if spec.startswith("cifar10:"):
+        return "cifar10:" + Path(spec[len("cifar10:"):]).name
+    return Path(spec).name or spec
+
+
 def export(run: Run, dataset: Dataset, out: Path) -> dict:
     """Write out/model.pt, out/model.ts and out/model.json; returns the model card."""
     model, record = best_classifier(run, dataset)
     S, C = dataset.image_size, dataset.channels
     card = {"classes": list(dataset.classes), "image_size": S, "channels": C, "mean": list(dataset.mean),
             "std": list(dataset.std), "input": f"float32 [B, {C}, {S}, {S}] in [0, 1]", "output": "logits [B, K]",
-            "preprocessing": PREPROCESSING, **record, "data": run.config["data"]["spec"], "alssl_version": __version__}
+            "preprocessing": PREPROCESSING, **record, "data": data_name(run.config["data"]["spec"]), "alssl_version": __version__}
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.9+ marks TorchScript deprecated; it still runs everywhere

@@ -190,6 +190,9 @@ def load_dataset(spec: str, *, imbalance: float | None = None, seed: int = 0, te
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise UserError(f"--image-size must be a whole number of pixels >= 1 (got {image_size}); e.g. --image-size 64")
     root = Path(spec).expanduser()
+    if expect is not None:  # a run's image-folder pool: read from RUN/pool, the folder itself only to (re)build it
+        return _load_pool(root, test=test, classes=classes, image_size=image_size, strict=strict, pool_dir=pool_dir,
+                          workers=workers, quiet=quiet, expect=expect)
     if is_pool_spec(spec):
         if imbalance is not None:
             raise UserError("--imbalance needs ground-truth labels to cut a long tail; it only applies to the labeled "
@@ -203,6 +206,9 @@ def load_dataset(spec: str, *, imbalance: float | None = None, seed: int = 0, te
     given = [k for k, v in (("test", test), ("classes", classes), ("image_size", image_size)) if v is not None]
     if given:
         flag = "--" + given[0].replace("_", "-")
+        if not root.exists() and not spec.startswith("cifar10:") and not spec.endswith(".npz"):
+            raise UserError(f"no such folder: {spec}; {flag} goes with an image folder, so give --data the folder "
+                            f"that holds your images")
         raise UserError(f"{flag} applies to an unlabeled image folder; {spec} is a labeled benchmark with its own test "
                         f"split and classes, so drop {flag}")
     if spec == "digits":
@@ -233,7 +239,8 @@ def _load_pool(root: Path, *, test, classes, image_size, strict, pool_dir, worke
         raise UserError(f"{root} is an unlabeled image folder: it is used through a run dir "
                         f"(`alssl pretrain --data {root} --out RUN`)")
     test_dir = None if test is None else Path(test).expanduser()
-    names = folder.resolve_classes(classes, test_dir)  # checks --classes against --test before any decoding
+    gone = test_dir is not None and expect is not None and not test_dir.is_dir()  # a run's test folder moved away
+    names = folder.resolve_classes(classes, None if gone else test_dir)  # --classes against --test before decoding
     pool, fresh = folder.open_pool(root, Path(pool_dir), image_size=image_size, strict=strict, workers=workers,
                                    quiet=quiet, expect=expect)
     x_test = y_test = None

@@ -357,6 +357,10 @@ def open_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: boo
     Returns (pool, built_now)."""
     m = read_manifest(pool_dir)
     built = False
+    if m is None and expect is not None and not root.is_dir():
+        raise UserError(f"{pool_dir} (the run's decoded pool) is missing or damaged, and rebuilding it needs the source "
+                        f"folder {root}, which is not there; put the folder back at {root}, or restore {pool_dir} "
+                        f"from a copy of the run")
     if m is None:
         m = build_pool(root, pool_dir, image_size=image_size, strict=strict, workers=workers or default_workers(),
                        quiet=quiet)
@@ -369,7 +373,9 @@ def open_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: boo
         if image_size is not None and image_size != m["image_size"]:
             raise UserError(f"this run's pool was built at --image-size {m['image_size']} (not {image_size}); "
                             f"rerun with --image-size {m['image_size']} or pick a new --out")
-        changed = folder_changes(m["files"], scan_folder(root)) if root.is_dir() else "the folder is missing"
+        # a run works from its own pool: a folder that moved or is gone is not needed (nor checked); one that is
+        # there but changed may no longer match the pool's ids (originals on the page, Label Studio's image paths)
+        changed = folder_changes(m["files"], scan_folder(root)) if root.is_dir() else None
         if changed:
             raise UserError(f"{root} changed since this run's pool was built: {changed}; a run's pool index space "
                             f"must not shift, so restore the folder as it was or start a new run with another --out")
@@ -439,12 +445,16 @@ def load_test_folder(test_dir: Path, pool_dir: Path, *, classes: list[str], imag
             files += [(f"{c}/{rel}", size, mtime, k) for rel, size, mtime in scan_folder(test_dir / c)]
     scan = [f[:3] for f in files]
     cache = pool_dir / TEST
+    moved = not test_dir.is_dir()  # the test folder moved or is gone: the run's decoded copy is used as it is
     try:
         with np.load(cache, allow_pickle=False) as f:
-            if json.loads(str(f["scan"])) == [list(s) for s in scan] and f["x"].shape[1:] == (image_size, image_size, channels):
+            if (moved or json.loads(str(f["scan"])) == [list(s) for s in scan]) and f["x"].shape[1:] == (image_size, image_size, channels):
                 return f["x"], f["y"], [tuple(s) for s in json.loads(str(f["skipped"]))]
     except (OSError, ValueError, KeyError):
         pass
+    if moved:
+        raise UserError(f"the test folder {test_dir} is not there and the run has no decoded copy of it ({cache}); put "
+                        f"the folder back at {test_dir}")
     if not files:
         raise UserError(f"--test {test_dir} holds no images in its class subfolders; add images or drop --test")
     tmp = pool_dir / "test-pixels.npy"

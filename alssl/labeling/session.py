@@ -213,7 +213,8 @@ class LabelSession:
             raise UserError(f"no open query in {run.path}; ask for one with `alssl query {run.path} --budget 2%`, "
                             f"then rerun `alssl label-ui {run.path}`")
         cfg = run.config["data"]
-        self.pool_root = Path(cfg["spec"]) if cfg.get("pool") else None
+        # an image folder's originals when the folder is still there (a moved run shows its pool pixels)
+        self.pool_root = Path(cfg["spec"]) if cfg.get("pool") and Path(cfg["spec"]).is_dir() else None
         self.pixelated = self.pool_root is None  # array datasets: pool pixels, tiny, shown nearest-neighbour
         self.query = dict(open_q)
         self.position = {int(i): j for j, i in enumerate(open_q["indices"])}

@@ -67,7 +67,7 @@ def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: P
                         f"rerun `alssl tasks {run.path} --out DIR`")
     indices = [int(i) for i in open_q["indices"]]
     cfg = run.config["data"]
-    pool_root = Path(cfg["spec"]).resolve() if cfg.get("pool") else None
+    pool_root = Path(cfg["spec"]).resolve() if cfg.get("pool") and Path(cfg["spec"]).is_dir() else None  # else PNGs
     out = out.resolve()
     # Label Studio serves files only below LOCAL_FILES_DOCUMENT_ROOT, from a "Local files" storage whose path must be
     # a subfolder of it (not the root itself): the storage is the pool folder (or --out/images), the root above it
