@@ -50,7 +50,8 @@ def _run_dataset(run, *, quiet: bool = True):
     cfg = run.config["data"]
     dataset = load_dataset(cfg["spec"], imbalance=cfg.get("imbalance"), seed=cfg.get("seed", 0), test=cfg.get("test"),
                            classes=cfg.get("classes"), image_size=cfg.get("image_size"), strict=cfg.get("strict", False),
-                           pool_dir=run.path / "pool", quiet=quiet, expect=cfg.get("pool"))
+                           pool_dir=run.path / "pool", quiet=quiet, expect=cfg.get("pool"),
+                           jpeg_draft=cfg.get("jpeg_draft", True))
     if dataset.n_pool != run.state["n_pool"]:
         raise UserError(f"the data {cfg['spec']} no longer matches {run.path} ({dataset.n_pool} vs {run.state['n_pool']} samples); restore the data or start a new run")
     return dataset
@@ -92,6 +93,7 @@ def pretrain(
     classes: Optional[str] = typer.Option(None, help="Image folders only: class names a,b,c or @classes.txt (logit order)"),
     image_size: Optional[int] = typer.Option(None, help="Image folders only: train at S×S (shorter side resized, centre crop); default 32 if every image is ≤ 32 px, else 64"),
     strict: bool = typer.Option(False, help="Image folders only: stop at the first unreadable file instead of skipping it"),
+    jpeg_draft: bool = typer.Option(True, "--jpeg-draft/--no-jpeg-draft", help="Image folders only: decode big JPEGs at reduced scale (fast); --no-jpeg-draft decodes them whole, so the pool's pixels are exactly torchvision's Resize+CenterCrop (for a model.ts fed by a standard pipeline: docs/export.md)"),
     workers: Optional[int] = typer.Option(None, min=1, help="Processes that decode an image folder (default: CPU count, at most 8)"),
     method: str = typer.Option("simsiam", help="simsiam | moco | byol"),
     backbone: str = typer.Option("cnn", help="cnn | resnet18 (CIFAR stem) | wrn28_2 | torchvision:NAME | timm:NAME"),
@@ -143,7 +145,8 @@ def pretrain(
     folder = is_pool_spec(data)  # an in-memory SPEC is checked whole before anything heavy (folders: while decoding)
     # a resumed run reads its own data (an image folder's RUN/pool works with the folder moved away)
     preloaded = None if folder or Run.exists(out) else load_dataset(data, imbalance=imbalance, seed=seed, test=test,
-                                                                    classes=names, image_size=image_size)
+                                                                    classes=names, image_size=image_size,
+                                                                    jpeg_draft=jpeg_draft)
     from alssl.backbones import check_backbone_name
     from alssl.pretrain import check_args, pretrain as run_pretrain
 
@@ -152,7 +155,7 @@ def pretrain(
     check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
                accelerator=accelerator, devices=dev, strategy=strategy, precision=precision, seed=seed)
     given = {"test": None if test is None else str(test.expanduser().resolve()), "classes": names,
-             "image_size": image_size, "strict": strict or None}
+             "image_size": image_size, "strict": strict or None, "jpeg_draft": None if jpeg_draft else False}
     args = {"method": method, "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "eman": eman, "seed": seed, "hflip": hflip, "momentum": momentum,
             "momentum_schedule": momentum_schedule, "queue_size": queue_size, "temperature": temperature, "init": init}
@@ -217,7 +220,7 @@ def _check_same_run(run, out: Path, args: dict, data_cfg: dict) -> None:
     old = run.config.get("pretrain", {})
     diff = [f"--{k.replace('_', '-')} {old.get(k)} (not {args[k]})" for k in args if old.get(k) != args[k]]
     old_data = run.config["data"]
-    for key in ("spec", "imbalance", "test", "strict"):
+    for key in ("spec", "imbalance", "test", "strict", "jpeg_draft"):
         if old_data.get(key) != data_cfg.get(key):
             flag = "--data" if key == "spec" else f"--{key}"
             diff.append(f"{flag} {old_data.get(key)} (not {data_cfg.get(key)})")

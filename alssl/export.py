@@ -32,6 +32,9 @@ PREPROCESSING = ("resize the shorter side to image_size (bilinear, antialiased; 
                  "first with PIL's draft mode when the shorter side is at least 2x image_size), centre crop "
                  "image_size x image_size, RGB (or grayscale when channels = 1), float in [0, 1], NCHW; "
                  "the model normalises with mean/std itself")
+PREPROCESSING_NO_DRAFT = ("torchvision's Resize(image_size) + CenterCrop(image_size) on a plain PIL decode (bilinear, "
+                          "antialiased; the run was built with --no-jpeg-draft), RGB (or grayscale when channels = 1), "
+                          "float in [0, 1], NCHW; the model normalises with mean/std itself")
 
 
 class Classifier(nn.Module):
@@ -138,7 +141,8 @@ def export(run: Run, dataset: Dataset, out: Path) -> dict:
     S, C = dataset.image_size, dataset.channels
     card = {"classes": list(dataset.classes), "image_size": S, "channels": C, "mean": list(dataset.mean),
             "std": list(dataset.std), "input": f"float32 [B, {C}, {S}, {S}] in [0, 1]", "output": "logits [B, K]",
-            "preprocessing": PREPROCESSING, **record, "data": data_name(run.config["data"]["spec"]), "alssl_version": __version__}
+            "preprocessing": PREPROCESSING if run.config["data"].get("jpeg_draft", True) else PREPROCESSING_NO_DRAFT,
+            **record, "data": data_name(run.config["data"]["spec"]), "alssl_version": __version__}
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.9+ marks TorchScript deprecated; it still runs everywhere
@@ -227,7 +231,8 @@ def predict_files(run: Run, dataset: Dataset, sources: list[Path], out: Path, *,
     with tempfile.TemporaryDirectory(prefix="alssl-predict-") as tmp:
         res = decode_files(Path("/"), [str(p.resolve()) for _, p in files], dest=Path(tmp) / "x.npy",
                            image_size=dataset.image_size, channels=dataset.channels,
-                           workers=workers or default_workers(), label="images", quiet=quiet)
+                           workers=workers or default_workers(), label="images", quiet=quiet,
+                           draft=run.config["data"].get("jpeg_draft", True))
         kept = set(res["kept"])
         names = [n for n, p in files if str(p.resolve()) in kept]
         labels, conf = predict_rows(model, DiskPool(Path(tmp) / "x.npy")) if kept else (np.zeros(0, int), np.zeros(0))

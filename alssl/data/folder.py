@@ -225,7 +225,7 @@ def default_workers() -> int:
 
 
 def decode_files(root: Path, rels: list[str], *, dest: Path, image_size: int | None, channels: int | None = None,
-                 workers: int, label: str, quiet: bool) -> dict:
+                 workers: int, label: str, quiet: bool, draft: bool = True) -> dict:
     """Pixels of `rels` (relative to root) into `dest` (.npy uint8 [n_ok, S, S, C]), in `workers` processes.
 
     Without `image_size` a header pass first reads every file's size (and mode): S = 32 when every image is at most
@@ -258,7 +258,7 @@ def decode_files(root: Path, rels: list[str], *, dest: Path, image_size: int | N
         staging = dest.with_name(dest.name + ".staging")
         offset = _write_npy_header(staging, (len(names), image_size, image_size, staged))
         tasks = [(str(root), names[i : i + CHUNK], list(range(i, min(i + CHUNK, len(names)))), image_size, staged,
-                  str(staging), offset) for i in range(0, len(names), CHUNK)]
+                  str(staging), offset, draft) for i in range(0, len(names), CHUNK)]
         task2 = bar.add_task(f"decoding {label} to {image_size}px", total=len(names))
         results = pool.map(decode_chunk, tasks, lambda n: bar.advance(task2, n), [len(t[1]) for t in tasks])
     hist = sum(h for _, h, _ in results)
@@ -305,7 +305,7 @@ def _fsync_tree(path: Path) -> None:
 
 
 def build_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: bool, workers: int,
-               quiet: bool) -> dict:
+               quiet: bool, draft: bool = True) -> dict:
     """Decode the folder into `pool_dir` (built in `pool_dir.partial`, then renamed: a kill leaves no half pool)."""
     files = scan_folder(root)
     if not files:
@@ -316,7 +316,7 @@ def build_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: bo
     partial.mkdir(parents=True)
     try:
         res = decode_files(root, [f[0] for f in files], dest=partial / PIXELS, image_size=image_size,
-                           workers=workers, label="pool", quiet=quiet)
+                           workers=workers, label="pool", quiet=quiet, draft=draft)
         if not res["kept"]:
             rel, why = res["skipped"][0]
             raise UserError(f"none of the {len(files)} images under {root} could be read (e.g. {rel}: {why}); "
@@ -350,7 +350,7 @@ def read_manifest(pool_dir: Path) -> dict | None:
 
 
 def open_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: bool, workers: int | None = None,
-              quiet: bool = True, expect: dict | None = None) -> tuple[BuiltPool, bool]:
+              quiet: bool = True, expect: dict | None = None, draft: bool = True) -> tuple[BuiltPool, bool]:
     """The pool of folder `root` kept in `pool_dir`: reused when the folder is unchanged, built when absent.
 
     `expect` (the run's record: n, image_size, channels) makes a rebuilt pool prove it has the same index space.
@@ -363,7 +363,7 @@ def open_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: boo
                         f"from a copy of the run")
     if m is None:
         m = build_pool(root, pool_dir, image_size=image_size, strict=strict, workers=workers or default_workers(),
-                       quiet=quiet)
+                       quiet=quiet, draft=draft)
         built = True
         if expect and (len(m["pool"]), m["image_size"], m["channels"]) != (expect["n"], expect["image_size"],
                                                                           expect["channels"]):
@@ -436,7 +436,7 @@ def resolve_classes(classes: list[str] | None, test_dir: Path | None) -> list[st
 
 
 def load_test_folder(test_dir: Path, pool_dir: Path, *, classes: list[str], image_size: int, channels: int,
-                     workers: int | None = None, quiet: bool = True) -> tuple[np.ndarray, np.ndarray, list]:
+                     workers: int | None = None, quiet: bool = True, draft: bool = True) -> tuple[np.ndarray, np.ndarray, list]:
     """Labeled test images (uint8 [M, S, S, C], int64 [M]) cached in `pool_dir/test.npz`; rebuilt when the test
     folder changed. Returns (x, y, skipped (abs path, reason))."""
     files = []
@@ -459,7 +459,7 @@ def load_test_folder(test_dir: Path, pool_dir: Path, *, classes: list[str], imag
         raise UserError(f"--test {test_dir} holds no images in its class subfolders; add images or drop --test")
     tmp = pool_dir / "test-pixels.npy"
     res = decode_files(test_dir, [f[0] for f in files], dest=tmp, image_size=image_size, channels=channels,
-                       workers=workers or default_workers(), label="test", quiet=quiet)
+                       workers=workers or default_workers(), label="test", quiet=quiet, draft=draft)
     if not res["kept"]:
         tmp.unlink(missing_ok=True)
         raise UserError(f"none of the {len(files)} test images under {test_dir} could be read; check the test folder")
