@@ -615,7 +615,7 @@ def curve(
 
         if not (plot_only / "curve.csv").exists():
             raise UserError(f"{plot_only} has no curve.csv; run `alssl curve --out {plot_only}` first")
-        png, svg = plot_curve(plot_only / "curve.csv")
+        png, svg = plot_curve(plot_only / "curve.csv", title=_plot_only_title(plot_only))
         typer.echo(json.dumps({"png": str(png), "svg": str(svg)}))
         return
     from alssl.curve import Grid, run_experiment
@@ -629,6 +629,20 @@ def curve(
              "eman": False, "seed": 0}
     csv_path, png, svg = run_experiment(out, grid, pretrain_args=pargs, from_run=from_run, jobs=jobs, quiet=_quiet(quiet))
     typer.echo(json.dumps({"csv": str(csv_path), "png": str(png), "svg": str(svg)}))
+
+
+def _plot_only_title(out: Path) -> Optional[str]:
+    """The title a redraw gets: the grid's data and (when the grid pretrained its own backbone) its features."""
+    import tomllib
+
+    from alssl.plots import curve_title
+
+    try:
+        grid = json.loads((out / "grid.json").read_text())
+        pre = tomllib.loads((out / "pretrain" / "run.toml").read_text()).get("pretrain") if (out / "pretrain" / "run.toml").is_file() else None
+        return curve_title(grid["data"]["spec"], pre, grid.get("probes") or ["linear"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @app.command("run")
