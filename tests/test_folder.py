@@ -165,7 +165,7 @@ def test_classes_and_test_folder(tmp_path):
     assert parse_classes("cat, dog,bird") == ["cat", "dog", "bird"]
     (tmp_path / "c.txt").write_text("# names\ncat\n\ndog\n")
     assert parse_classes(f"@{tmp_path / 'c.txt'}") == ["cat", "dog"]
-    for bad, msg in [("cat,,dog", "empty name"), ("cat,cat", "repeats cat")]:
+    for bad, msg in [("cat,,dog", "empty name"), ("cat,cat", "repeats cat"), ("cat,__skip__", "none of these")]:
         with pytest.raises(UserError, match=msg):
             parse_classes(bad)
     for c in ("dog", "cat"):

@@ -404,6 +404,9 @@ def parse_classes(text: str) -> list[str]:
             raise UserError(f"--classes {text!r} has an empty name; write them like --classes cat,dog,bird")
     if not names:
         raise UserError(f"--classes {text!r} names no class; write them like --classes cat,dog or --classes @classes.txt")
+    if "__skip__" in names:
+        raise UserError("--classes may not name a class __skip__: that label marks an image as \"none of these\" "
+                        "(skipped); rename the class")
     dup = sorted({c for c in names if names.count(c) > 1})
     if dup:
         raise UserError(f"--classes repeats {', '.join(dup)}; give each class once")
