@@ -33,10 +33,17 @@ from alssl.rounds import SKIP
 
 KEYS = "123456789abcdefghijklmnopqrstuvwxyz"
 SKIP_KEYS = "x0."  # the page's "none of these" key: the first one no class uses
-# A suggestion is pre-selected (Enter accepts it; Label Studio pre-fills it) only at this confidence or more: below,
-# a weak early model is mostly wrong (the issue's first round: 16-49 % confident, right on 13 of 60) and a pre-filled
-# answer anchors the labeler. docs/labeling.md gives the measurement behind 0.8.
+# A suggestion is pre-selected (Enter accepts it; Label Studio pre-fills it) only when the model is at least this
+# confident AND its measured accuracy (test split, or cross-validation on the labels) is at least this: a weak early
+# model's softmax is over-confident (measured: a 40-label CIFAR model, 18 % accurate, was right on 24 % of its
+# >= 0.8-confident guesses), and a pre-filled wrong answer anchors the labeler. docs/labeling.md has the numbers.
 SUGGEST_MIN = 0.8
+
+
+def preselected(score: float | None, model: dict | None) -> bool:
+    """Whether a suggestion of this confidence, from a model with this record, is pre-selected."""
+    acc = (model or {}).get("accuracy")
+    return score is not None and score >= SUGGEST_MIN and acc is not None and acc >= SUGGEST_MIN
 MAX_SIDE = 512  # image-folder pools: originals are shown downscaled to at most this many pixels per side
 LOCK_WAIT_S = 10.0  # how long a submit waits for another command's run lock before answering 503
 
@@ -263,7 +270,7 @@ class LabelSession:
                 s = self.suggested.get(i)
                 items.append({"index": i, "id": self.dataset.ids[i], "image": image_url(i),
                               "suggestion": s[0] if s else None, "score": s[1] if s else None,
-                              "preselect": bool(s) and s[1] >= SUGGEST_MIN, "label": labels.get(i)})
+                              "preselect": preselected(s[1] if s else None, self.model), "label": labels.get(i)})
             keys = class_keys(self.classes)
             return {"round": self.round, "classes": self.classes, "keys": keys, "items": items,
                     "skip": {"label": SKIP, "key": skip_key(keys)},

@@ -3,7 +3,8 @@
 Out: one task per queried image, `data.image` a Label Studio local-files URL (`/data/local-files/?d=<path relative
 to the document root>`), `data.alssl_index` (the pool index: Label Studio exports task data back, so every export
 maps back without guessing), `data.alssl_id`, `data.alssl_round`, and `predictions` (the run's best model: class +
-score) when the run has labels and the model is at least SUGGEST_MIN (0.8) confident; `config.xml` has one
+score) when the run has labels and the suggestion is pre-selected as on the page (`session.preselected`: >= 0.8
+confident, from a model >= 0.8 accurate); `config.xml` has one
 `<Choices name="label">` over the run's classes.
 
 In: Label Studio's JSON export (tasks with `annotations`), JSON-MIN (one flat record per annotation) and CSV (the same
@@ -58,7 +59,7 @@ def local_files_url(rel: str) -> str:
 
 def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: Path | None = None) -> dict:
     """out/tasks.json + out/config.xml for the open query (and out/images/ for datasets that live in memory)."""
-    from alssl.labeling.session import SUGGEST_MIN, suggestions
+    from alssl.labeling.session import model_suggestions, preselected
     from alssl.runs import atomic_write_bytes, atomic_write_text
 
     open_q = run.state["open_query"]
@@ -78,7 +79,7 @@ def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: P
         raise UserError(f"--document-root {root} must be a folder above {where} ({storage}): Label Studio serves "
                         f"files only from a storage below its LOCAL_FILES_DOCUMENT_ROOT; give a parent folder, or "
                         f"leave --document-root out")
-    sugg = suggestions(run, dataset, indices) if run.labeled_mask.any() else {}
+    sugg, record = model_suggestions(run, dataset, indices) if run.labeled_mask.any() else ({}, None)
     model = f"alssl: the run's best model after round {run.n_rounds - 1} ({int(run.labeled_mask.sum())} labels)"
     tasks = []
     for i in indices:
@@ -91,7 +92,7 @@ def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: P
             rel = os.path.relpath(out / rel_file, root)
         task: dict = {"data": {"image": local_files_url(rel), "alssl_index": i, "alssl_id": rid,
                                "alssl_round": int(open_q["round"])}}
-        if i in sugg and sugg[i][1] >= SUGGEST_MIN:  # a weak guess pre-filled in Label Studio anchors the labeler
+        if i in sugg and preselected(sugg[i][1], record):  # a weak guess pre-filled in Label Studio anchors the labeler
             name, score = sugg[i]
             task["predictions"] = [{"model_version": model, "score": score,
                                     "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
@@ -101,7 +102,7 @@ def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: P
     atomic_write_text(out / "config.xml", labeling_config(classes))
     return {"tasks": str(out / "tasks.json"), "config": str(out / "config.xml"), "n": len(tasks),
             "round": int(open_q["round"]), "document_root": str(root), "storage": str(storage),
-            "predictions": bool(sugg)}
+            "predictions": sum("predictions" in t for t in tasks)}
 
 
 def _upscaled_png(a: np.ndarray, *, min_side: int = 160) -> bytes:

@@ -115,7 +115,7 @@
     $("model").textContent = !m ? "no suggestions yet (the run has no labels)"
       : `suggestions: ${m.classifier} on ${m.n_labeled} labels, ` +
         (m.accuracy != null ? `${Math.round(m.accuracy * 100)} % accurate (${m.accuracy_on})` : "accuracy not measured yet") +
-        `; pre-selected only at ≥ ${Math.round(m.suggest_min * 100)} % confidence`;
+        `; pre-selected only at ≥ ${Math.round(m.suggest_min * 100)} % confidence from a model ≥ ${Math.round(m.suggest_min * 100)} % accurate`;
   }
 
   function renderGrid() {
