@@ -58,6 +58,9 @@ def test_run_survives_a_renamed_photo_folder(tmp_path):
     _ok("query", str(run), "--budget", "3", "--strategy", "random")
     with run_lock(run):
         r, ds = _load_run(run)
+    out = json.loads(_ok("tasks", str(run), "--out", str(tmp_path / "ls")))  # Label Studio: PNGs of the pool pixels
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    assert out["n"] == 3 and all(t["data"]["image"].startswith("/data/local-files/?d=images/") for t in tasks)
     s = LabelSession(run, ds, classes=ds.classes)
     s.load(r)
     assert s.pool_root is None and s.image(s.indices[0])[1] == "image/png"
@@ -80,3 +83,7 @@ def test_run_survives_a_renamed_photo_folder(tmp_path):
     shutil.rmtree(copy / "pool")
     assert_user_error(run_cli_inprocess("probe", str(copy)), "rebuilding it needs the source folder")
     assert "--test" not in run_cli_inprocess("probe", str(copy)).stderr
+    # a new run on a folder that is not there: says so (not "drop --test")
+    assert_user_error(run_cli_inprocess("pretrain", "--data", str(tmp_path / "photos"), "--test",
+                                        str(tmp_path / "test-moved"), "--out", str(tmp_path / "r2"), "--epochs", "0"),
+                      "no such folder")
