@@ -50,7 +50,8 @@ def _run_dataset(run, *, quiet: bool = True):
     cfg = run.config["data"]
     dataset = load_dataset(cfg["spec"], imbalance=cfg.get("imbalance"), seed=cfg.get("seed", 0), test=cfg.get("test"),
                            classes=cfg.get("classes"), image_size=cfg.get("image_size"), strict=cfg.get("strict", False),
-                           pool_dir=run.path / "pool", quiet=quiet, expect=cfg.get("pool"))
+                           pool_dir=run.path / "pool", quiet=quiet, expect=cfg.get("pool"),
+                           jpeg_draft=cfg.get("jpeg_draft", True))
     if dataset.n_pool != run.state["n_pool"]:
         raise UserError(f"the data {cfg['spec']} no longer matches {run.path} ({dataset.n_pool} vs {run.state['n_pool']} samples); restore the data or start a new run")
     return dataset
@@ -71,6 +72,12 @@ def _data_config(spec: str, imbalance: Optional[float], seed: int, **folder: obj
     return cfg | {k: v for k, v in folder.items() if v is not None}
 
 
+def _source(spec: str) -> dict:
+    """An image folder's SPEC as the user typed it, for information (run.toml `data.source`): the run itself reads
+    RUN/pool and needs the folder only to rebuild that."""
+    return {"source": spec} if _spec_path(spec) != spec else {}
+
+
 def _classes_option(text: Optional[str]) -> Optional[list[str]]:
     from alssl.data.folder import parse_classes
 
@@ -86,6 +93,7 @@ def pretrain(
     classes: Optional[str] = typer.Option(None, help="Image folders only: class names a,b,c or @classes.txt (logit order)"),
     image_size: Optional[int] = typer.Option(None, help="Image folders only: train at S×S (shorter side resized, centre crop); default 32 if every image is ≤ 32 px, else 64"),
     strict: bool = typer.Option(False, help="Image folders only: stop at the first unreadable file instead of skipping it"),
+    jpeg_draft: bool = typer.Option(True, "--jpeg-draft/--no-jpeg-draft", help="Image folders only: decode big JPEGs at reduced scale (fast); --no-jpeg-draft decodes them whole, so the pool's pixels are exactly torchvision's Resize+CenterCrop (for a model.ts fed by a standard pipeline: docs/export.md)"),
     workers: Optional[int] = typer.Option(None, min=1, help="Processes that decode an image folder (default: CPU count, at most 8)"),
     method: str = typer.Option("simsiam", help="simsiam | moco | byol"),
     backbone: str = typer.Option("cnn", help="cnn | resnet18 (CIFAR stem) | wrn28_2 | torchvision:NAME | timm:NAME"),
@@ -138,8 +146,10 @@ def pretrain(
         raise UserError(f"--image-size must be at least 1 pixel (got {image_size}); e.g. --image-size 64")
     names = _classes_option(classes)
     folder = is_pool_spec(data)  # an in-memory SPEC is checked whole before anything heavy (folders: while decoding)
-    preloaded = None if folder else load_dataset(data, imbalance=imbalance, seed=seed, test=test, classes=names,
-                                                 image_size=image_size)
+    # a resumed run reads its own data (an image folder's RUN/pool works with the folder moved away)
+    preloaded = None if folder or Run.exists(out) else load_dataset(data, imbalance=imbalance, seed=seed, test=test,
+                                                                    classes=names, image_size=image_size,
+                                                                    jpeg_draft=jpeg_draft)
     from alssl.backbones import check_backbone_name
     from alssl.pretrain import check_args, pretrain as run_pretrain
 
@@ -148,7 +158,7 @@ def pretrain(
     check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
                accelerator=accelerator, devices=dev, strategy=strategy, precision=precision, seed=seed)
     given = {"test": None if test is None else str(test.expanduser().resolve()), "classes": names,
-             "image_size": image_size, "strict": strict or None}
+             "image_size": image_size, "strict": strict or None, "jpeg_draft": None if jpeg_draft else False}
     args = {"method": method, "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "eman": eman, "seed": seed, "hflip": hflip, "momentum": momentum,
             "momentum_schedule": momentum_schedule, "queue_size": queue_size, "temperature": temperature, "init": init}
@@ -166,9 +176,10 @@ def pretrain(
                                                         workers=workers, quiet=_quiet(quiet), **given)
                     data_cfg = _data_config(data, imbalance, seed, **given)
                     if folder:
-                        data_cfg |= {"classes": dataset.classes or None, "image_size": dataset.image_size,
-                                     "pool": {"n": dataset.n_pool, "image_size": dataset.image_size,
-                                              "channels": dataset.channels, **(dataset.pool_identity or {})}}
+                        data_cfg |= _source(data) | {
+                            "classes": dataset.classes or None, "image_size": dataset.image_size,
+                            "pool": {"n": dataset.n_pool, "image_size": dataset.image_size,
+                                     "channels": dataset.channels, **(dataset.pool_identity or {})}}
                     _prepare_backbone(backbone, init, dataset.channels, dataset.image_size)
                     run = Run.create(out, n_pool=dataset.n_pool, config={"data": data_cfg, "pretrain": args})
                 except BaseException:
@@ -213,7 +224,7 @@ def _check_same_run(run, out: Path, args: dict, data_cfg: dict) -> None:
     old = run.config.get("pretrain", {})
     diff = [f"--{k.replace('_', '-')} {old.get(k)} (not {args[k]})" for k in args if old.get(k) != args[k]]
     old_data = run.config["data"]
-    for key in ("spec", "imbalance", "test", "strict"):
+    for key in ("spec", "imbalance", "test", "strict", "jpeg_draft"):
         if old_data.get(key) != data_cfg.get(key):
             flag = "--data" if key == "spec" else f"--{key}"
             diff.append(f"{flag} {old_data.get(key)} (not {data_cfg.get(key)})")
@@ -423,7 +434,9 @@ def label(
             n = (label_any if any_images else label_from_csv)(run, dataset, from_file)
         if names is not None and run.config["data"].get("classes") == names:
             atomic_write_text(run.path / "run.toml", toml_dumps({"alssl_format": run.state["format_version"], **run.config}))
-    typer.echo(f"imported {n} labels; {int(run.labeled_mask.sum())} labeled in {run.n_rounds} rounds")
+    n_skipped = len(run.state["rounds"][-1].get("skipped", []))
+    typer.echo(f"imported {n} labels{f' and {n_skipped} skipped images' if n_skipped else ''}; "
+               f"{int(run.labeled_mask.sum())} labeled in {run.n_rounds} rounds")
 
 
 @app.command()
@@ -445,6 +458,7 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
         "skipped": _count_rows(run.path / "skipped.csv"),
         "pool": run.state["n_pool"],
         "labeled": int(run.labeled_mask.sum()),
+        "skipped_images": [{"index": i, "round": r["round"]} for r in run.state["rounds"] for i in r.get("skipped", [])],
         "stages": run.state["stages"],
         "rounds": run.state["rounds"],
         "open_query": None if run.state["open_query"] is None else {k: v for k, v in run.state["open_query"].items() if k != "indices"},
@@ -468,10 +482,15 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
             con.print(f"  {st['line']} on {st.get('n_labeled')} labels; {st.get('why')}")
             continue
         con.print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in st.items()))
-    table = Table("round", "strategy", "budget", "labels", "source")
+    table = Table("round", "strategy", "budget", "labels", "skipped", "source")
     for r in info["rounds"]:
-        table.add_row(str(r["round"]), str(r["strategy"]), str(r["budget"]), str(r["n"]), str(r["source"]))
+        table.add_row(str(r["round"]), str(r["strategy"]), str(r["budget"]), str(r["n"]), str(len(r.get("skipped", []))),
+                      str(r["source"]))
     con.print(table)
+    if info["skipped_images"]:
+        shown = ", ".join(str(s["index"]) for s in info["skipped_images"][:20])
+        con.print(f"  skipped (none of the classes, never queried again): {len(info['skipped_images'])} images, "
+                  f"pool indices {shown}{', ...' if len(info['skipped_images']) > 20 else ''} (`--json` lists them all)")
     if info["open_query"]:
         q = info["open_query"]
         con.print(f"  open query: round {q['round']} ({q['strategy']}, {q['budget']}) → {q['file']}")
@@ -743,7 +762,7 @@ def curve(
 
         if not (plot_only / "curve.csv").exists():
             raise UserError(f"{plot_only} has no curve.csv; run `alssl curve --out {plot_only}` first")
-        png, svg = plot_curve(plot_only / "curve.csv")
+        png, svg = plot_curve(plot_only / "curve.csv", title=_plot_only_title(plot_only))
         typer.echo(json.dumps({"png": str(png), "svg": str(svg)}))
         return
     from alssl.curve import Grid, run_experiment
@@ -769,6 +788,20 @@ def _check_curve_out(out: Path, data: dict, force: bool) -> None:
 
     check_output(out, names=CURVE_FILES, is_previous=lambda d: (d / "grid.json").is_file(), inputs=data_inputs(data),
                  force=force, what="a budget curve")
+
+
+def _plot_only_title(out: Path) -> Optional[str]:
+    """The title a redraw gets: the grid's data and (when the grid pretrained its own backbone) its features."""
+    import tomllib
+
+    from alssl.plots import curve_title
+
+    try:
+        grid = json.loads((out / "grid.json").read_text())
+        pre = tomllib.loads((out / "pretrain" / "run.toml").read_text()).get("pretrain") if (out / "pretrain" / "run.toml").is_file() else None
+        return curve_title(grid["data"]["spec"], pre, grid.get("probes") or ["linear"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @app.command("run")

@@ -286,7 +286,7 @@ def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path
                    quiet: bool = True, title: str | None = None) -> tuple[Path, Path, Path]:
     """Pretrain once (or reuse `from_run`), then compute the grid and draw it. Returns (csv, png, svg)."""
     from alssl.backbones import check_backbone_name
-    from alssl.plots import curve_table, plot_curve
+    from alssl.plots import curve_table, curve_title, plot_curve
     from alssl.runs import Run, check_writable, run_lock
     from alssl.pretrain import METHODS, pretrain
 
@@ -326,6 +326,6 @@ def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path
             pretrain(dataset, run, **pretrain_args, quiet=quiet)
         pool_features(run_path, dataset)  # embed once, before any worker forks
         csv_path = run_grid(out, grid, counts, run_path=run_path, jobs=jobs, quiet=quiet)
-        png, svg = plot_curve(csv_path, title=title)
+        png, svg = plot_curve(csv_path, title=title or curve_title(grid.data["spec"], run.config.get("pretrain"), grid.probes))
         atomic_write_text(out / "curve.md", curve_table(csv_path))  # the same numbers as a markdown table
     return csv_path, png, svg

@@ -32,6 +32,9 @@ PREPROCESSING = ("resize the shorter side to image_size (bilinear, antialiased; 
                  "first with PIL's draft mode when the shorter side is at least 2x image_size), centre crop "
                  "image_size x image_size, RGB (or grayscale when channels = 1), float in [0, 1], NCHW; "
                  "the model normalises with mean/std itself")
+PREPROCESSING_NO_DRAFT = ("torchvision's Resize(image_size) + CenterCrop(image_size) on a plain PIL decode (bilinear, "
+                          "antialiased; the run was built with --no-jpeg-draft), RGB (or grayscale when channels = 1), "
+                          "float in [0, 1], NCHW; the model normalises with mean/std itself")
 
 
 class Classifier(nn.Module):
@@ -180,13 +183,21 @@ def is_predictions_csv(out: Path) -> bool:
     return head.startswith(b"path,label,confidence")
 
 
+def data_name(spec: str) -> str:
+    """A data SPEC by name only (a shared model card carries no local path): digits, cifar10:NAME, FILE.npz, FOLDER."""
+    if spec.startswith("cifar10:"):
+        return "cifar10:" + Path(spec[len("cifar10:"):]).name
+    return Path(spec).name or spec
+
+
 def export(run: Run, dataset: Dataset, out: Path) -> dict:
     """Write out/model.pt, out/model.ts and out/model.json; returns the model card."""
     model, record = best_classifier(run, dataset)
     S, C = dataset.image_size, dataset.channels
     card = {"classes": list(dataset.classes), "image_size": S, "channels": C, "mean": list(dataset.mean),
             "std": list(dataset.std), "input": f"float32 [B, {C}, {S}, {S}] in [0, 1]", "output": "logits [B, K]",
-            "preprocessing": PREPROCESSING, **record, "data": run.config["data"]["spec"], "alssl_version": __version__}
+            "preprocessing": PREPROCESSING if run.config["data"].get("jpeg_draft", True) else PREPROCESSING_NO_DRAFT,
+            **record, "data": data_name(run.config["data"]["spec"]), "alssl_version": __version__}
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.9+ marks TorchScript deprecated; it still runs everywhere
@@ -275,7 +286,8 @@ def predict_files(run: Run, dataset: Dataset, sources: list[Path], out: Path, *,
     with tempfile.TemporaryDirectory(prefix="alssl-predict-") as tmp:
         res = decode_files(Path("/"), [str(p.resolve()) for _, p in files], dest=Path(tmp) / "x.npy",
                            image_size=dataset.image_size, channels=dataset.channels,
-                           workers=workers or default_workers(), label="images", quiet=quiet)
+                           workers=workers or default_workers(), label="images", quiet=quiet,
+                           draft=run.config["data"].get("jpeg_draft", True))
         kept = set(res["kept"])
         names = [n for n, p in files if str(p.resolve()) in kept]
         labels, conf = predict_rows(model, DiskPool(Path(tmp) / "x.npy")) if kept else (np.zeros(0, int), np.zeros(0))

@@ -1,7 +1,7 @@
 """Budget-curve figures from a tidy curve.csv: accuracy vs labeled fraction, one panel per arm × probe.
 
-Top row: mean test accuracy per strategy over seeds with a ±1 std band (log x; `random` dashed black), a
-secondary x axis with labels per class. Bottom row: the gain over random at each budget (same seeds
+Top row: mean test accuracy per strategy over seeds with a ±1 std band (log x, ticked at the budgets as the user
+typed them; `random` dashed black), a secondary x axis with the label count (and labels per class). Bottom row: the gain over random at each budget (same seeds
 paired), with a zero line. Legend outside the data. PNG and SVG.
 """
 
@@ -89,6 +89,18 @@ def paired_gain(entry: tuple, rand: tuple | None) -> np.ndarray | None:
     return (a[[seeds.index(x) for x in common]] - rand[3][[rand[4].index(x) for x in common]]) * 100
 
 
+def curve_title(spec: str, pretrain: dict | None, probes: list[str]) -> str:
+    """The figure title `make demo` uses: "digits: SimSiam (cnn) features, linear probe" (data by name only)."""
+    from alssl.export import data_name
+
+    feats = ""
+    if pretrain:
+        method = {"simsiam": "SimSiam", "moco": "MoCo v2", "byol": "BYOL"}.get(pretrain.get("method"), pretrain.get("method"))
+        feats = (f" random-init ({pretrain.get('backbone')}) features" if pretrain.get("epochs") == 0
+                 else f" {method} ({pretrain.get('backbone')}) features")
+    return f"{data_name(spec)}:{feats}{',' if feats else ''} {' / '.join(probes)} probe"
+
+
 def plot_curve(csv_path: Path, out_stem: Path | None = None, *, title: str | None = None) -> tuple[Path, Path]:
     """Draw `curve.png` and `curve.svg` beside curve.csv (or at `out_stem`); returns both paths."""
     import matplotlib
@@ -105,7 +117,8 @@ def plot_curve(csv_path: Path, out_stem: Path | None = None, *, title: str | Non
         raise UserError(f"{csv_path} has no rows yet; run `alssl curve` first")
     summary = summarize(rows)
     lpc = {r["fraction"]: r["labels_per_class"] for r in rows}
-    ratio = np.median([lpc[f] / f for f in lpc if f > 0])  # labels per class per unit of labeled fraction
+    count = {r["fraction"]: r.get("n_labeled") for r in rows}
+    typed = {r["fraction"]: (r.get("budget") or f"{r['fraction'] * 100:.2g}%") for r in rows}  # "1%", as typed
     panels = sorted(summary, key=lambda p: (p[0] != "probe", p))
     strategies = sorted({s for p in summary.values() for s in p}, key=lambda s: (s != "random", s))
     colors = {s: c for s, c in zip(strategies, plt.cm.tab10.colors * 3)}
@@ -129,21 +142,20 @@ def plot_curve(csv_path: Path, out_stem: Path | None = None, *, title: str | Non
         ax.set_xscale("log")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, which="both", alpha=0.3)
-        top = ax.secondary_xaxis("top", functions=(lambda x: x / 100 * ratio, lambda y: y * 100 / ratio))
-        top.set_xlabel("labels per class")
-        budgets = sorted({x for st in summary[panel].values() for x in st[0] * 100})
-        top.set_xticks([b / 100 * ratio for b in budgets])  # one tick per budget, plain numbers
-        top.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+        fracs = sorted({f for st in summary[panel].values() for f in st[0].tolist()})
+        budgets = [f * 100 for f in fracs]
+        top = ax.secondary_xaxis("top")
+        top.set_xlabel("labeled images (per class)")
+        top.set_xticks(budgets, labels=[f"{count[f]}\n({lpc[f]:.2g})" if count[f] else f"({lpc[f]:.2g})" for f in fracs])
         top.xaxis.set_minor_locator(ticker.NullLocator())
         gax.axhline(0, color="black", linestyle="--", linewidth=1)
         gax.set_xscale("log")
-        gax.set_xlabel("labeled fraction of the pool (%, log scale)")
+        gax.set_xlabel("budget: labeled fraction of the pool (log scale)")
         gax.set_ylabel("gain over random (points)")
         gax.grid(True, which="both", alpha=0.3)
         for a in (ax, gax):
-            a.set_xticks(budgets)
-            a.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
-            a.xaxis.set_minor_formatter(ticker.NullFormatter())
+            a.set_xticks(budgets, labels=[typed[f] for f in fracs])
+            a.xaxis.set_minor_locator(ticker.NullLocator())
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", title="strategy", frameon=False)
     if title:

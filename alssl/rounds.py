@@ -3,7 +3,10 @@
 A round is: `query` picks B unlabeled samples and writes `queries/round-K.csv` (header `index,id`, CSV-quoted); the
 pool is unchanged until `label` imports a label for every queried row, from a person's file or from the dataset's
 ground truth (`--oracle`, for simulation). Labels a person already has for any pool images can be imported as a
-round of their own (`--any`). A label file is checked whole before anything is imported.
+round of their own (`--any`). A label file is checked whole before anything is imported, every problem listed at once.
+A label `__skip__` (SKIP; Label Studio's skipped tasks and the page's skip key mean the same) marks an image as "none
+of these": it is recorded as skipped in the round (`rounds[k].skipped` in state.json), never queried again and not
+labeled.
 """
 
 from __future__ import annotations
@@ -49,12 +52,12 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
         )
     if strategy not in STRATEGIES:
         raise unknown("strategy", strategy, STRATEGIES)
-    labeled = run.labeled_mask
-    n = parse_budget(budget, n_pool=len(labeled), n_unlabeled=int((~labeled).sum()))
+    labeled, skipped = run.labeled_mask, run.skipped_mask
+    n = parse_budget(budget, n_pool=len(labeled), n_unlabeled=int((~labeled & ~skipped).sum()))
     if strategy in NEEDS_LABELS and not labeled.any():
         raise UserError(
             f"strategy {strategy} needs labeled samples to start; label a first round with `alssl query {run.path} "
-            f"--budget {budget} --strategy random`"
+            f"--budget {budget} --strategy typiclust` (or random)"
         )
     choice = choose(run, dataset)
     train_emb, _ = pool_features(run.path, dataset, choice.path)
@@ -62,11 +65,14 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
     options = dict(options or {})
     if options.get("skip_duplicates") is None:  # on for pools of image files, off for benchmark data (train/<i> ids)
         options["skip_duplicates"] = dataset.ids[0] != "train/0"
+    keep = np.flatnonzero(~skipped)  # skipped images are never queried again: the strategy sees the others only
+    rows = slice(None) if len(keep) == len(skipped) else keep
     ctx = AcquisitionContext(
-        embeddings=train_emb, labeled=labeled, labels=run.labels, num_classes=dataset.num_classes,
-        images=dataset.x_train, probe=probe, options=options, cache_dir=run.path / "features",
+        embeddings=train_emb[rows], labeled=labeled[rows], labels=run.labels[rows], num_classes=dataset.num_classes,
+        images=dataset.x_train if len(keep) == len(skipped) else _Rows(dataset.x_train, keep), probe=probe,
+        options=options, cache_dir=run.path / "features",
     )
-    picked = np.sort(select(strategy, ctx, n, strategy_rng(seed, k, strategy)))
+    picked = np.sort(keep[select(strategy, ctx, n, strategy_rng(seed, k, strategy))])
     rel = f"queries/round-{k}.csv"
     atomic_write_text(run.path / rel, query_csv(dataset, picked.tolist()))
     if thumbnails:
@@ -78,6 +84,21 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
     run.state["open_query"] = {**meta, "indices": picked.tolist()}
     run.save_state()
     return run.path / rel, False
+
+
+class _Rows:
+    """Rows `keep` of an image array (or DiskPool), read on demand: the pool without its skipped images."""
+
+    def __init__(self, images, keep: np.ndarray):
+        self.images, self.keep = images, keep
+        self.shape = (len(keep), *images.shape[1:])
+        self.ndim, self.dtype = len(self.shape), images.dtype
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return np.asarray(self.images[self.keep[idx]])
 
 
 def query_csv(dataset: Dataset, indices: list[int]) -> str:
@@ -133,6 +154,8 @@ def label_oracle(run: Run, dataset: Dataset) -> int:
 
 
 LABEL_HEADERS = (["index", "label"], ["id", "label"], ["index", "id", "label"])
+SKIP = "__skip__"  # the label of an image that fits no class ("none of these"): recorded as skipped, never re-queried
+SKIPPED = -1  # parse_label_rows' label for a SKIP row (Run.add_labels records it as skipped)
 _INT = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() accepts '³', which int() rejects
 
 
@@ -143,7 +166,7 @@ def class_id(value: str, classes: list[str]) -> int | str:
     if re.fullmatch(r"[0-9]{1,18}", value) and int(value) < len(classes):  # (int() refuses > 4300 digits)
         return int(value)
     if not value:
-        return "empty label"
+        return f"empty label (write {SKIP} for an image that fits no class)"
     return (f"unknown class {value[:80]!r}{suggest(value[:200], classes)} (classes: "
             f"{', '.join(classes) if len(classes) <= 30 else ', '.join(classes[:30]) + ', ...'})")
 
@@ -153,10 +176,12 @@ def _where(line: int | str) -> str:
 
 
 def parse_label_rows(rows: list[tuple[int | str, str | None, str | None, str]], *, dataset: Dataset, wanted: set[int],
-                     labeled: np.ndarray, what: str, problems: list[str] | tuple = ()) -> tuple[np.ndarray, np.ndarray]:
-    """Validate (line or "task N", index or None, id or None, label) rows whole; returns (indices, labels) or raises
-    listing the bad rows (after `problems` already found while reading the file). `wanted` = the indices that may
-    (and, for an open query, must) be labeled."""
+                     labeled: np.ndarray, what: str, problems: list[str] | tuple = (),
+                     required: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate (line or "task N", index or None, id or None, label) rows whole; returns (indices, labels; SKIPPED
+    for a SKIP row) or raises listing every problem at once: `problems` already found while reading the file, the
+    bad rows, and the `required` indices (an open query's) that no row names. `wanted` = the indices that may be
+    labeled."""
     if not dataset.classes:
         raise UserError("this run has no class list yet; give one once with `alssl label RUN --from FILE "
                         "--classes a,b,c` (or --classes @classes.txt), in the order you want the model's outputs")
@@ -194,17 +219,26 @@ def parse_label_rows(rows: list[tuple[int | str, str | None, str | None, str]], 
             problems.append(f"{_where(line)}: duplicate row for {dataset.ids[i]!r} (first on {_where(seen[i])})")
             continue
         seen[i] = line
+        if lab == SKIP:
+            out_i.append(i)
+            out_y.append(SKIPPED)
+            continue
         y = class_id(lab, dataset.classes)
         if isinstance(y, str):
             problems.append(f"{_where(line)}: {y}")
             continue
         out_i.append(i)
         out_y.append(y)
-    if not problems and not out_i:
+    missing = sorted(set(required) - seen.keys()) if required is not None else []
+    if not problems and not out_i and not missing:
         problems.append("the file has no label rows")
-    if problems:
-        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-        raise UserError(f"label file rejected, nothing imported: {'; '.join(problems[:5])}{more}; fix these rows and rerun")
+    if problems or missing:
+        listed = problems[:5] + ([f"and {len(problems) - 5} more"] if len(problems) > 5 else [])
+        if missing:  # always listed, after the rows: the whole picture in one pass
+            shown = ", ".join(repr(dataset.ids[i]) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            listed.append(f"{len(missing)} queried images have no label ({shown}): label every row of the query, or "
+                          f"write {SKIP} for an image that fits no class")
+        raise UserError(f"label file rejected, nothing imported: {'; '.join(listed)}; fix these and rerun")
     return np.asarray(out_i, np.int64), np.asarray(out_y, np.int64)
 
 
@@ -239,15 +273,9 @@ def parse_label_csv(text: str, *, dataset: Dataset, open_indices: list[int], lab
 
 def check_open_query(rows: list, *, dataset: Dataset, open_indices: list[int], labeled: np.ndarray,
                      problems: list[str] | tuple = ()) -> tuple[np.ndarray, np.ndarray]:
-    """Label rows validated against the open query: every row valid and every queried image labeled."""
-    idx, y = parse_label_rows(rows, dataset=dataset, wanted=set(open_indices), labeled=labeled,
-                              what="the open query", problems=problems)
-    missing = sorted(set(open_indices) - set(idx.tolist()))
-    if missing:
-        shown = ", ".join(repr(dataset.ids[i]) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise UserError(f"label file rejected, nothing imported: {len(missing)} queried images have no label ({shown}); "
-                        f"label every row of the query and rerun")
-    return idx, y
+    """Label rows validated against the open query: every row valid and every queried image labeled (or skipped)."""
+    return parse_label_rows(rows, dataset=dataset, wanted=set(open_indices), labeled=labeled, what="the open query",
+                            problems=problems, required=list(open_indices))
 
 
 def read_label_rows(path: Path, *, dataset: Dataset, run: Run) -> tuple[list, list[str], list[str]]:
@@ -278,7 +306,7 @@ def label_from_csv(run: Run, dataset: Dataset, path: Path) -> int:
     rows, problems, notes = read_label_rows(path, dataset=dataset, run=run)
     idx, y = check_open_query(rows, dataset=dataset, open_indices=open_q["indices"], labeled=run.labeled_mask,
                               problems=problems)
-    n = _close(run, idx, y, source=str(path))
+    n = _close(run, idx, y, source=label_source(run, path))
     for note in notes:
         warn(note)
     return n
@@ -292,14 +320,24 @@ def label_any(run: Run, dataset: Dataset, path: Path) -> int:
                         f"(`alssl label {run.path} --from FILE.csv`), then import other labels with --any")
     labeled = run.labeled_mask
     rows, problems, notes = read_label_rows(path, dataset=dataset, run=run)
-    idx, y = parse_label_rows(rows, dataset=dataset, wanted=set(np.flatnonzero(~labeled).tolist()), labeled=labeled,
-                              what="the pool", problems=problems)
+    free = ~labeled & ~run.skipped_mask  # a skipped image stays skipped
+    idx, y = parse_label_rows(rows, dataset=dataset, wanted=set(np.flatnonzero(free).tolist()), labeled=labeled,
+                              what="the pool's unlabeled, not skipped images", problems=problems)
     run.add_labels(idx, y, round_meta={"strategy": "import", "budget": str(len(idx)), "seed": None,
-                                       "source": str(path)})
+                                       "source": label_source(run, path)})
     run.save_state()
     for note in notes:
         warn(note)
-    return len(idx)
+    return int((y != SKIPPED).sum())
+
+
+def label_source(run: Run, path: Path) -> str:
+    """A label file as its round records it: relative to the run when it is inside it (so the run can move), else as
+    given (for information)."""
+    try:
+        return Path(path).resolve().relative_to(run.path.resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _close(run: Run, idx: np.ndarray, y: np.ndarray, *, source: str) -> int:
@@ -309,4 +347,4 @@ def _close(run: Run, idx: np.ndarray, y: np.ndarray, *, source: str) -> int:
                                        **({"features": open_q["features"]} if open_q.get("features") else {})})
     run.state["open_query"] = None
     run.save_state()
-    return len(idx)
+    return int((y != SKIPPED).sum())

@@ -221,6 +221,8 @@ def state_problem(state: Any) -> str | None:
                 return f"rounds[{k}].{key} must be {'an integer' if kind is int else 'a string'}, got {r[key]!r}"
         if r["round"] != k:
             return f"rounds[{k}].round is {r['round']} (must be {k})"
+        if "skipped" in r and not isinstance(r["skipped"], list):
+            return f"rounds[{k}].skipped must be a list of pool indices (the images skipped in round {k})"
     if (p := _int_list_problem("labeled_round", state["labeled_round"], n, -1, len(rounds) - 1)):
         return p + " (-1 = unlabeled, k = labeled in round k)"
     if (p := _int_list_problem("labels", state["labels"], n, -1, 2**31 - 1)):
@@ -236,6 +238,14 @@ def state_problem(state: Any) -> str | None:
     for k, r in enumerate(rounds):
         if r["n"] != counts[k]:
             return f"rounds[{k}].n is {r['n']} but {counts[k]} samples are labeled in round {k}"
+    skipped: set[int] = set()
+    for k, r in enumerate(rounds):  # optional (runs made before skips have none): pool indices, unlabeled, once
+        for i in r.get("skipped", []):
+            if not _is_int(i) or not 0 <= i < n:
+                return f"rounds[{k}].skipped holds {i!r}, not a pool index in 0..{n - 1}"
+            if lr[i] >= 0 or i in skipped:
+                return f"rounds[{k}].skipped holds {i}, which is {'labeled' if lr[i] >= 0 else 'skipped twice'}"
+            skipped.add(i)
     data = state["config"].get("data")
     if not isinstance(data, dict) or not isinstance(data.get("spec"), str) or not data["spec"]:
         return "config.data.spec (the data SPEC the run was made from) is missing"
@@ -259,9 +269,9 @@ def state_problem(state: Any) -> str | None:
             return f"open_query.indices must be pool indices in 0..{n - 1}" + (f" (found {bad!r})" if idx else " (found none)")
         if len(set(idx)) != len(idx):
             return "open_query.indices has duplicates"
-        done = next((i for i in idx if lr[i] >= 0), None)
+        done = next((i for i in idx if lr[i] >= 0 or i in skipped), None)
         if done is not None:
-            return f"open_query.indices holds {done}, which is already labeled"
+            return f"open_query.indices holds {done}, which is already {'labeled' if lr[done] >= 0 else 'skipped'}"
     return None
 
 
@@ -362,14 +372,28 @@ class Run:
     def n_rounds(self) -> int:
         return len(self.state["rounds"])
 
+    @property
+    def skipped_mask(self) -> np.ndarray:
+        """Images a person skipped ("none of these", `rounds[k].skipped`): not labeled, never queried again."""
+        mask = np.zeros(self.state["n_pool"], dtype=bool)
+        for r in self.state["rounds"]:
+            mask[np.asarray(r.get("skipped", []), dtype=np.int64)] = True
+        return mask
+
     def add_labels(self, indices: np.ndarray, labels: np.ndarray, *, round_meta: dict) -> None:
-        """Record one finished round (in memory; call save_state to persist)."""
+        """Record one finished round (in memory; call save_state to persist). A label of -1 (UNLABELED) records the
+        image as skipped in this round (`rounds[k].skipped`, listed only when there are any)."""
         k = self.n_rounds
+        skipped, done = [], self.skipped_mask
         for i, y in zip(indices.tolist(), labels.tolist()):
-            assert self.state["labeled_round"][i] == UNLABELED, f"index {i} labeled twice"
+            assert self.state["labeled_round"][i] == UNLABELED and not done[i], f"index {i} labeled twice"
+            if y == UNLABELED:
+                skipped.append(i)
+                continue
             self.state["labeled_round"][i] = k
             self.state["labels"][i] = int(y)
-        self.state["rounds"].append({"round": k, "n": int(len(indices)), **round_meta})
+        self.state["rounds"].append({"round": k, "n": int(len(indices)) - len(skipped), **round_meta,
+                                     **({"skipped": sorted(skipped)} if skipped else {})})
 
     # -- files
     @property

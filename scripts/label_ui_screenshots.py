@@ -4,7 +4,8 @@
 
 Builds a small photo-folder run (CIFAR-10 images saved as mixed-size JPEG/PNG/WebP files, tests/photo_folder.py),
 labels round 0 from the known classes, opens round 1 (so the page shows the model's suggestions), then drives the
-page like a person: a few key presses -> docs/label-ui.png; the rest + Submit -> docs/label-ui-submitted.png.
+page like a person: a few key presses (one image skipped as "none of these") -> docs/label-ui.png; the rest +
+Submit from the bottom of the page -> docs/label-ui-submitted.png.
 Needs chromium + chromium-driver (`make test` installs them) and selenium (the dev extra).
 """
 
@@ -91,8 +92,8 @@ def main() -> None:
         pool_ids = json.loads((run / "pool" / "manifest.json").read_text())["pool"]
         body = d.find_element(By.TAG_NAME, "body")
         keys = "123456789abcdefghijklmnopqrstuvwxyz"  # class k's key on the page
-        for idx in ids[:5]:  # a person labeling the first five with the keys of their classes
-            body.send_keys(keys[names.index(truth[pool_ids[int(idx)]])])
+        for n, idx in enumerate(ids[:5]):  # a person labeling the first five with the keys of their classes
+            body.send_keys("x" if n == 3 else keys[names.index(truth[pool_ids[int(idx)]])])  # the 4th: none of these
         wait.until(lambda _: d.find_element(By.ID, "saved").text == "all saved")
         time.sleep(0.5)
         small_png(d.get_screenshot_as_png(), args.out / "label-ui.png")
@@ -102,7 +103,7 @@ def main() -> None:
                    d.find_element(By.ID, "saved").text == "all saved")
         d.find_element(By.ID, "submit").click()
         wait.until(lambda _: d.find_element(By.ID, "done").is_displayed())
-        d.execute_script("window.scrollTo(0, 0)")
+        d.execute_script("window.scrollTo(0, document.body.scrollHeight)")  # Submit from the bottom: the banner is there
         time.sleep(0.5)
         small_png(d.get_screenshot_as_png(), args.out / "label-ui-submitted.png")
         assert q["round"] == 1

@@ -86,7 +86,7 @@ def test_unknown_strategy_suggests(closed_run):
 def test_model_strategy_on_empty_pool(tmp_path):
     d = tmp_path / "fresh"
     assert run_cli("pretrain", "--data", "digits", "--out", str(d), "--epochs", "0", "-q").returncode == 0
-    check(d, ["query", str(d), "--budget", "5", "--strategy", "entropy"], "--strategy random")
+    check(d, ["query", str(d), "--budget", "5", "--strategy", "entropy"], "--strategy typiclust")
 
 
 def test_new_query_while_one_is_open(run_dir):

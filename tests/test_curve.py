@@ -131,9 +131,13 @@ def test_plot_files_axes_and_legend(uninterrupted):
     svg = (uninterrupted / "curve.svg").read_text()
     png = (uninterrupted / "curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    for text in ("test accuracy (%)", "labeled fraction of the pool", "labels per class", "gain over random",
-                 "random", "kcenter", "linear probe", "strategy"):
+    for text in ("test accuracy (%)", "labeled fraction of the pool", "labeled images (per class)", "gain over random",
+                 "random", "kcenter", "linear probe", "strategy",
+                 "digits: random-init (cnn) features, linear probe",  # the demo's kind of title, made from the grid
+                 ">1%<", ">2%<", ">5%<",  # budget ticks as typed (not 0.97 for 1 % of 1437 = 14 images)
+                 ">14<", ">29<", ">72<"):  # the label-count axis
         assert text in svg, text
+    assert ">0.97<" not in svg
     table = (uninterrupted / "curve.md").read_text().splitlines()
     rand = next(l for l in table if l.startswith("| random |"))
     kc = next(l for l in table if l.startswith("| kcenter |"))
@@ -145,6 +149,7 @@ def test_plot_only_redraws(uninterrupted):
     r = run_main("curve", "--plot-only", str(uninterrupted))
     assert r.returncode == 0, r.stderr
     assert (uninterrupted / "curve.png").exists()
+    assert "digits: random-init (cnn) features, linear probe" in (uninterrupted / "curve.svg").read_text()
 
 
 def test_shipped_pipelines_parse():

@@ -72,6 +72,8 @@ def test_jpeg_draft_decoding_is_close_to_a_full_decode(tmp_path):
     ref = np.asarray(transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32)])(Image.open(tmp_path / "big.jpg")))
     diff = np.abs(load_image(tmp_path / "big.jpg", 32, 3).astype(int) - ref.astype(int))
     assert diff.mean() < 4  # the 1/8-scale DCT decode differs from full decode + resize by a few grey levels
+    assert diff.max() > 0
+    assert np.array_equal(load_image(tmp_path / "big.jpg", 32, 3, draft=False), ref)  # --no-jpeg-draft: exact
 
 
 # ---------------------------------------------------------------- the pool
@@ -163,7 +165,7 @@ def test_classes_and_test_folder(tmp_path):
     assert parse_classes("cat, dog,bird") == ["cat", "dog", "bird"]
     (tmp_path / "c.txt").write_text("# names\ncat\n\ndog\n")
     assert parse_classes(f"@{tmp_path / 'c.txt'}") == ["cat", "dog"]
-    for bad, msg in [("cat,,dog", "empty name"), ("cat,cat", "repeats cat")]:
+    for bad, msg in [("cat,,dog", "empty name"), ("cat,cat", "repeats cat"), ("cat,__skip__", "none of these")]:
         with pytest.raises(UserError, match=msg):
             parse_classes(bad)
     for c in ("dog", "cat"):

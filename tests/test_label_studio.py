@@ -99,7 +99,6 @@ def _tasks_for(run) -> list[dict]:
         (lambda t: t[0]["annotations"][0]["result"][0]["value"].update(choices=["zebra"]), ["task 1 (alssl_index", "unknown class 'zebra'"]),
         (lambda t: t[1]["data"].update(alssl_index=3), ["task 2 (alssl_index 3)", "is not in the open query"]),
         (lambda t: t.append(json.loads(json.dumps(t[2])) | {"id": 99}), ["task 99", "duplicate row", "first on task 3"]),
-        (lambda t: t[0]["annotations"][0].update(was_cancelled=True), ["task 1", "cancelled"]),
         (lambda t: t[0].update(annotations=[]), ["task 1", "no annotation"]),
         (lambda t: t[0]["data"].update(alssl_index="x7"), ["task 1 (alssl_index x7)", "not an integer"]),
         (lambda t: (t[0]["data"].pop("alssl_index"), t[0]["data"].update(image="/data/upload/1/cat.jpg")), ["task 1", "not an image of the pool"]),
@@ -127,6 +126,17 @@ def test_every_problem_listed_at_once(run, digits, tmp_path):
         label_from_csv(run, digits, _write(tmp_path, tasks))
     msg = str(e.value)
     assert "task 1 " in msg and "task 2 " in msg and "task 99 " in msg
+
+
+def test_skipped_task_is_recorded_as_skipped(run, digits, tmp_path):
+    """Label Studio's Skip (every annotation of the task cancelled) = none of these; the round imports."""
+    tasks = _tasks_for(run)
+    tasks[0]["annotations"] = [{"id": 7, "was_cancelled": True, "result": [], "updated_at": "2026-01-01T00:00:00Z"}]
+    i0 = tasks[0]["data"]["alssl_index"]
+    assert label_from_csv(run, digits, _write(tmp_path, tasks)) == len(tasks) - 1
+    after = Run.open(run.path)
+    assert after.state["open_query"] is None and after.state["rounds"][1]["skipped"] == [i0]
+    assert after.labeled_round[i0] == -1 and after.state["rounds"][1]["n"] == len(tasks) - 1
 
 
 def test_latest_non_cancelled_annotation_and_image_path_mapping(run, digits, tmp_path):
@@ -158,7 +168,12 @@ def test_min_and_csv_records(digits, run):
     csv_text = "alssl_index,annotation_id,annotator,id,image,label,updated_at\n" + "".join(
         f"{i},{n},1,{n},x,{'' if n == 0 else '6'},2026\n" for n, i in enumerate(idx))
     rows, problems, _ = read_export(csv_text, "csv", dataset=digits, labeled=run.labeled_mask)
-    assert len(rows) == len(idx) - 1 and problems == [f"task 0 (alssl_index {idx[0]}): no annotation (or only cancelled ones)"]
+    assert len(rows) == len(idx) - 1 and len(problems) == 1
+    assert problems[0].startswith(f"task 0 (alssl_index {idx[0]}): no annotation (or only cancelled ones") and "JSON" in problems[0]
+    # a cancelled_annotations count (what Label Studio writes for a skipped task) makes it a skip
+    skipped = csv_text.replace("updated_at\n", "updated_at,cancelled_annotations\n").replace(",2026\n", ",2026,1\n", 1)
+    rows, problems, _ = read_export(skipped, "csv", dataset=digits, labeled=run.labeled_mask)
+    assert not problems and rows[0][1:] == (str(idx[0]), None, "__skip__")
 
 
 def test_any_accepts_an_export(tmp_path, digits):

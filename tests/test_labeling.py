@@ -268,7 +268,7 @@ def chrome(tmp_path: Path):
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
-def test_browser_labels_with_keys_reload_undo_submit(run_dir, tmp_path):
+def test_browser_labels_with_keys_reload_undo_skip_submit(run_dir, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -291,15 +291,26 @@ def test_browser_labels_with_keys_reload_undo_submit(run_dir, tmp_path):
         def press(key: str) -> None:
             d.find_element(By.TAG_NAME, "body").send_keys(key)
 
+        def in_view(element_id: str) -> bool:
+            return d.execute_script("const r = document.getElementById(arguments[0]).getBoundingClientRect();"
+                                    "return r.height > 0 && r.top >= 0 && r.bottom <= window.innerHeight;", element_id)
+
+        payload = s.json("/api/query")[1]
+        items = {it["index"]: it for it in payload["items"]}
         d.get(s.url)
         wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, ".card")) == BUDGET and saved())
         assert progress() == f"0 / {BUDGET}" and d.find_element(By.ID, "submit").get_attribute("disabled")
+        assert in_view("keyhelp") and "none of these" in d.find_element(By.ID, "keyhelp").text  # no scrolling needed
+        assert "accurate" in d.find_element(By.ID, "model").text  # the suggesting model's accuracy beside them
         idx = [int(c.get_attribute("data-index")) for c in d.find_elements(By.CSS_SELECTOR, ".card")]
         wait.until(lambda _: all(  # every image loaded (8x8 digits), upscaled nearest-neighbour
             d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) == 8
             and "pixelated" in img.get_attribute("class") for img in d.find_elements(By.CSS_SELECTOR, ".card img")))
-        # the suggestion of the selected image is pre-selected on its class button
-        assert len(d.find_elements(By.CSS_SELECTOR, "nav#classes button.suggested")) == 1
+        # a suggestion is pre-selected on its class button only when the model is confident enough
+        first = items[idx[0]]
+        accurate = (payload["model"]["accuracy"] or 0) >= 0.8
+        assert first["suggestion"] is not None and first["preselect"] == (first["score"] >= 0.8 and accurate)
+        assert len(d.find_elements(By.CSS_SELECTOR, "nav#classes button.suggested")) == int(first["preselect"])
         keys = {}
         for n in range(3):  # key presses label the selected image and move on
             keys[idx[n]] = str((n * 3) % 10)
@@ -310,23 +321,39 @@ def test_browser_labels_with_keys_reload_undo_submit(run_dir, tmp_path):
         assert progress() == f"3 / {BUDGET}"
         labels = [c.find_element(By.CSS_SELECTOR, ".label").text for c in d.find_elements(By.CSS_SELECTOR, ".card")[:3]]
         assert labels == [keys[i] for i in idx[:3]]
-        press("9")  # a wrong label on the 4th image, undone with Backspace
-        wait.until(lambda _: progress() == f"4 / {BUDGET}")
+        press("9")  # a wrong label on the 4th image, undone with Backspace after a reload
+        wait.until(lambda _: progress() == f"4 / {BUDGET}" and saved())
+        d.refresh()
+        wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, ".card.labeled")) == 4 and saved())
         press(Keys.BACKSPACE)
         wait.until(lambda _: progress() == f"3 / {BUDGET}" and saved())
-        sugg = d.execute_script("return arguments[0].textContent", d.find_elements(By.CSS_SELECTOR, ".card .label")[3])
-        press(Keys.ENTER)  # Enter accepts the suggestion
-        keys[idx[3]] = sugg.rstrip("?")
-        for n in range(4, BUDGET):
+        press(Keys.ENTER)  # Enter accepts a confident suggestion only
+        if items[idx[3]]["preselect"]:
+            keys[idx[3]] = items[idx[3]]["suggestion"]
+        else:
+            time.sleep(0.3)
+            assert progress() == f"3 / {BUDGET}"
+            keys[idx[3]] = "5"
+            press("5")
+        press("x")  # none of these: the 5th image is skipped
+        wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, ".card .label")[4].text == "none of these")
+        keys[idx[4]] = "__skip__"
+        for n in range(5, BUDGET):
             keys[idx[n]] = str((n * 3) % 10)
             press(keys[idx[n]])
         wait.until(lambda _: saved() and progress() == f"{BUDGET} / {BUDGET}")
+        for _ in range(14):
+            press("+")  # big tiles: the page scrolls; Submit from the bottom of it
+        d.execute_script("window.scrollTo(0, document.body.scrollHeight)")
+        assert d.execute_script("return window.scrollY") > 300
         d.find_element(By.ID, "submit").click()
         wait.until(lambda _: d.find_element(By.ID, "done").is_displayed())
-        assert f"Imported {BUDGET} labels for round 1" in d.find_element(By.ID, "done-text").text
+        assert in_view("done") and in_view("next")  # the confirmation is where the user is looking
+        assert f"Imported {BUDGET - 1} labels for round 1 (1 skipped as none of these)" in d.find_element(By.ID, "done-text").text
         st = _state(run_dir)
-        assert st["open_query"] is None and len(st["rounds"]) == 2
-        assert {i: str(st["labels"][i]) for i in idx} == keys and all(st["labeled_round"][i] == 1 for i in idx)
+        assert st["open_query"] is None and len(st["rounds"]) == 2 and st["rounds"][1]["skipped"] == [idx[4]]
+        assert {i: str(st["labels"][i]) for i in idx if i != idx[4]} == {i: k for i, k in keys.items() if i != idx[4]}
+        assert all(st["labeled_round"][i] == 1 for i in idx if i != idx[4]) and st["labeled_round"][idx[4]] == -1
         assert "Next query: 6 more (random)" in d.find_element(By.ID, "next").text
         d.find_element(By.ID, "next").click()
         wait.until(lambda _: d.find_element(By.ID, "round").text == "2" and progress() == f"0 / {BUDGET}")

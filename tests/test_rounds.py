@@ -1,5 +1,7 @@
 """Label-CSV validation: a person's file is imported whole or not at all, with the offending rows listed."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -93,3 +95,48 @@ def test_malformed_cells_are_reported_not_crashed_on(digits, run_with_query, tex
     with pytest.raises(UserError) as e:
         _parse(text, digits, run_with_query)
     assert needle in str(e.value)
+
+
+def test_every_problem_in_one_pass(digits, run_with_query, tmp_path):
+    """Unknown class, duplicate, an id not in the query and a queried image without a row: one error lists all four."""
+    f = tmp_path / "labels.csv"
+    f.write_text("index,id,label\n5,train/5,kat\n5,train/5,3\n13,train/13,1\n")  # 9 and 12 have no row
+    before = (run_with_query.path / "state.json").read_bytes()
+    with pytest.raises(UserError) as e:
+        label_from_csv(run_with_query, digits, f)
+    msg = str(e.value)
+    for needle in ("line 2: unknown class 'kat'", "line 3: duplicate row for 'train/5'",
+                   "line 4: 'train/13' (index 13) is not in the open query",
+                   "2 queried images have no label ('train/9', 'train/12')"):
+        assert needle in msg, (needle, msg)
+    assert (run_with_query.path / "state.json").read_bytes() == before
+
+
+def test_skip_value_marks_images_skipped(digits, run_with_query, tmp_path, monkeypatch):
+    """`__skip__` = none of these: skipped in the round, not labeled, never queried again; state.json validates."""
+    from alssl.rounds import SKIP, query
+    from alssl.runs import state_problem
+
+    f = tmp_path / "labels.csv"
+    f.write_text(f"index,label\n5,3\n9,{SKIP}\n12,\n")
+    with pytest.raises(UserError, match=f"line 4: empty label \\(write {SKIP}"):
+        label_from_csv(run_with_query, digits, f)
+    f.write_text(f"index,label\n5,3\n9,{SKIP}\n12,{SKIP}\n")
+    assert label_from_csv(run_with_query, digits, f) == 1
+    run = Run.open(run_with_query.path)
+    assert run.state["rounds"][1]["n"] == 1 and run.state["rounds"][1]["skipped"] == [9, 12]
+    assert run.labeled_round[[5, 9, 12]].tolist() == [1, -1, -1] and run.skipped_mask.sum() == 2
+    assert run.state["rounds"][1]["source"] == str(f)  # outside the run: as given
+    for bad, needle in [([9, 0], "holds 0, which is labeled"), ([9, 9, 12], "skipped twice"), (["9"], "not a pool index")]:
+        st = json.loads((run.path / "state.json").read_text())
+        st["rounds"][1]["skipped"] = bad
+        assert needle in state_problem(st), bad
+    # the rest of the pool can still be queried, but never a skipped image
+    import alssl.features
+
+    emb = np.random.default_rng(0).random((len(digits.y_train), 4), np.float32)
+    monkeypatch.setattr(alssl.features, "pool_features", lambda path, ds: (emb, None))
+    free = np.flatnonzero(~run.labeled_mask & ~run.skipped_mask)
+    query(run, digits, budget=str(len(free)), strategy="random", seed=0)
+    picked = Run.open(run.path).state["open_query"]["indices"]
+    assert sorted(picked) == free.tolist() and not {9, 12} & set(picked)

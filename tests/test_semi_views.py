@@ -119,3 +119,15 @@ def test_strong_view_stays_on_the_8_bit_grid_and_in_range():
     y = StrongView(32)(x)
     assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
     assert torch.allclose(y * 255, torch.round(y * 255), atol=1e-4)
+
+
+def test_equalize_takes_non_contiguous_tensors():
+    """A channels-last view (or any non-contiguous tensor) gives what its contiguous copy gives."""
+    rng = np.random.default_rng(1)
+    a = torch.from_numpy(np.stack([_image(rng, 3, 16) for _ in range(4)])).float()  # [4, 16, 16, 3]
+    u = a.permute(0, 3, 1, 2)  # [4, 3, 16, 16], not contiguous
+    assert not u.is_contiguous()
+    ref = RA_OPS["equalize"][0](u.contiguous(), torch.zeros(4))
+    assert torch.equal(RA_OPS["equalize"][0](u, torch.zeros(4)), ref)
+    strided = u[:, :, ::2, ::2]
+    assert torch.equal(RA_OPS["equalize"][0](strided, torch.zeros(4)), RA_OPS["equalize"][0](strided.contiguous(), torch.zeros(4)))

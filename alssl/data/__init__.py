@@ -180,7 +180,7 @@ def is_pool_spec(spec: str) -> bool:
 def load_dataset(spec: str, *, imbalance: float | None = None, seed: int = 0, test: str | Path | None = None,
                  classes: list[str] | None = None, image_size: int | None = None, strict: bool = False,
                  pool_dir: Path | None = None, workers: int | None = None, quiet: bool = True,
-                 expect: dict | None = None) -> Dataset:
+                 expect: dict | None = None, jpeg_draft: bool = True) -> Dataset:
     """Load a dataset SPEC (see module doc).
 
     Folder pools also take `test` (a labeled ImageFolder), `classes`, `image_size`, `strict` and `pool_dir` (where the
@@ -188,9 +188,13 @@ def load_dataset(spec: str, *, imbalance: float | None = None, seed: int = 0, te
     from alssl.data import specs
 
     spec = str(spec)
+    jpeg_draft = jpeg_draft is not False  # None (not given) = the default, draft decoding on
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise UserError(f"--image-size must be a whole number of pixels >= 1 (got {image_size}); e.g. --image-size 64")
     root = Path(spec).expanduser()
+    if expect is not None:  # a run's image-folder pool: read from RUN/pool, the folder itself only to (re)build it
+        return _load_pool(root, test=test, classes=classes, image_size=image_size, strict=strict, pool_dir=pool_dir,
+                          workers=workers, quiet=quiet, expect=expect, draft=jpeg_draft)
     if is_pool_spec(spec):
         if imbalance is not None:
             raise UserError("--imbalance needs ground-truth labels to cut a long tail; it only applies to the labeled "
@@ -200,10 +204,15 @@ def load_dataset(spec: str, *, imbalance: float | None = None, seed: int = 0, te
             warn(f"{root} has no {half}/ folder, so it is read as an unlabeled pool (every image under it); for the "
                  f"labeled benchmark layout give both {root}/train/<class>/ and {root}/test/<class>/")
         return _load_pool(root, test=test, classes=classes, image_size=image_size, strict=strict, pool_dir=pool_dir,
-                          workers=workers, quiet=quiet, expect=expect)
+                          workers=workers, quiet=quiet, expect=expect, draft=jpeg_draft)
     given = [k for k, v in (("test", test), ("classes", classes), ("image_size", image_size)) if v is not None]
+    if not jpeg_draft:
+        given.append("no_jpeg_draft")
     if given:
         flag = "--" + given[0].replace("_", "-")
+        if not root.exists() and not spec.startswith("cifar10:") and not spec.endswith(".npz"):
+            raise UserError(f"no such folder: {spec}; {flag} goes with an image folder, so give --data the folder "
+                            f"that holds your images")
         raise UserError(f"{flag} applies to an unlabeled image folder; {spec} is a labeled benchmark with its own test "
                         f"split and classes, so drop {flag}")
     if spec == "digits":
@@ -227,23 +236,25 @@ def load_dataset(spec: str, *, imbalance: float | None = None, seed: int = 0, te
                    classes=ds.classes, ids=[ds.ids[i] for i in keep], name=ds.name)
 
 
-def _load_pool(root: Path, *, test, classes, image_size, strict, pool_dir, workers, quiet, expect) -> Dataset:
+def _load_pool(root: Path, *, test, classes, image_size, strict, pool_dir, workers, quiet, expect,
+               draft: bool = True) -> Dataset:
     from alssl.data import folder
 
     if pool_dir is None:
         raise UserError(f"{root} is an unlabeled image folder: it is used through a run dir "
                         f"(`alssl pretrain --data {root} --out RUN`)")
     test_dir = None if test is None else Path(test).expanduser()
-    names = folder.resolve_classes(classes, test_dir)  # checks --classes against --test before any decoding
+    gone = test_dir is not None and expect is not None and not test_dir.is_dir()  # a run's test folder moved away
+    names = folder.resolve_classes(classes, None if gone else test_dir)  # --classes against --test before decoding
     pool, fresh = folder.open_pool(root, Path(pool_dir), image_size=image_size, strict=strict, workers=workers,
-                                   quiet=quiet, expect=expect)
+                                   quiet=quiet, expect=expect, draft=draft)
     x_test = y_test = None
     skipped = list(pool.skipped)
     if test_dir is not None:
         x_test, y_test, test_skipped = folder.load_test_folder(test_dir, Path(pool_dir), classes=names,
                                                                image_size=pool.image_size,
                                                                channels=pool.pixels.shape[3], workers=workers,
-                                                               quiet=quiet)
+                                                               quiet=quiet, draft=draft)
         skipped += test_skipped
     return Dataset(x_train=pool.pixels, y_train=None, x_test=x_test, y_test=y_test, classes=names, ids=pool.ids,
                    mean=pool.mean, std=pool.std, name=str(root), skipped=skipped, fresh=fresh,

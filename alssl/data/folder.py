@@ -268,7 +268,7 @@ def default_workers() -> int:
 
 
 def decode_files(root: Path, rels: list[str], *, dest: Path, image_size: int | None, channels: int | None = None,
-                 workers: int, label: str, quiet: bool) -> dict:
+                 workers: int, label: str, quiet: bool, draft: bool = True) -> dict:
     """Pixels of `rels` (relative to root) into `dest` (.npy uint8 [n_ok, S, S, C]), in `workers` processes.
 
     Without `image_size` a header pass first reads every file's size (and mode): S = 32 when every image is at most
@@ -302,7 +302,7 @@ def decode_files(root: Path, rels: list[str], *, dest: Path, image_size: int | N
         staging = dest.with_name(dest.name + ".staging")
         offset = _write_npy_header(staging, (len(names), image_size, image_size, staged))
         tasks = [(str(root), names[i : i + CHUNK], list(range(i, min(i + CHUNK, len(names)))), image_size, staged,
-                  str(staging), offset) for i in range(0, len(names), CHUNK)]
+                  str(staging), offset, draft) for i in range(0, len(names), CHUNK)]
         task2 = bar.add_task(f"decoding {label} to {image_size}px", total=len(names))
         results = pool.map(decode_chunk, tasks, lambda n: bar.advance(task2, n), [len(t[1]) for t in tasks])
     hist = sum(r[1] for r in results)
@@ -360,7 +360,7 @@ def pool_identity(ids: list[str], hashes: list[str] | None) -> dict:
 
 
 def build_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: bool, workers: int,
-               quiet: bool, expect: dict | None = None) -> dict:
+               quiet: bool, expect: dict | None = None, draft: bool = True) -> dict:
     """Decode the folder into `pool_dir` (built in `pool_dir.partial`, then renamed: a kill leaves no half pool).
 
     With `expect` (a run's record of its pool) a pool whose identity differs is refused and discarded, never put
@@ -376,7 +376,7 @@ def build_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: bo
     partial.mkdir(parents=True)
     try:
         res = decode_files(root, [f[0] for f in files], dest=partial / PIXELS, image_size=image_size,
-                           workers=workers, label="pool", quiet=quiet)
+                           workers=workers, label="pool", quiet=quiet, draft=draft)
         if not res["kept"]:
             rel, why = res["skipped"][0]
             raise UserError(f"none of the {len(files)} images under {root} could be read (e.g. {rel}: {why}); "
@@ -477,7 +477,7 @@ def read_manifest(pool_dir: Path) -> dict:
 
 
 def open_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: bool, workers: int | None = None,
-              quiet: bool = True, expect: dict | None = None) -> tuple[BuiltPool, bool]:
+              quiet: bool = True, expect: dict | None = None, draft: bool = True) -> tuple[BuiltPool, bool]:
     """The pool of folder `root` kept in `pool_dir`: reused when the folder is unchanged, built when absent.
 
     `expect` (the run's record: n, image_size, channels, ids_sha256, content_sha256) makes a reused or rebuilt pool
@@ -485,9 +485,13 @@ def open_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: boo
     Returns (pool, built_now)."""
     fix = f"delete {pool_dir} and rerun to rebuild it (the rebuild is checked against the run's record of its photos)"
     built = not (pool_dir / MANIFEST).is_file() or not (pool_dir / PIXELS).is_file()
+    if built and expect is not None and not root.is_dir():
+        raise UserError(f"{pool_dir} (the run's decoded pool) is missing, and rebuilding it needs the source folder "
+                        f"{root}, which is not there; put the folder back at {root}, or restore {pool_dir} from a copy "
+                        f"of the run")
     if built:
         m = build_pool(root, pool_dir, image_size=image_size, strict=strict, workers=workers or default_workers(),
-                       quiet=quiet, expect=expect)
+                       quiet=quiet, expect=expect, draft=draft)
     else:
         m = read_manifest(pool_dir)
         if expect and (problem := identity_problem(m, expect)):
@@ -495,7 +499,9 @@ def open_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: boo
         if image_size is not None and image_size != m["image_size"]:
             raise UserError(f"this run's pool was built at --image-size {m['image_size']} (not {image_size}); "
                             f"rerun with --image-size {m['image_size']} or pick a new --out")
-        changed = folder_changes(m["files"], scan_folder(root)) if root.is_dir() else "the folder is missing"
+        # a run works from its own pool: a folder that moved or is gone is not needed (nor checked); one that is
+        # there but changed may no longer match the pool's ids (originals on the page, Label Studio's image paths)
+        changed = folder_changes(m["files"], scan_folder(root)) if root.is_dir() else None
         if changed:
             raise UserError(f"{root} changed since this run's pool was built: {changed}; a run's pool index space "
                             f"must not shift, so restore the folder as it was or start a new run with another --out")
@@ -526,6 +532,9 @@ def parse_classes(text: str) -> list[str]:
             raise UserError(f"--classes {text!r} has an empty name; write them like --classes cat,dog,bird")
     if not names:
         raise UserError(f"--classes {text!r} names no class; write them like --classes cat,dog or --classes @classes.txt")
+    if "__skip__" in names:
+        raise UserError("--classes may not name a class __skip__: that label marks an image as \"none of these\" "
+                        "(skipped); rename the class")
     dup = sorted({c for c in names if names.count(c) > 1})
     if dup:
         raise UserError(f"--classes repeats {', '.join(dup)}; give each class once")
@@ -558,7 +567,7 @@ def resolve_classes(classes: list[str] | None, test_dir: Path | None) -> list[st
 
 
 def load_test_folder(test_dir: Path, pool_dir: Path, *, classes: list[str], image_size: int, channels: int,
-                     workers: int | None = None, quiet: bool = True) -> tuple[np.ndarray, np.ndarray, list]:
+                     workers: int | None = None, quiet: bool = True, draft: bool = True) -> tuple[np.ndarray, np.ndarray, list]:
     """Labeled test images (uint8 [M, S, S, C], int64 [M]) cached in `pool_dir/test.npz`; rebuilt when the test
     folder changed. Returns (x, y, skipped (abs path, reason))."""
     files = []
@@ -567,21 +576,25 @@ def load_test_folder(test_dir: Path, pool_dir: Path, *, classes: list[str], imag
             files += [(f"{c}/{rel}", size, mtime, k) for rel, size, mtime in scan_folder(test_dir / c)]
     scan = [f[:3] for f in files]
     cache = pool_dir / TEST
+    moved = not test_dir.is_dir()  # the test folder moved or is gone: the run's decoded copy is used as it is
     try:  # the cache is used only when it is whole and of this folder; anything else is rebuilt from the folder
         with np.load(cache, allow_pickle=False) as f:
             x, y = f["x"], f["y"]
-            ok = (json.loads(str(f["scan"])) == [list(s) for s in scan] and x.dtype == np.uint8
+            ok = ((moved or json.loads(str(f["scan"])) == [list(s) for s in scan]) and x.dtype == np.uint8
                   and x.shape[1:] == (image_size, image_size, channels) and y.dtype.kind in "iu"
                   and y.shape == (len(x),) and (len(y) == 0 or 0 <= y.min() <= y.max() < len(classes)))
             if ok:
                 return x, y.astype(np.int64), [tuple(s) for s in json.loads(str(f["skipped"]))]
     except Exception:  # noqa: BLE001 - a missing, garbage or foreign cache file (BadZipFile, ValueError, ...)
         pass
+    if moved:
+        raise UserError(f"the test folder {test_dir} is not there and the run has no decoded copy of it ({cache}); put "
+                        f"the folder back at {test_dir}")
     if not files:
         raise UserError(f"--test {test_dir} holds no images in its class subfolders; add images or drop --test")
     tmp = pool_dir / "test-pixels.npy"
     res = decode_files(test_dir, [f[0] for f in files], dest=tmp, image_size=image_size, channels=channels,
-                       workers=workers or default_workers(), label="test", quiet=quiet)
+                       workers=workers or default_workers(), label="test", quiet=quiet, draft=draft)
     if not res["kept"]:
         tmp.unlink(missing_ok=True)
         raise UserError(f"none of the {len(files)} test images under {test_dir} could be read; check the test folder")

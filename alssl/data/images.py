@@ -5,7 +5,8 @@ prediction see identical pixels. Steps (documented in docs/data.md and written i
 
 1. open with Pillow (first frame of a GIF / animated WebP); JPEGs are decoded at reduced scale with
    `Image.draft` (libjpeg's DCT scaling: 1/2, 1/4 or 1/8 of the size, never below the target size), the cheap way
-   to read big photos into small training images;
+   to read big photos into small training images (a pool built with `--no-jpeg-draft` decodes at full size, so its
+   pixels are exactly torchvision's `Resize(S)` + `CenterCrop(S)` on a plain PIL decode);
 2. apply the EXIF orientation (`ImageOps.exif_transpose`);
 3. convert the mode: 1/L/LA/I/I;16/F → grayscale (16-bit and float pixels scaled to 0..255), everything else
    (P, PA, RGBA, CMYK, YCbCr, LAB, HSV, ...) → RGB as `Image.convert("RGB")` does (alpha dropped, as
@@ -68,16 +69,17 @@ def image_mode_is_gray(mode: str) -> bool:
     return mode in GRAY_MODES
 
 
-def load_image(path: str | Path, size: int, channels: int) -> np.ndarray:
+def load_image(path: str | Path, size: int, channels: int, draft: bool = True) -> np.ndarray:
     """uint8 [size, size, channels] pixels of one image file (see the module doc for the exact steps).
 
     Raises whatever Pillow raises on a bad file (OSError, ValueError, SyntaxError, DecompressionBombError, ...);
     callers turn that into a skip or a UserError."""
-    return decode_image(path, size, channels)[0]
+    return decode_image(path, size, channels, draft)[0]
 
 
-def decode_image(path: str | Path, size: int, channels: int) -> tuple[np.ndarray, bool]:
-    """(uint8 [size, size, channels] pixels, whether the file is grayscale) of one image file."""
+def decode_image(path: str | Path | io.BytesIO, size: int, channels: int, draft: bool = True) -> tuple[np.ndarray, bool]:
+    """(uint8 [size, size, channels] pixels, whether the file is grayscale) of one image file; `draft=False`
+    decodes JPEGs at full size (step 1 off)."""
     from PIL import Image, ImageOps
 
     with warnings.catch_warnings():
@@ -87,7 +89,7 @@ def decode_image(path: str | Path, size: int, channels: int) -> tuple[np.ndarray
             gray = image_mode_is_gray(im.mode)
             if w < 1 or h < 1:
                 raise ValueError(f"image has size {w}×{h}")
-            if im.format == "JPEG" and min(w, h) >= 2 * size:
+            if draft and im.format == "JPEG" and min(w, h) >= 2 * size:
                 s = min(w, h)
                 im.draft("L" if im.mode == "L" else "RGB", (math.ceil(w * size / s), math.ceil(h * size / s)))
             if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation (exif_transpose copies even when there is none)
@@ -123,13 +125,13 @@ def peek_chunk(args: tuple[str, list[str]]) -> list[tuple[int, int, str] | str]:
     return out
 
 
-def decode_chunk(args: tuple[str, list[str], list[int], int, int, str, int]
+def decode_chunk(args: tuple[str, list[str], list[int], int, int, str, int, bool]
                  ) -> tuple[list[tuple[int, str]], np.ndarray, list[bool], list[str]]:
-    """Decode files into rows `positions` of the staging file.
+    """Decode files into rows `positions` of the staging file (`draft`: JPEG draft decoding, see decode_image).
 
     Returns (failures (position, reason), per-channel histograms [C, 256], grayscale flag of each file, SHA-256 of
     each file's bytes ("" for a failure)). Each file is read once: the bytes hashed are the bytes decoded."""
-    root, rels, positions, size, channels, dest, offset = args
+    root, rels, positions, size, channels, dest, offset, draft = args
     row = size * size * channels
     hist = np.zeros((channels, 256), np.int64)
     failed, grays, hashes = [], [], []
@@ -142,7 +144,7 @@ def decode_chunk(args: tuple[str, list[str], list[int], int, int, str, int]
                     data = f.read()
                 if not data:
                     raise ValueError("empty file (0 bytes)")
-                a, gray = decode_image(io.BytesIO(data), size, channels)
+                a, gray = decode_image(io.BytesIO(data), size, channels, draft)
             except Exception as exc:  # noqa: BLE001
                 failed.append((pos, _reason(exc)))
                 grays.append(True)  # (not counted: the file is skipped)

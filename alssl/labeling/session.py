@@ -29,8 +29,21 @@ from pathlib import Path
 import numpy as np
 
 from alssl.errors import UserError, warn
+from alssl.rounds import SKIP
 
 KEYS = "123456789abcdefghijklmnopqrstuvwxyz"
+SKIP_KEYS = "x0."  # the page's "none of these" key: the first one no class uses
+# A suggestion is pre-selected (Enter accepts it; Label Studio pre-fills it) only when the model is at least this
+# confident AND its measured accuracy (test split, or cross-validation on the labels) is at least this: a weak early
+# model's softmax is over-confident (measured: a 40-label CIFAR model, 18 % accurate, was right on 24 % of its
+# >= 0.8-confident guesses), and a pre-filled wrong answer anchors the labeler. docs/labeling.md has the numbers.
+SUGGEST_MIN = 0.8
+
+
+def preselected(score: float | None, model: dict | None) -> bool:
+    """Whether a suggestion of this confidence, from a model with this record, is pre-selected."""
+    acc = (model or {}).get("accuracy")
+    return score is not None and score >= SUGGEST_MIN and acc is not None and acc >= SUGGEST_MIN
 MAX_SIDE = 512  # image-folder pools: originals are shown downscaled to at most this many pixels per side
 LOCK_WAIT_S = 10.0  # how long a submit waits for another command's run lock before answering 503
 
@@ -46,6 +59,11 @@ def class_keys(classes: list[str]) -> list[str | None]:
     if all(len(c) == 1 and (c in KEYS or c == "0") for c in low) and len(set(low)) == len(low):
         return low
     return [KEYS[k] if k < len(KEYS) else None for k in range(len(classes))]
+
+
+def skip_key(keys: list[str | None]) -> str:
+    """The key of the page's "none of these" choice: x, else 0, else . (whichever no class uses)."""
+    return next(k for k in SKIP_KEYS if k not in keys)
 
 
 def partial_path(run_dir: Path, round_k: int) -> Path:
@@ -146,20 +164,32 @@ def write_run_toml(run) -> None:
     atomic_write_text(run.path / "run.toml", toml_dumps({"alssl_format": run.state["format_version"], **run.config}))
 
 
+def source_of(round_rec: dict, run_dir: Path) -> Path | None:
+    """The label file a round was imported from, as an absolute path (sources inside the run are kept relative)."""
+    src = round_rec.get("source")
+    return None if not src or src == "oracle" else (Path(run_dir) / src).resolve()
+
+
 def suggestions(run, dataset, indices: list[int]) -> dict[int, tuple[str, float]]:
     """The run's best classifier's (class, confidence) for each queried image; {} when the run has no labels yet
     (or no model can be built: a warning says why)."""
+    return model_suggestions(run, dataset, indices)[0]
+
+
+def model_suggestions(run, dataset, indices: list[int]) -> tuple[dict[int, tuple[str, float]], dict | None]:
+    """(suggestions as `suggestions` gives them, the model's record: its accuracy and what it was measured on)."""
     if not indices or not run.labeled_mask.any():
-        return {}
+        return {}, None
     from alssl.export import best_classifier, predict_rows
 
     try:
-        model, _ = best_classifier(run, dataset)
+        model, record = best_classifier(run, dataset)
         ks, conf = predict_rows(model, dataset.x_train[np.asarray(indices, dtype=np.int64)])
     except UserError as exc:
         warn(f"no suggestions: {exc}")
-        return {}
-    return {i: (dataset.classes[int(k)], round(float(c), 4)) for i, k, c in zip(indices, ks.tolist(), conf.tolist())}
+        return {}, None
+    out = {i: (dataset.classes[int(k)], round(float(c), 4)) for i, k, c in zip(indices, ks.tolist(), conf.tolist())}
+    return out, {k: record.get(k) for k in ("classifier", "n_labeled", "accuracy", "accuracy_on")}
 
 
 class LabelSession:
@@ -174,6 +204,7 @@ class LabelSession:
         self.query: dict = {}
         self.position: dict[int, int] = {}
         self.suggested: dict[int, tuple[str, float]] = {}
+        self.model: dict | None = None  # the suggesting model's record (accuracy, accuracy_on, n_labeled)
         self.result: dict | None = None  # the import summary once this round is submitted
         self._state_key: tuple | None = None
         self._open_on_disk: dict | None = None
@@ -189,11 +220,12 @@ class LabelSession:
             raise UserError(f"no open query in {run.path}; ask for one with `alssl query {run.path} --budget 2%`, "
                             f"then rerun `alssl label-ui {run.path}`")
         cfg = run.config["data"]
-        self.pool_root = Path(cfg["spec"]) if cfg.get("pool") else None
+        # an image folder's originals when the folder is still there (a moved run shows its pool pixels)
+        self.pool_root = Path(cfg["spec"]) if cfg.get("pool") and Path(cfg["spec"]).is_dir() else None
         self.pixelated = self.pool_root is None  # array datasets: pool pixels, tiny, shown nearest-neighbour
         self.query = dict(open_q)
         self.position = {int(i): j for j, i in enumerate(open_q["indices"])}
-        self.suggested = suggestions(run, self.dataset, [int(i) for i in open_q["indices"]])
+        self.suggested, self.model = model_suggestions(run, self.dataset, [int(i) for i in open_q["indices"]])
         self.result = None
         self._images.clear()
 
@@ -250,8 +282,11 @@ class LabelSession:
                 s = self.suggested.get(i)
                 items.append({"index": i, "id": self.dataset.ids[i], "image": image_url(i),
                               "suggestion": s[0] if s else None, "score": s[1] if s else None,
-                              "label": labels.get(i)})
-            return {"round": self.round, "classes": self.classes, "keys": class_keys(self.classes), "items": items,
+                              "preselect": preselected(s[1] if s else None, self.model), "label": labels.get(i)})
+            keys = class_keys(self.classes)
+            return {"round": self.round, "classes": self.classes, "keys": keys, "items": items,
+                    "skip": {"label": SKIP, "key": skip_key(keys)},
+                    "model": None if self.model is None else {**self.model, "suggest_min": SUGGEST_MIN},
                     "status": status,
                     "labeled": sum(1 for i in self.indices if i in labels), "total": len(self.indices),
                     "pixelated": self.pixelated, "result": self.result,
@@ -267,7 +302,7 @@ class LabelSession:
         with self.mutex:
             if index not in self.position:
                 return 404, {"error": f"index {index} is not in round {self.round}'s query"}
-            if label is not None and label not in self.classes:
+            if label is not None and label not in self.classes and label != SKIP:
                 return 400, {"error": f"unknown class {label[:80]!r}; classes: {', '.join(self.classes)}"}
             from alssl.runs import atomic_write_text
 
@@ -302,7 +337,8 @@ class LabelSession:
                     with queries_lock(self.run_dir):
                         labels = self.labels()
                         missing = [i for i in self.indices if i not in labels]
-                        invalid = [i for i in self.indices if i in labels and labels[i] not in self.classes]
+                        invalid = [i for i in self.indices if i in labels and labels[i] not in self.classes
+                                   and labels[i] != SKIP]
                         if missing or invalid:
                             return 409, {"error": f"{len(missing)} image(s) have no label and {len(invalid)} an "
                                                   f"unknown class; label them, then submit again; nothing was imported",
@@ -353,14 +389,17 @@ class LabelSession:
         """The summary of this round if it was imported from its partial file (a second Submit, another tab or
         server); None otherwise (e.g. `alssl label --oracle` closed it)."""
         lr = run.labeled_round
-        if (run.n_rounds > self.round and run.state["rounds"][self.round].get("source") == str(self.partial)
-                and all(lr[i] == self.round for i in self.indices)):
+        rec = run.state["rounds"][self.round] if run.n_rounds > self.round else {}
+        skipped = set(rec.get("skipped", []))
+        if (rec and source_of(rec, run.path) == self.partial.resolve()
+                and all(lr[i] == self.round or i in skipped for i in self.indices)):
             return self._summary(run, 0, already=True)
         return None
 
     def _summary(self, run, n: int, *, already: bool) -> dict:
         rec = run.state["rounds"][self.round]
         return {"round": self.round, "imported": n, "already_imported": already, "round_labels": rec["n"],
+                "skipped": len(rec.get("skipped", [])),
                 "labeled": int(run.labeled_mask.sum()), "rounds": run.n_rounds, "source": rec.get("source"),
                 "next": {"budget": self.query["budget"], "strategy": self.query["strategy"]}}
 

@@ -3,11 +3,15 @@
 Out: one task per queried image, `data.image` a Label Studio local-files URL (`/data/local-files/?d=<path relative
 to the document root>`), `data.alssl_index` (the pool index: Label Studio exports task data back, so every export
 maps back without guessing), `data.alssl_id`, `data.alssl_round`, and `predictions` (the run's best model: class +
-score) when the run has labels; `config.xml` has one `<Choices name="label">` over the run's classes.
+score) when the run has labels and the suggestion is pre-selected as on the page (`session.preselected`: >= 0.8
+confident, from a model >= 0.8 accurate); `config.xml` has one
+`<Choices name="label">` over the run's classes.
 
 In: Label Studio's JSON export (tasks with `annotations`), JSON-MIN (one flat record per annotation) and CSV (the same
 columns). Each task maps back by `data.alssl_index`, else by its image path; its label is the choice of its latest
-(updated_at) annotation that was not cancelled ("skipped"). The rows then go through the same whole-file validation as
+(updated_at) annotation that was not cancelled; a task whose every annotation was cancelled (Label Studio's *Skip*)
+is "none of these" (`rounds.SKIP`: recorded as skipped in the round). JSON-MIN and CSV exports leave cancelled
+annotations out, so there a skip shows only through a `cancelled_annotations` count. The rows then go through the same whole-file validation as
 a label CSV (`rounds.parse_label_rows`), so an unknown class, a task outside the open query or a duplicate task
 rejects the file, listing the offending tasks, and nothing is imported. Tasks of images that earlier rounds already
 imported (a project reused across rounds) are skipped with a warning.
@@ -27,6 +31,7 @@ from urllib.parse import parse_qs, quote, unquote, urlparse
 import numpy as np
 
 from alssl.errors import UserError
+from alssl.rounds import SKIP
 
 FROM_NAME, TO_NAME = "label", "image"
 LOCAL_FILES = "/data/local-files/?d="
@@ -67,7 +72,7 @@ def is_tasks_dir(out: Path) -> bool:
 
 def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: Path | None = None) -> dict:
     """out/tasks.json + out/config.xml for the open query (and out/images/ for datasets that live in memory)."""
-    from alssl.labeling.session import suggestions
+    from alssl.labeling.session import model_suggestions, preselected
     from alssl.runs import atomic_write_bytes, atomic_write_text
 
     open_q = run.state["open_query"]
@@ -76,7 +81,7 @@ def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: P
                         f"rerun `alssl tasks {run.path} --out DIR`")
     indices = [int(i) for i in open_q["indices"]]
     cfg = run.config["data"]
-    pool_root = Path(cfg["spec"]).resolve() if cfg.get("pool") else None
+    pool_root = Path(cfg["spec"]).resolve() if cfg.get("pool") and Path(cfg["spec"]).is_dir() else None  # else PNGs
     out = out.resolve()
     # Label Studio serves files only below LOCAL_FILES_DOCUMENT_ROOT, from a "Local files" storage whose path must be
     # a subfolder of it (not the root itself): the storage is the pool folder (or --out/images), the root above it
@@ -87,7 +92,7 @@ def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: P
         raise UserError(f"--document-root {root} must be a folder above {where} ({storage}): Label Studio serves "
                         f"files only from a storage below its LOCAL_FILES_DOCUMENT_ROOT; give a parent folder, or "
                         f"leave --document-root out")
-    sugg = suggestions(run, dataset, indices) if run.labeled_mask.any() else {}
+    sugg, record = model_suggestions(run, dataset, indices) if run.labeled_mask.any() else ({}, None)
     model = f"alssl: the run's best model after round {run.n_rounds - 1} ({int(run.labeled_mask.sum())} labels)"
     tasks = []
     for i in indices:
@@ -100,7 +105,7 @@ def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: P
             rel = os.path.relpath(out / rel_file, root)
         task: dict = {"data": {"image": local_files_url(rel), "alssl_index": i, "alssl_id": rid,
                                "alssl_round": int(open_q["round"])}}
-        if i in sugg:
+        if i in sugg and preselected(sugg[i][1], record):  # a weak guess pre-filled in Label Studio anchors the labeler
             name, score = sugg[i]
             task["predictions"] = [{"model_version": model, "score": score,
                                     "result": [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
@@ -116,7 +121,7 @@ def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: P
     atomic_write_text(out / "config.xml", labeling_config(classes))
     return {"tasks": str(out / "tasks.json"), "config": str(out / "config.xml"), "n": len(tasks),
             "round": int(open_q["round"]), "document_root": str(root), "storage": str(storage),
-            "predictions": bool(sugg)}
+            "predictions": sum("predictions" in t for t in tasks)}
 
 
 def _upscaled_png(a: np.ndarray, *, min_side: int = 160) -> bytes:
@@ -179,8 +184,9 @@ def _full_task(t: dict, n: int) -> dict:
     anns = [a for a in _list(t.get("annotations")) if isinstance(a, dict)]
     live = [a for a in anns if not a.get("was_cancelled")]
     if not live:
-        why = "every annotation was cancelled (skipped)" if anns else "no annotation"
-        return {"where": where, "data": t.get("data") or {}, "label": None, "problem": why}
+        if anns:  # skipped in Label Studio: "none of these"
+            return {"where": where, "data": t.get("data") or {}, "label": SKIP}
+        return {"where": where, "data": t.get("data") or {}, "label": None, "problem": "no annotation"}
     latest = max(live, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), _num(a.get("id"))))
     choices = [r for r in _list(latest.get("result")) if isinstance(r, dict) and isinstance(r.get("value"), dict)
                and "choices" in r["value"]]
@@ -207,7 +213,12 @@ def _min_tasks(records: list[dict], *, csv_lines: bool = False) -> list[dict]:
         data = {k: v for k, v in group[0][1].items() if k not in META and k != FROM_NAME}
         labeled = [(n, r) for n, r in group if _present(r.get(FROM_NAME))]
         if not labeled:
-            tasks.append({"where": where, "data": data, "label": None, "problem": "no annotation (or only cancelled ones)"})
+            if any(_num(r.get("cancelled_annotations")) > 0 for _, r in group):  # skipped in Label Studio
+                tasks.append({"where": where, "data": data, "label": SKIP})
+            else:
+                tasks.append({"where": where, "data": data, "label": None,
+                              "problem": "no annotation (or only cancelled ones: to import skipped tasks, export the "
+                                         "project as JSON, which keeps them)"})
             continue
         _, latest = max(labeled, key=lambda nr: (str(nr[1].get("updated_at") or nr[1].get("created_at") or ""),
                                                  _num(nr[1].get("annotation_id")), nr[0]))

@@ -71,7 +71,8 @@ def autocontrast(u, v):  # PIL ImageOps.autocontrast: per channel, [lo, hi] -> [
 def equalize(u, v):  # PIL ImageOps.equalize, per channel
     b, c, h, w = u.shape
     flat = u.reshape(b * c, h * w).long()  # [bc, HW]
-    hist = torch.zeros(b * c, 256, device=u.device, dtype=u.dtype).scatter_add_(1, flat, torch.ones_like(u).view(b * c, -1))
+    ones = torch.ones(flat.shape, device=u.device, dtype=u.dtype)  # from flat's shape: u may be non-contiguous
+    hist = torch.zeros(b * c, 256, device=u.device, dtype=u.dtype).scatter_add_(1, flat, ones)
     top = hist.gather(1, flat.amax(1, keepdim=True))  # [bc, 1] count of the highest occupied level
     step = torch.floor((hist.sum(1, keepdim=True) - top) / 255.0)  # [bc, 1]
     before = torch.cumsum(hist, 1) - hist  # [bc, 256] pixels below each level

@@ -9,7 +9,7 @@
   let byIndex = new Map(); // pool index -> item
   let cards = []; // card elements in query order
   let cur = 0; // position of the selected image
-  let history = []; // [{index, prev}] for undo (this tab)
+  let history = []; // [{index, prev}] for undo, kept in this browser's storage per run and round (survives a reload)
   let chain = Promise.resolve(); // label requests go out one at a time, in order
   let pending = 0;
   let tile = 168;
@@ -37,6 +37,19 @@
     m.className = info ? "info" : "";
   }
 
+  const historyKey = () => `alssl-undo|${S.run}|${S.round}`;
+
+  function loadHistory() {
+    try {
+      const h = JSON.parse(localStorage.getItem(historyKey()) || "[]");
+      return Array.isArray(h) ? h.filter((e) => e && byIndex.has(e.index)) : [];
+    } catch (e) { return []; }
+  }
+
+  function storeHistory() {
+    try { localStorage.setItem(historyKey(), JSON.stringify(history.slice(-500))); } catch (e) { /* storage off: undo lasts this tab */ }
+  }
+
   function setSaved() {
     const el = $("saved");
     el.dataset.pending = String(pending);
@@ -52,7 +65,7 @@
   function show(data) {
     S = data;
     byIndex = new Map(S.items.map((it) => [it.index, it]));
-    history = [];
+    history = S.status === "open" ? loadHistory() : [];
     $("round").textContent = S.round;
     renderClasses();
     renderGrid();
@@ -85,6 +98,24 @@
       b.addEventListener("click", (ev) => { ev.currentTarget.blur(); choose(name); });
       nav.append(b);
     });
+    // "none of these": the image is recorded as skipped in this round and never queried again
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "skip";
+    b.dataset.class = S.skip.label;
+    b.dataset.key = S.skip.key;
+    const kbd = document.createElement("kbd");
+    kbd.textContent = S.skip.key;
+    b.append(kbd, document.createTextNode("none of these"));
+    b.title = `None of these classes: skip the image (key ${S.skip.key}); it is not labeled and never queried again`;
+    b.addEventListener("click", (ev) => { ev.currentTarget.blur(); choose(S.skip.label); });
+    nav.append(b);
+    $("skipkey").textContent = S.skip.key;
+    const m = S.model;
+    $("model").textContent = !m ? "no suggestions yet (the run has no labels)"
+      : `suggestions: ${m.classifier} on ${m.n_labeled} labels, ` +
+        (m.accuracy != null ? `${Math.round(m.accuracy * 100)} % accurate (${m.accuracy_on})` : "accuracy not measured yet") +
+        `; pre-selected only at ≥ ${Math.round(m.suggest_min * 100)} % confidence from a model ≥ ${Math.round(m.suggest_min * 100)} % accurate`;
   }
 
   function renderGrid() {
@@ -131,11 +162,16 @@
     card = card || cards[S.items.indexOf(it)];
     const label = card.querySelector(".label");
     const score = card.querySelector(".score");
+    const skipped = it.label === S.skip.label;
     card.classList.toggle("labeled", !!it.label);
     card.classList.remove("missing");
     label.classList.toggle("suggestion", !it.label && !!it.suggestion);
-    label.textContent = it.label || (it.suggestion ? `${it.suggestion}?` : "");
-    label.title = it.label ? "your label" : (it.suggestion ? "the model's suggestion: Enter accepts it" : "");
+    label.classList.toggle("weak", !it.label && !!it.suggestion && !it.preselect);
+    label.classList.toggle("skipped", skipped);
+    label.textContent = skipped ? "none of these" : (it.label || (it.suggestion ? `${it.suggestion}?` : ""));
+    label.title = skipped ? "skipped: not labeled, never queried again" : it.label ? "your label"
+      : !it.suggestion ? "" : it.preselect ? "the model's suggestion: Enter accepts it"
+      : "the model is not confident: choose the class yourself";
     score.textContent = !it.label && it.suggestion && it.score != null ? `${Math.round(it.score * 100)}%` : "";
   }
 
@@ -148,12 +184,12 @@
     paintButtons();
   }
 
-  // The selected image's label is shown chosen; without one, the model's suggestion is pre-selected (dashed).
+  // The selected image's label is shown chosen; without one, a confident suggestion is pre-selected (dashed).
   function paintButtons() {
     const it = S.items[cur];
     for (const b of $("classes").children) {
       b.classList.toggle("chosen", !!it && it.label === b.dataset.class);
-      b.classList.toggle("suggested", !!it && !it.label && it.suggestion === b.dataset.class);
+      b.classList.toggle("suggested", !!it && !it.label && !!it.preselect && it.suggestion === b.dataset.class);
       b.setAttribute("aria-pressed", String(!!it && it.label === b.dataset.class));
     }
   }
@@ -189,7 +225,7 @@
     if (prev === label) return;
     it.label = label;
     paint(it);
-    if (record) history.push({ index: it.index, prev });
+    if (record) { history.push({ index: it.index, prev }); storeHistory(); }
     save(it.index, label, prev);
     update();
     paintButtons();
@@ -214,6 +250,7 @@
     if (!S || S.status !== "open") return;
     const h = history.pop();
     if (!h) return;
+    storeHistory();
     const it = byIndex.get(h.index);
     const now = it.label;
     it.label = h.prev;
@@ -232,6 +269,8 @@
     if (status === 200) {
       S.status = "imported";
       S.result = data;
+      history = [];
+      try { localStorage.removeItem(historyKey()); } catch (e) { /* nothing kept */ }
       done(data);
     } else {
       const missing = (data.missing || []).concat(data.invalid || []);
@@ -248,11 +287,12 @@
 
   function done(res) {
     const head = res.already_imported ? `Round ${res.round} was already imported (${res.round_labels} labels).`
-      : `Imported ${res.imported} labels for round ${res.round}.`;
+      : `Imported ${res.imported} labels for round ${res.round}` + (res.skipped ? ` (${res.skipped} skipped as none of these).` : ".");
     $("done-text").textContent = `${head} The run has ${res.labeled} labeled images in ${res.rounds} rounds.`;
     $("next").textContent = `Next query: ${res.next.budget} more (${res.next.strategy})`;
     $("next").disabled = false;
-    $("done").hidden = false;
+    $("done").hidden = false; // a fixed banner: in view wherever the page is scrolled
+    $("next").focus({ preventScroll: true });
     update();
   }
 
@@ -288,12 +328,13 @@
       if (document.activeElement && document.activeElement.tagName === "BUTTON") return; // the button's own click
       const it = S.items[cur];
       e.preventDefault();
-      if (it && it.suggestion && !it.label) choose(it.suggestion);
+      if (it && it.suggestion && it.preselect && !it.label) choose(it.suggestion);
       return;
     }
     if (key === "+" || key === "=") { zoom(24); return; }
     if (key === "-") { zoom(-24); return; }
     if (key.length !== 1) return;
+    if (key.toLowerCase() === S.skip.key) { e.preventDefault(); choose(S.skip.label); return; }
     const k = S.keys.indexOf(key.toLowerCase());
     if (k >= 0) { e.preventDefault(); choose(S.classes[k]); }
   });
