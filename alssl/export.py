@@ -201,6 +201,8 @@ def export(run: Run, dataset: Dataset, out: Path) -> dict:
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.9+ marks TorchScript deprecated; it still runs everywhere
+        # timm ViTs built with dynamic_img_size branch on the input's size: traced at S×S, the size model.json states
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(model, torch.rand(2, C, S, S), check_trace=True)
         torch.jit.save(traced, buf)
     state = plain_state_dict(model)
