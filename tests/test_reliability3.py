@@ -270,6 +270,8 @@ def test_status_with_a_damaged_probcover_cache(run_dir):
     (["query", "{run}", "--budget", "5", "--seed", "-1"], "--seed must be an integer"),
     (["semi-finetune", "{run}", "--lr", "nan"], "--lr must be a finite number > 0"),
     (["semi-finetune", "{run}", "--lr", "-0.1"], "--lr must be a finite number > 0"),
+    (["semi-finetune", "{run}", "--method", "simmatch", "--option", "simmatch_T=0"], "option simmatch_T must be"),
+    (["semi-finetune", "{run}", "--method", "daso", "--option", "daso_T_proto=0"], "option daso_T_proto must be"),
 ])
 def test_numeric_options_on_a_run(run_dir, args, needle):
     check(run_dir, [a.format(run=run_dir) for a in args], needle)
