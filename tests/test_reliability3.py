@@ -494,3 +494,19 @@ def test_label_page_answers_4xx_to_deep_json_and_a_damaged_state(run_dir):
         assert _asgi(app, method, path, b"{}") == 409, path
     i = session.indices[0]
     assert _asgi(app, "POST", "/api/label", json.dumps({"index": i, "label": "1"}).encode()) == 409
+
+
+def test_damaged_probcover_cache_is_estimated_again(tmp_path):
+    from alssl.acquisition.probcover import delta_cache_path, estimated_delta
+
+    emb = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    delta, how = estimated_delta(emb, 3, cache_dir=tmp_path)
+    for garbage in ("{not json", '{"delta": {"alpha=0.95,classes=3": "abc"}}', '{"delta": [1]}', "[1]"):
+        delta_cache_path(tmp_path, emb).write_text(garbage)
+        assert estimated_delta(emb, 3, cache_dir=tmp_path) == (delta, "estimated")
+    assert estimated_delta(emb, 3, cache_dir=tmp_path) == (delta, "cached")
+
+
+def test_label_csv_with_a_huge_first_line(run_dir, tmp_path):
+    (tmp_path / "labels.csv").write_text("x" * 200_000 + "\n")
+    check(run_dir, ["label", str(run_dir), "--from", str(tmp_path / "labels.csv")], "label file")
