@@ -163,14 +163,21 @@ def test_export_tasks_and_curve_out_refuse_run_dirs_inputs_and_foreign_files(fol
 # ---------------------------------------------------------------- 3. no orphan workers
 WORKER_SCRIPT = textwrap.dedent("""
     import os, sys, time
-    from alssl.data.folder import Workers
+    from pathlib import Path
 
-    def task(k):
-        open(os.path.join(sys.argv[1], f"{os.getpid()}.pid"), "w").close()
-        time.sleep(120)  # "decoding" until the parent is gone
+    from alssl.data import images
+    from alssl.data.folder import decode_files
 
-    with Workers(2) as w:
-        w.map(task, [0, 1, 2, 3])
+    root, pids, dest = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    real = images.decode_image
+
+    def slow_decode(path, size, channels):  # (inherited by the forked workers)
+        (pids / f"{os.getpid()}.pid").touch()
+        time.sleep(120)  # mid-decode until the parent is gone
+        return real(path, size, channels)
+
+    images.decode_image = slow_decode
+    decode_files(root, sorted(p.name for p in root.iterdir()), dest=dest, image_size=8, workers=2, label="t", quiet=True)
 """)
 
 
@@ -187,7 +194,11 @@ def test_decoding_workers_die_with_a_killed_parent(tmp_path):
     script = tmp_path / "decode.py"
     script.write_text(WORKER_SCRIPT)
     (tmp_path / "pids").mkdir()
-    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "pids")],
+    (tmp_path / "photos").mkdir()
+    for i in range(260):  # more than 4 chunks of 64: decode_files starts worker processes
+        Image.fromarray(np.full((4, 4, 3), i % 256, np.uint8)).save(tmp_path / "photos" / f"{i:03d}.png")
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "photos"), str(tmp_path / "pids"),
+                               str(tmp_path / "x.npy")],
                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
         deadline = time.monotonic() + 60
