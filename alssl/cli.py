@@ -386,6 +386,13 @@ def query(
 
     check_seed(seed)
     budget_count(budget, n_pool=max(1, Run.open(run_dir).state["n_pool"]))  # a bad budget answers before any loading
+    from alssl.errors import unknown
+    from alssl.probes import KERNELS, PROBES
+
+    if probe not in PROBES:  # checked before the feature sets are measured (which writes caches in the run)
+        raise unknown("probe", probe, PROBES)
+    if kernel is not None and kernel not in KERNELS:
+        raise unknown("kernel", kernel, KERNELS)
     options = {k: v for k, v in {"delta": delta, "kernel": kernel, "skip_duplicates": skip_duplicates}.items()
                if v is not None}
     with run_lock(run_dir):
