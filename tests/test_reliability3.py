@@ -171,10 +171,10 @@ WORKER_SCRIPT = textwrap.dedent("""
     root, pids, dest = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     real = images.decode_image
 
-    def slow_decode(path, size, channels):  # (inherited by the forked workers)
+    def slow_decode(path, size, channels, draft=True):  # (inherited by the forked workers)
         (pids / f"{os.getpid()}.pid").touch()
         time.sleep(120)  # mid-decode until the parent is gone
-        return real(path, size, channels)
+        return real(path, size, channels, draft)
 
     images.decode_image = slow_decode
     decode_files(root, sorted(p.name for p in root.iterdir()), dest=dest, image_size=8, workers=2, label="t", quiet=True)
@@ -508,14 +508,18 @@ def test_label_page_answers_4xx_to_deep_json_and_a_damaged_state(run_dir):
 
 
 def test_damaged_probcover_cache_is_estimated_again(tmp_path):
+    from alssl.acquisition.base import AcquisitionContext
     from alssl.acquisition.probcover import delta_cache_path, estimated_delta
 
     emb = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
-    delta, how = estimated_delta(emb, 3, cache_dir=tmp_path)
+    ctx = AcquisitionContext(embeddings=emb, labeled=np.zeros(60, bool), labels=np.full(60, -1), num_classes=3,
+                             cache_dir=tmp_path)
+    xs = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    delta, how = estimated_delta(ctx, xs)
     for garbage in ("{not json", '{"delta": {"alpha=0.95,classes=3": "abc"}}', '{"delta": [1]}', "[1]"):
         delta_cache_path(tmp_path, emb).write_text(garbage)
-        assert estimated_delta(emb, 3, cache_dir=tmp_path) == (delta, "estimated")
-    assert estimated_delta(emb, 3, cache_dir=tmp_path) == (delta, "cached")
+        assert estimated_delta(ctx, xs) == (delta, "estimated")
+    assert estimated_delta(ctx, xs) == (delta, "cached")
 
 
 def test_label_csv_with_a_huge_first_line(run_dir, tmp_path):
