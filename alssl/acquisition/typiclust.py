@@ -110,7 +110,7 @@ def faiss_kmeans(train: np.ndarray, k: int, seed: int):
 
     def run(init: np.ndarray):
         km = faiss.Kmeans(train.shape[1], k, niter=20, seed=int(rng.integers(2**31 - 1)), gpu=gpu,
-                          max_points_per_centroid=POINTS_PER_CENTROID, verbose=False)
+                          max_points_per_centroid=POINTS_PER_CENTROID, min_points_per_centroid=1, verbose=False)
         km.train(train, init_centroids=init)
         return km
 
