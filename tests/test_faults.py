@@ -176,8 +176,10 @@ def test_losing_importer_is_told_the_round_is_already_labeled(open_round, tmp_pa
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_signal_exits_with_one_error_line_and_the_rerun_resumes(tmp_path, sig, code, word):
     run = tmp_path / "run"
+    # the first checkpoint comes after 5 of the 44 steps: the signal lands mid-training even on a loaded machine
+    # (a checkpoint only at the end of epoch 1 left one short epoch, which a busy CI machine could finish first)
     args = ["pretrain", "--data", "digits", "--out", str(run), "--epochs", "2", "--batch-size", "64",
-            "--knn-every", "0", "-q"]
+            "--knn-every", "0", "--ckpt-every-steps", "5", "-q"]
     proc = subprocess.Popen([sys.executable, "-m", "alssl", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT)
     state = run / "checkpoints" / "pretrain-state.pt"
