@@ -29,7 +29,7 @@ class Devices:
     precision: str = "32-true"
 
 
-_current = Devices()
+_current: Devices | None = None  # None: from the environment (parse()) at first use
 
 
 def parse(accelerator: str | None = None, devices: str | int | None = None, precision: str | None = None) -> Devices:
@@ -55,7 +55,8 @@ def use(setting: Devices) -> None:
 
 
 def current() -> Devices:
-    return _current
+    """The setting in force: the last `use(...)`, else the environment variables, else auto / 1 / 32-true."""
+    return _current if _current is not None else parse()
 
 
 def plain_cpu(setting: Devices) -> bool:

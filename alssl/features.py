@@ -113,14 +113,14 @@ def _feature_dim(model: nn.Module, x, mean, std) -> int:
     return int(model.eval()(to_tensor(np.asarray(x[:1]), mean, std)).shape[1])
 
 
-def _new_npy(path: Path, shape: tuple[int, int], dtype: np.dtype) -> int:
+def _new_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> int:
     """Create the `.npy` file `path` for an array of `shape` (header written, data not: a sparse file of the full
     size); returns the byte offset of row 0."""
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
                                                  "shape": shape})
         offset = f.tell()
-        f.truncate(offset + shape[0] * shape[1] * dtype.itemsize)
+        f.truncate(offset + int(np.prod(shape)) * dtype.itemsize)
     return offset
 
 
