@@ -110,7 +110,13 @@ def test_peak_memory_of_an_embedding_is_flat_in_the_pool_size(tmp_path):
     assert peak[200_000] - peak[20_000] <= 300 * 2**20, peak
 
 
-def test_device_options_are_checked_before_anything_runs(tmp_path):
+def test_device_options_are_checked_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(dev, "_current", None)  # restored after the test: later tests embed with the default
+    monkeypatch.setenv("ALSSL_PRECISION", "bf16-mixed")
+    r = run_main("query", str(tmp_path / "no-run"), "--budget", "5", "--accelerator", "cpu", "--devices", "2")
+    assert r.returncode == 2  # no such run, but the setting was taken first: flags, then the environment
+    assert dev.current() == dev.Devices("cpu", 2, "bf16-mixed")
+    monkeypatch.delenv("ALSSL_PRECISION")
     for args, words in ((["--devices", "0"], "--devices"), (["--accelerator", "tpu9"], "--accelerator"),
                         (["--precision", "8-bit"], "--precision")):
         r = run_main("probe", str(tmp_path / "no-run"), *args)
