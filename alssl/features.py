@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -271,10 +272,11 @@ def _cached(path: Path, rows: int) -> np.ndarray | None:
 
 
 def pool_features(run_path: Path, dataset: Dataset, ckpt: Path | None = None, *,
-                  quiet: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                  quiet: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train [N, D], test [M, D]) float32 embeddings of a backbone checkpoint (default: the stage-1 `backbone.pt`),
     computed once per checkpoint into `RUN/features/<sha16>-train.npy` / `-test.npy` and returned memory-mapped
-    (read-only): nothing [N, D]-sized is held in RAM. Runs where `alssl.devices.current()` says (embed_to_file)."""
+    (read-only): nothing [N, D]-sized is held in RAM. Runs where `alssl.devices.current()` says (embed_to_file),
+    with a progress bar (img/s) when stderr is a terminal and `quiet` is not True."""
     ckpt = Path(ckpt) if ckpt is not None else Path(run_path) / "checkpoints" / "backbone.pt"
     model, _ = load_backbone_checkpoint(ckpt, expect_channels=dataset.channels)
     train_path, test_path = feature_paths(run_path, ckpt)
@@ -285,6 +287,7 @@ def pool_features(run_path: Path, dataset: Dataset, ckpt: Path | None = None, *,
     if train_path.exists() or test_path.exists():
         warn(f"the feature cache {train_path} is unreadable or does not match the data; recomputing it")
     torch.manual_seed(0)
+    quiet = (not sys.stderr.isatty()) if quiet is None else quiet
     train = embed_to_file(model, dataset.x_train, train_path, mean=dataset.mean, std=dataset.std, quiet=quiet,
                           label="embedding the pool")
     test = embed_to_file(model, dataset.x_test if n_test else np.zeros((0, *dataset.x_train.shape[1:]), np.uint8),
