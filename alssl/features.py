@@ -23,6 +23,7 @@ a label-free proxy. Ties keep the earlier set in the order ssl, added sets, star
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -92,9 +93,13 @@ def embed_to_file(model: nn.Module, x, path: Path, *, mean, std, batch_size: int
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                                      errno.EPERM):
+            raise UserError(f"cannot write {path} ({exc.strerror}); free disk space or fix permissions, then rerun "
+                            f"(nothing was changed)") from None
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -118,6 +123,8 @@ def _new_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> int:
     """Create the `.npy` file `path` for an array of `shape` (header written, data not: a sparse file of the full
     size); returns the byte offset of row 0."""
     with open(path, "wb") as f:
+        if os.environ.get("ALSSL_FAULT_DISK_FULL"):  # fault injection for the tests (alssl/faults.py)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
                                                  "shape": shape})
         offset = f.tell()

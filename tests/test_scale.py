@@ -15,6 +15,7 @@ import torch
 from alssl import devices as dev
 from alssl.backbones import load_backbone_checkpoint
 from alssl.data import load_dataset
+from alssl.errors import UserError
 from alssl.features import embed, embed_to_file, feature_paths, pool_features
 from alssl.pretrain import pretrain
 from alssl.runs import Run
@@ -32,7 +33,7 @@ def _pixels(n: int, size: int = 16) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def test_two_gloo_processes_write_the_same_features_as_one(tmp_path):
+def test_two_gloo_processes_write_the_same_features_as_one(tmp_path, monkeypatch):
     x, net = _pixels(301), _net()  # 301 rows: the two shards differ in size (150 / 151)
     stats = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), dim=24, batch_size=64)
     one = embed_to_file(net, x, tmp_path / "one.npy", setting=dev.Devices("cpu", 1, "32-true"), **stats)
@@ -43,6 +44,11 @@ def test_two_gloo_processes_write_the_same_features_as_one(tmp_path):
     ref = embed(net, x, mean=stats["mean"], std=stats["std"])  # the in-memory reference
     assert float(np.abs(np.asarray(one) - ref).max()) <= 1e-5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.npy", "two.npy"]  # no temp file left
+    monkeypatch.setenv("ALSSL_FAULT_DISK_FULL", "1")
+    with pytest.raises(UserError, match="free disk space"):  # a full disk: one error line, nothing left behind
+        embed_to_file(net, x, tmp_path / "full.npy", **stats)
+    monkeypatch.delenv("ALSSL_FAULT_DISK_FULL")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.npy", "two.npy"]
     half = embed_to_file(net, x, tmp_path / "half.npy", dtype=np.float16, **stats)
     assert half.dtype == np.float16 and float(np.abs(half.astype(np.float32) - ref).max()) < 1e-2
 
