@@ -603,6 +603,8 @@ def semi_finetune(
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Flips in the weak/strong views (default: colour images only)"),
     option: list[str] = typer.Option([], "--option", help="Method setting KEY=VALUE, repeatable (see docs/semi.md), e.g. --option bn_batch=split"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the student's backbone (meant for GPUs, not measured there yet; no gain on a CPU: docs/semi.md)"),
+    accelerator: Optional[str] = typer.Option(None, "--accelerator", help="auto (the GPU when present) | cpu | cuda | gpu | mps; default $ALSSL_ACCELERATOR or auto (one device: no DDP in stage 4 yet)"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="32-true | bf16-mixed (forward and loss under bf16 autocast); default $ALSSL_PRECISION or 32-true"),
     seed: int = typer.Option(0),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -618,6 +620,12 @@ def semi_finetune(
 
     if method not in METHODS:
         raise unknown("method", method, METHODS)
+    from alssl import devices as dev
+    from alssl.semi.trainer import PRECISIONS
+
+    setting = dev.parse(accelerator, "1", precision)
+    if setting.precision not in PRECISIONS:
+        raise UserError(f"--precision {setting.precision} is not offered by semi-finetune; use {' or '.join(PRECISIONS)}")
     check_seed(seed)
     check_positive(lr, "--lr")
     if teacher not in ("ema", "eman"):
@@ -658,6 +666,7 @@ def semi_finetune(
         res = run_semi(dataset, labeled_idx=idx, labeled_y=run.labels[idx], out_dir=out,
                        backbone=backbone or run.config["pretrain"]["backbone"], init_weights=init,
                        init_checkpoint=None if fresh else ckpt, ckpt_every=ckpt_every, compile=compile,
+                       device={"gpu": "cuda"}.get(setting.accelerator, setting.accelerator), precision=setting.precision,
                        quiet=_quiet(quiet), options=options, record=record, **args)
         res = {**res, **record}
         rec = {"stage": "semi", "dir": str(out.relative_to(run.path)), **{k: v for k, v in res.items() if k != "per_class_recall"}}

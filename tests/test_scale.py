@@ -129,3 +129,18 @@ def test_device_options_are_checked_before_anything_runs(tmp_path, monkeypatch):
         assert r.returncode == 2 and r.stderr.startswith("error:") and words in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     assert dev.parse("cpu", "2", "32") == dev.Devices("cpu", 2, "32-true")
+
+
+@pytest.mark.parametrize("method", ["fixmatch", "simmatch", "daso", "pseudolabel", "supervised"])
+def test_stage4_runs_under_bf16_autocast(tmp_path, method):
+    """`semi-finetune --precision bf16-mixed`: every method's forward and loss under bf16 autocast, banks and queues
+    kept in float32; finite loss, a checkpoint, a result."""
+    from alssl.semi import semi_finetune
+
+    ds = load_dataset("digits", seed=0)
+    li = np.sort(np.random.default_rng(0).choice(ds.n_pool, 50, replace=False))
+    res = semi_finetune(ds, labeled_idx=li, labeled_y=ds.y_train[li], out_dir=tmp_path / method, method=method,
+                        backbone="cnn", steps=3, batch_size=8, mu=2, ckpt_every=3, quiet=True, precision="bf16-mixed")
+    assert res["accuracy"] is not None and (tmp_path / method / "state.pt").is_file()
+    r = run_main("semi-finetune", str(tmp_path / "no-run"), "--precision", "16-mixed")
+    assert r.returncode == 2 and "bf16-mixed" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
