@@ -85,8 +85,14 @@ def embed_to_file(model: nn.Module, x, path: Path, *, mean, std, batch_size: int
         job = dict(mean=mean, std=std, batch_size=batch_size, dtype=dtype, quiet=quiet, label=label)
         if world > 1:
             strategy = "ddp_spawn" if setting.accelerator != "cpu" and torch.cuda.is_available() else "ddp_fork"
-            fabric = dev.fabric(dev.Devices(setting.accelerator, world, setting.precision), strategy=strategy)
-            fabric.launch(_embed_shard, model, x, tmp, offset, n, job)
+            env = dict(os.environ)  # the launcher sets MASTER_PORT (and Lightning a few flags) in this process
+            try:
+                fabric = dev.fabric(dev.Devices(setting.accelerator, world, setting.precision), strategy=strategy)
+                fabric.launch(_embed_shard, model, x, tmp, offset, n, job)
+            finally:
+                for key in set(os.environ) - set(env):
+                    del os.environ[key]
+                os.environ.update(env)
         elif n:
             device, autocast = dev.single(setting)
             _embed_rows(model, x, tmp, offset, 0, n, device=device, autocast=autocast, **job)
