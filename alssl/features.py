@@ -65,8 +65,9 @@ def embed_to_file(model: nn.Module, x, path: Path, *, mean, std, batch_size: int
     returned memory-mapped (read-only), float32 (or `dtype`, e.g. float16) [N, D].
 
     Peak memory is flat in N: a temp file beside `path` gets the `.npy` header and its full size first; the pool is
-    read batch by batch (the next batch by a background thread, pinned on CUDA, while this one runs through the
-    model under `fabric.autocast()`) and every output batch goes to its rows with `os.pwrite` (never mapped, never
+    read batch by batch (the next batch by a background thread while this one runs through the model under
+    `fabric.autocast()`; on a GPU the batch travels as pinned uint8 and is normalised on the device) and every
+    output batch goes to its rows with `os.pwrite` (never mapped, never
     gathered); then fsync and an atomic rename. `setting` (default `alssl.devices.current()`) with devices > 1
     shards the rows over that many processes (Fabric DDP, gloo on a CPU): rank r embeds the contiguous rows
     [r·N/W, (r+1)·N/W) into the same file, so 1 and W processes write the same matrix."""
@@ -158,11 +159,21 @@ def _embed_rows(model: nn.Module, x, path: Path, offset: int, start: int, stop: 
     from alssl.progress import progress_bar
 
     model = model.eval().to(device)
-    pin = device.type == "cuda"
+    on_cpu = device.type == "cpu"
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
     def read(i: int) -> torch.Tensor:  # runs on the reader thread, one batch ahead
-        xb = to_tensor(np.ascontiguousarray(x[i : min(i + batch_size, stop)]), mean, std)  # [B, C, H, W]
-        return xb.pin_memory() if pin else xb
+        rows = np.ascontiguousarray(x[i : min(i + batch_size, stop)])  # uint8 [B, H, W, C]
+        if on_cpu:  # normalised here, off the main thread: float32 [B, C, H, W]
+            return to_tensor(rows, mean, std)
+        # an accelerator: uint8 (4x fewer bytes over the bus) in pinned memory, normalised on the device
+        xb = torch.from_numpy(rows).permute(0, 3, 1, 2)
+        return xb.pin_memory() if device.type == "cuda" else xb
+
+    def on_device(xb: torch.Tensor) -> torch.Tensor:  # the same arithmetic as data.to_tensor
+        xb = xb.to(device, non_blocking=True)
+        return xb if on_cpu else xb.float().mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
 
     bar, task = progress_bar(label, stop - start, 0, quiet=quiet, fields={"img/s": "-"})
     t0, done = time.perf_counter(), 0
@@ -170,7 +181,7 @@ def _embed_rows(model: nn.Module, x, path: Path, offset: int, start: int, stop: 
         fd = f.fileno()
         for i, xb in ahead(read, range(start, stop, batch_size), device=device):
             with torch.no_grad(), autocast():
-                fb = model(xb.to(device, non_blocking=True))  # [B, D]
+                fb = model(on_device(xb))  # [B, D]
             block = np.ascontiguousarray(fb.float().cpu().numpy(), dtype=dtype)
             _pwrite_all(fd, memoryview(block).cast("B"), offset + i * block.shape[1] * dtype.itemsize)
             done += len(block)
