@@ -144,3 +144,23 @@ def test_stage4_runs_under_bf16_autocast(tmp_path, method):
     assert res["accuracy"] is not None and (tmp_path / method / "state.pt").is_file()
     r = run_main("semi-finetune", str(tmp_path / "no-run"), "--precision", "16-mixed")
     assert r.returncode == 2 and "bf16-mixed" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_the_cli_embeds_on_two_processes(tmp_path):
+    """`alssl features RUN --accelerator cpu --devices 2` (a real command process forking its two gloo ranks) writes
+    the cache a one-process embedding writes."""
+    import shutil
+
+    from conftest import run_cli
+
+    ds = load_dataset("digits", seed=0)
+    run = Run.create(tmp_path / "run", n_pool=ds.n_pool, config={"data": {"spec": "digits", "seed": 0},
+                                                                   "pretrain": {"backbone": "cnn"}})
+    pretrain(ds, run, epochs=0, batch_size=128, quiet=True, knn_every=0)
+    shutil.copytree(run.path, tmp_path / "one")
+    one, _ = pool_features(tmp_path / "one", ds, tmp_path / "one" / "checkpoints" / "backbone.pt")
+    r = run_cli("features", str(run.path), "--accelerator", "cpu", "--devices", "2", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "MEMBER: 2/2" in r.stderr  # Fabric's line: the second rank joined
+    two = np.load(feature_paths(run.path, run.checkpoints / "backbone.pt")[0], mmap_mode="r")
+    assert float(np.abs(np.asarray(two) - np.asarray(one)).max()) <= 1e-5
