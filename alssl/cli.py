@@ -417,6 +417,13 @@ def query(
     _use_devices(accelerator, devices, precision)
     check_seed(seed)
     budget_count(budget, n_pool=max(1, Run.open(run_dir).state["n_pool"]))  # a bad budget answers before any loading
+    from alssl.errors import unknown
+    from alssl.probes import KERNELS, PROBES
+
+    if probe not in PROBES:  # checked before the feature sets are measured (which writes caches in the run)
+        raise unknown("probe", probe, PROBES)
+    if kernel is not None and kernel not in KERNELS:
+        raise unknown("kernel", kernel, KERNELS)
     options = {k: v for k, v in {"delta": delta, "kernel": kernel, "skip_duplicates": skip_duplicates}.items()
                if v is not None}
     with run_lock(run_dir):
@@ -512,6 +519,9 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
         if name == "features" and "line" in st:  # the last measured choice (probe / features)
             con.print(f"  {st['line']} on {st.get('n_labeled')} labels; {st.get('why')}")
             continue
+        if name == "pretrain" and "knn_on" in st:  # stage 1 against its start (docs/features.md)
+            con.print(f"  {_pretrain_line(st)}")
+            continue
         con.print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in st.items()))
     table = Table("round", "strategy", "budget", "labels", "skipped", "source")
     for r in info["rounds"]:
@@ -537,6 +547,21 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
         from alssl.stopping import stable_message
 
         con.print(f"  {stable_message(probes[-1]['kappa'])} (last probe, round {probes[-1]['round']})")
+
+
+def _pretrain_line(st: dict) -> str:
+    """`pretrain: simsiam cnn, 30 epochs (930 steps, 1202 s); kNN 0.193 → 0.220 (…); RankMe 12.6 → 27.5`."""
+    def arrow(a, b, fmt: str) -> str:
+        return f"{a:{fmt}} → {b:{fmt}}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "n/a"
+
+    knn = ""
+    if isinstance(st.get("knn_accuracy"), (int, float)):
+        knn = f"; kNN {arrow(st.get('knn_accuracy_init'), st['knn_accuracy'], '.3f')} ({st['knn_on']})"
+    worse = (isinstance(st.get("knn_accuracy"), (int, float)) and isinstance(st.get("knn_accuracy_init"), (int, float))
+             and st.get("epochs", 0) > 0 and st["knn_accuracy"] < st["knn_accuracy_init"])
+    return (f"pretrain: {st.get('method')} {st.get('backbone')}, {st.get('epochs')} epochs ({st.get('steps')} steps, "
+            f"{st.get('seconds')} s){knn}; RankMe {arrow(st.get('rankme_init'), st.get('rankme'), '.1f')} (label-free "
+            f"proxy)" + ("; below its start: the run keeps the start, see `alssl features`" if worse else ""))
 
 
 def _near_duplicates(run_dir: Path) -> dict:
@@ -624,6 +649,7 @@ def semi_finetune(
     from alssl.semi.trainer import PRECISIONS
 
     setting = dev.parse(accelerator, "1", precision)
+    dev.use(setting)  # the probe baseline's embedding (if it is not cached yet) runs there too
     if setting.precision not in PRECISIONS:
         raise UserError(f"--precision {setting.precision} is not offered by semi-finetune; use {' or '.join(PRECISIONS)}")
     check_seed(seed)
@@ -669,6 +695,20 @@ def semi_finetune(
                        device={"gpu": "cuda"}.get(setting.accelerator, setting.accelerator), precision=setting.precision,
                        quiet=_quiet(quiet), options=options, record=record, **args)
         res = {**res, **record}
+        if not fresh and dataset.has_test and res.get("accuracy") is not None:  # the baseline: the probe, same labels
+            from alssl.features import pool_features
+            from alssl.probes import fit_probe
+
+            train, test = pool_features(run.path, dataset, ckpt)
+            base = round(fit_probe("linear", train[idx], run.labels[idx], num_classes=dataset.num_classes,
+                                   seed=0).accuracy(test, dataset.y_test), 4)
+            res["probe_accuracy"] = base
+            if res["accuracy"] < base:
+                from alssl.errors import warn
+
+                warn(f"the fine-tune scores {res['accuracy']:.3f} on the test set, below the linear probe's {base:.3f} "
+                     f"on the same labels and features: fine-tune longer (--steps), or keep the probe "
+                     f"(`alssl export {run_dir} --classifier probe`)")
         rec = {"stage": "semi", "dir": str(out.relative_to(run.path)), **{k: v for k, v in res.items() if k != "per_class_recall"}}
         if not any(r.get("stage") == "semi" and r.get("dir") == rec["dir"] for r in read_jsonl(run.metrics_file)):
             run.log_metrics(rec)  # once per fine-tune: a rerun of a finished one (or after a kill) adds no twin
@@ -684,6 +724,7 @@ def export_model(
     devices: Optional[str] = _devices_option(),
     precision: Optional[str] = _precision_option(),
     force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
+    classifier: str = typer.Option("auto", help="auto (the fine-tune on the current labels if any, else the linear probe) | semi | probe"),
 ) -> None:
     """The best model the run has (the semi-supervised fine-tune on the current labels, else backbone + linear probe)
     → model.pt (state dict), model.ts (TorchScript: float [B, C, S, S] in [0, 1] → logits) and model.json.
@@ -702,11 +743,12 @@ def export_model(
         check_output(out, names=EXPORT_FILES, is_previous=is_export_dir, inputs=data_inputs(run.config["data"]),
                      force=force, what="an exported model")
         check_writable(out)
-        card = export(run, dataset, out)
+        card = export(run, dataset, out, classifier=classifier)
     typer.echo(json.dumps({"out": str(out), "classifier": card["classifier"], "features": card.get("features"),
                            "classes": card["classes"],
                            "image_size": card["image_size"], "accuracy": card["accuracy"],
-                           "accuracy_on": card["accuracy_on"]}))
+                           "accuracy_on": card["accuracy_on"],
+                           **({"probe_accuracy": card["probe_accuracy"]} if "probe_accuracy" in card else {})}))
 
 
 @app.command()
@@ -721,6 +763,7 @@ def predict(
     devices: Optional[str] = _devices_option(),
     precision: Optional[str] = _precision_option(),
     force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
+    classifier: str = typer.Option("auto", help="auto (the fine-tune on the current labels if any, else the linear probe) | semi | probe"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Predict classes with the run's best model (as `alssl export` picks it); same preprocessing as training.
@@ -746,9 +789,9 @@ def predict(
         check_output(out, names=None, is_previous=is_predictions_csv, inputs=[*data_inputs(run.config["data"]), *sources],
                      force=force, what="a predictions CSV")
         if pool:
-            res = predict_pool(run, dataset, out, quiet=_quiet(quiet))
+            res = predict_pool(run, dataset, out, classifier=classifier, quiet=_quiet(quiet))
         else:
-            res = predict_files(run, dataset, sources, out, workers=workers, quiet=_quiet(quiet))
+            res = predict_files(run, dataset, sources, out, workers=workers, quiet=_quiet(quiet), classifier=classifier)
     typer.echo(json.dumps(res))
 
 

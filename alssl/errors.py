@@ -24,12 +24,12 @@ def check_seed(seed, name: str = "--seed") -> None:
         raise UserError(f"{name} must be an integer in 0..{SEED_MAX}, got {seed!r}; pick one in that range, e.g. {name} 0")
 
 
-def check_positive(value, name: str) -> None:
+def check_positive(value, name: str, example: str | None = None) -> None:
     """Refuse a number that is not finite and > 0 (learning rates, temperatures); no torch import."""
     import math
 
     if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
-        raise UserError(f"{name} must be a finite number > 0, got {value!r}; e.g. {name} 0.05")
+        raise UserError(f"{name} must be a finite number > 0, got {value!r}; e.g. {example or f'{name} 0.05'}")
 
 
 def suggest(name: str, choices: Iterable[str]) -> str:

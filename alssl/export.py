@@ -25,7 +25,7 @@ from torch import nn
 from alssl import __version__
 from alssl.backbones import TimmBackbone, TorchvisionBackbone, build_backbone, load_backbone_checkpoint
 from alssl.data import Dataset
-from alssl.errors import UserError, warn
+from alssl.errors import UserError, unknown, warn
 from alssl.probes import MISSING, cross_val_accuracy, fit_probe
 from alssl.runs import _UMASK, Run, atomic_write_bytes, atomic_write_text, torch_load
 
@@ -110,11 +110,19 @@ def _semi_candidates(run: Run, labeled_digest: str) -> list[tuple[Path, dict]]:
     return out
 
 
-def best_classifier(run: Run, dataset: Dataset) -> tuple[Classifier, dict]:
-    """The best model the run has (module doc) and a record of how it was made."""
-    from alssl.features import choose, pool_features
+CLASSIFIERS = ("auto", "semi", "probe")
+
+
+def best_classifier(run: Run, dataset: Dataset, classifier: str = "auto") -> tuple[Classifier, dict]:
+    """The best model the run has (module doc) and a record of how it was made.
+
+    `classifier`: "auto" (the fine-tune on the current labels if there is one, else the linear probe), "semi" or
+    "probe". The linear probe on the same labels is always measured: a fine-tune's record carries it as
+    `probe_accuracy`, its baseline, and a fine-tune that scores below it says so in one warning."""
     from alssl.semi.trainer import array_digest
 
+    if classifier not in CLASSIFIERS:
+        raise unknown("classifier", classifier, CLASSIFIERS)
     idx = run.labeled_indices
     if len(idx) == 0:
         raise UserError(f"{run.path} has no labels yet, so there is no classifier to use; label some images first "
@@ -123,42 +131,65 @@ def best_classifier(run: Run, dataset: Dataset) -> tuple[Classifier, dict]:
     pre = run.state["stages"].get("pretrain", {})
     record = {"n_labeled": int(len(idx)), "rounds": run.n_rounds, "pretrain": pre.get("method"),
               "pretrain_epochs": pre.get("epochs")}
-    found = _semi_candidates(run, array_digest(idx, y))
-    if found:
-        d, result = max(found, key=lambda c: (c[1].get("accuracy") or -1.0, (c[0] / "result.json").stat().st_mtime))
-        teacher = torch_load(d / "state.pt")["teacher"]
-        backbone = build_backbone(result["backbone"], dataset.channels)
-        head = nn.Linear(backbone.dim, dataset.num_classes)
-        try:
-            backbone.load_state_dict({k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")})
-            head.load_state_dict({"weight": teacher["head.weight"], "bias": teacher["head.bias"]})
-        except (RuntimeError, ValueError) as exc:  # missing keys, other shapes
-            reason = str(exc).strip().splitlines()[0][:160]
-            raise UserError(f"{d / 'state.pt'} does not fit backbone {result['backbone']} ({reason}); delete {d} "
-                            f"(that fine-tune is dropped) or rerun the `alssl semi-finetune` that made it") from None
-        if not all(bool(torch.isfinite(t).all()) for t in [*backbone.state_dict().values(), *head.state_dict().values()]
-                   if t.is_floating_point()):
-            raise UserError(f"{d / 'state.pt'} holds non-finite weights; delete {d} (that fine-tune is dropped) or "
-                            f"rerun the `alssl semi-finetune` that made it")
-        acc = result.get("accuracy")
-        record |= {"classifier": f"semi:{result['method']}", "semi_method": result["method"],
-                   "features": result.get("features"), "features_why": result.get("features_why"),
-                   "semi_steps": result.get("steps"), "backbone": result["backbone"], "semi_dir": str(d.relative_to(run.path)),
-                   "accuracy": acc, "accuracy_on": f"test set ({len(dataset.x_test)} images)" if acc is not None else None}
+    found = _semi_candidates(run, array_digest(idx, y)) if classifier != "probe" else []
+    if classifier == "semi" and not found:
+        raise UserError(f"{run.path} has no finished semi-supervised fine-tune on its current {len(idx)} labels; run "
+                        f"`alssl semi-finetune {run.path}` first, or use --classifier probe")
+    probe_model, probe_record = _probe_classifier(run, dataset, idx, y)
+    if not found:
+        return probe_model, record | probe_record
+    model, semi_record = _semi_classifier(run, dataset, found)
+    acc, base = semi_record["accuracy"], probe_record["accuracy"]
+    if acc is not None and base is not None and acc < base and probe_record["accuracy_on"] == semi_record["accuracy_on"]:
+        warn(f"the fine-tune {semi_record['semi_dir']} scores {acc:.3f} on the test set, below the linear probe's "
+             f"{base:.3f} on the same labels; it is used since "
+             + ("you asked for it" if classifier == "semi" else "a fine-tune is preferred (--classifier auto)")
+             + ": pass --classifier probe to use the probe, or fine-tune longer")
+    return model, record | semi_record | {"probe_accuracy": base}
+
+
+def _semi_classifier(run: Run, dataset: Dataset, found: list[tuple[Path, dict]]) -> tuple[Classifier, dict]:
+    """The most accurate finished fine-tune on the current labels (its EMA/EMAN teacher)."""
+    d, result = max(found, key=lambda c: (c[1].get("accuracy") or -1.0, (c[0] / "result.json").stat().st_mtime))
+    teacher = torch_load(d / "state.pt")["teacher"]
+    backbone = build_backbone(result["backbone"], dataset.channels)
+    head = nn.Linear(backbone.dim, dataset.num_classes)
+    try:
+        backbone.load_state_dict({k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")})
+        head.load_state_dict({"weight": teacher["head.weight"], "bias": teacher["head.bias"]})
+    except (RuntimeError, ValueError) as exc:  # missing keys, other shapes
+        reason = str(exc).strip().splitlines()[0][:160]
+        raise UserError(f"{d / 'state.pt'} does not fit backbone {result['backbone']} ({reason}); delete {d} "
+                        f"(that fine-tune is dropped) or rerun the `alssl semi-finetune` that made it") from None
+    if not all(bool(torch.isfinite(t).all()) for t in [*backbone.state_dict().values(), *head.state_dict().values()]
+               if t.is_floating_point()):
+        raise UserError(f"{d / 'state.pt'} holds non-finite weights; delete {d} (that fine-tune is dropped) or "
+                        f"rerun the `alssl semi-finetune` that made it")
+    acc = result.get("accuracy")
+    record = {"classifier": f"semi:{result['method']}", "semi_method": result["method"],
+              "features": result.get("features"), "features_why": result.get("features_why"),
+              "semi_steps": result.get("steps"), "backbone": result["backbone"], "semi_dir": str(d.relative_to(run.path)),
+              "accuracy": acc, "accuracy_on": f"test set ({len(dataset.x_test)} images)" if acc is not None else None}
+    return Classifier(backbone, head, dataset.mean, dataset.std).eval(), record
+
+
+def _probe_classifier(run: Run, dataset: Dataset, idx: np.ndarray, y: np.ndarray) -> tuple[Classifier, dict]:
+    """The backbone of the feature set in use + the linear probe on the labels, folded into one Linear."""
+    from alssl.features import choose, pool_features
+
+    choice = choose(run, dataset)  # the feature set measured strongest on the labels (alssl/features.py)
+    backbone, meta = load_backbone_checkpoint(choice.path, expect_channels=dataset.channels)
+    train, test = pool_features(run.path, dataset, choice.path)
+    probe = fit_probe("linear", train[idx], y, num_classes=dataset.num_classes, seed=0)
+    head = folded_linear_probe(probe, dataset.num_classes, train.shape[1])
+    if dataset.has_test:
+        acc, on = probe.accuracy(test, dataset.y_test), f"test set ({len(test)} images)"
     else:
-        choice = choose(run, dataset)  # the feature set measured strongest on the labels (alssl/features.py)
-        backbone, meta = load_backbone_checkpoint(choice.path, expect_channels=dataset.channels)
-        train, test = pool_features(run.path, dataset, choice.path)
-        record |= {**choice.record(), "feature_scores": {n: s.get("cv_accuracy") for n, s in choice.scores.items()}}
-        probe = fit_probe("linear", train[idx], y, num_classes=dataset.num_classes, seed=0)
-        head = folded_linear_probe(probe, dataset.num_classes, train.shape[1])
-        if dataset.has_test:
-            acc, on = probe.accuracy(test, dataset.y_test), f"test set ({len(test)} images)"
-        else:
-            acc, k = cross_val_accuracy("linear", train[idx], y, num_classes=dataset.num_classes)
-            on = f"{k}-fold cross-validation on the labeled set" if acc is not None else None
-        record |= {"classifier": "linear-probe", "semi_method": None, "backbone": meta["backbone"],
-                   "accuracy": None if acc is None else round(float(acc), 4), "accuracy_on": on}
+        acc, k = cross_val_accuracy("linear", train[idx], y, num_classes=dataset.num_classes)
+        on = f"{k}-fold cross-validation on the labeled set" if acc is not None else None
+    record = {**choice.record(), "feature_scores": {n: s.get("cv_accuracy") for n, s in choice.scores.items()},
+              "classifier": "linear-probe", "semi_method": None, "backbone": meta["backbone"],
+              "accuracy": None if acc is None else round(float(acc), 4), "accuracy_on": on}
     return Classifier(backbone, head, dataset.mean, dataset.std).eval(), record
 
 
@@ -191,9 +222,9 @@ def data_name(spec: str) -> str:
     return Path(spec).name or spec
 
 
-def export(run: Run, dataset: Dataset, out: Path) -> dict:
+def export(run: Run, dataset: Dataset, out: Path, *, classifier: str = "auto") -> dict:
     """Write out/model.pt, out/model.ts and out/model.json; returns the model card."""
-    model, record = best_classifier(run, dataset)
+    model, record = best_classifier(run, dataset, classifier)
     S, C = dataset.image_size, dataset.channels
     card = {"classes": list(dataset.classes), "image_size": S, "channels": C, "mean": list(dataset.mean),
             "std": list(dataset.std), "input": f"float32 [B, {C}, {S}, {S}] in [0, 1]", "output": "logits [B, K]",
@@ -300,11 +331,11 @@ def predictions_csv(names: list[str], labels: np.ndarray, conf: np.ndarray, clas
 
 
 def predict_files(run: Run, dataset: Dataset, sources: list[Path], out: Path, *, workers: int | None = None,
-                  quiet: bool = True) -> dict:
+                  quiet: bool = True, classifier: str = "auto") -> dict:
     """Predict every image in `sources` with the run's best classifier; write `out` (path,label,confidence)."""
     from alssl.data.folder import DiskPool, decode_files, default_workers
 
-    model, record = best_classifier(run, dataset)
+    model, record = best_classifier(run, dataset, classifier)
     files = image_paths(sources)
     with tempfile.TemporaryDirectory(prefix="alssl-predict-") as tmp:
         res = decode_files(Path("/"), [str(p.resolve()) for _, p in files], dest=Path(tmp) / "x.npy",
@@ -323,14 +354,14 @@ def predict_files(run: Run, dataset: Dataset, sources: list[Path], out: Path, *,
     return {"predictions": str(out), "n": len(names), "skipped": len(res["skipped"]), "classifier": record["classifier"]}
 
 
-def predict_pool(run: Run, dataset: Dataset, out: Path, *, quiet: bool = True) -> dict:
+def predict_pool(run: Run, dataset: Dataset, out: Path, *, classifier: str = "auto", quiet: bool = True) -> dict:
     """Predict every unlabeled pool image (pre-annotations for labelers); columns path,label,confidence,index.
 
     Streamed: batches are predicted on the device and their rows appended to a temp file beside `out`, which is
     fsynced and renamed into place at the end (memory stays flat in the pool size)."""
     from alssl.rounds import _Rows
 
-    model, record = best_classifier(run, dataset)
+    model, record = best_classifier(run, dataset, classifier)
     idx = np.flatnonzero(~run.labeled_mask)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -311,6 +311,8 @@ def test_typiclust_faiss_kmeans_picks_what_the_sklearn_path_picks_where_the_clus
         ctx = make_ctx(x, num_classes=10)
         a, b = cluster_pool(ctx, 10, 0, "sklearn"), cluster_pool(ctx, 10, 0, "faiss")
         assert len(set(zip(a.tolist(), b.tolist()))) == 10  # the same partition, up to cluster names
+        many = cluster_pool(ctx, 60, 0, "faiss")  # k > 50: best of 3 seedings on a subset, run once
+        assert len(set(zip(many.tolist(), y.tolist()))) == len(np.unique(many)) > 40  # no cluster spans two blobs
     with pytest.raises(UserError, match="typiclust_kmeans must be one of auto, sklearn, faiss"):
         select("typiclust", make_ctx(x, options={"typiclust_kmeans": "torch"}), 3, np.random.default_rng(0))
 

@@ -172,3 +172,20 @@ def test_projection_line(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == said[3]
     quick = Projection("semi", total=5, start=0)
     assert all(quick.step(k) is None for k in range(1, 5))  # projected under a minute: no line
+
+
+def test_fine_tune_reports_its_probe_baseline_and_export_can_take_either(two_sets, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_sets, run)
+    r = run_cli("semi-finetune", str(run), "--method", "fixmatch", "--steps", "3", "--batch-size", "8", "--mu", "2", "-q")
+    res = _json(r)
+    assert res["features"] == "rand" and 0 <= res["probe_accuracy"] <= 1  # started from the set in use; its baseline
+    assert ("below the linear probe's" in r.stderr) == (res["accuracy"] < res["probe_accuracy"])
+    card = _json(run_cli("export", str(run), "--out", str(tmp_path / "semi")))
+    assert card["classifier"] == "semi:fixmatch" and card["probe_accuracy"] == res["probe_accuracy"]
+    probe = _json(run_cli("export", str(run), "--out", str(tmp_path / "probe"), "--classifier", "probe"))
+    assert probe["classifier"] == "linear-probe" and probe["accuracy"] == res["probe_accuracy"]
+    assert_user_error(run_cli("export", str(run), "--out", str(tmp_path / "x"), "--classifier", "best"),
+                      'unknown classifier "best"')

@@ -163,14 +163,21 @@ def test_export_tasks_and_curve_out_refuse_run_dirs_inputs_and_foreign_files(fol
 # ---------------------------------------------------------------- 3. no orphan workers
 WORKER_SCRIPT = textwrap.dedent("""
     import os, sys, time
-    from alssl.data.folder import Workers
+    from pathlib import Path
 
-    def task(k):
-        open(os.path.join(sys.argv[1], f"{os.getpid()}.pid"), "w").close()
-        time.sleep(120)  # "decoding" until the parent is gone
+    from alssl.data import images
+    from alssl.data.folder import decode_files
 
-    with Workers(2) as w:
-        w.map(task, [0, 1, 2, 3])
+    root, pids, dest = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    real = images.decode_image
+
+    def slow_decode(path, size, channels, draft=True):  # (inherited by the forked workers)
+        (pids / f"{os.getpid()}.pid").touch()
+        time.sleep(120)  # mid-decode until the parent is gone
+        return real(path, size, channels, draft)
+
+    images.decode_image = slow_decode
+    decode_files(root, sorted(p.name for p in root.iterdir()), dest=dest, image_size=8, workers=2, label="t", quiet=True)
 """)
 
 
@@ -187,7 +194,11 @@ def test_decoding_workers_die_with_a_killed_parent(tmp_path):
     script = tmp_path / "decode.py"
     script.write_text(WORKER_SCRIPT)
     (tmp_path / "pids").mkdir()
-    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "pids")],
+    (tmp_path / "photos").mkdir()
+    for i in range(260):  # more than 4 chunks of 64: decode_files starts worker processes
+        Image.fromarray(np.full((4, 4, 3), i % 256, np.uint8)).save(tmp_path / "photos" / f"{i:03d}.png")
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "photos"), str(tmp_path / "pids"),
+                               str(tmp_path / "x.npy")],
                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
         deadline = time.monotonic() + 60
@@ -270,6 +281,8 @@ def test_status_with_a_damaged_probcover_cache(run_dir):
     (["query", "{run}", "--budget", "5", "--seed", "-1"], "--seed must be an integer"),
     (["semi-finetune", "{run}", "--lr", "nan"], "--lr must be a finite number > 0"),
     (["semi-finetune", "{run}", "--lr", "-0.1"], "--lr must be a finite number > 0"),
+    (["semi-finetune", "{run}", "--method", "simmatch", "--option", "simmatch_T=0"], "option simmatch_T must be"),
+    (["semi-finetune", "{run}", "--method", "daso", "--option", "daso_T_proto=0"], "option daso_T_proto must be"),
 ])
 def test_numeric_options_on_a_run(run_dir, args, needle):
     check(run_dir, [a.format(run=run_dir) for a in args], needle)
@@ -492,3 +505,23 @@ def test_label_page_answers_4xx_to_deep_json_and_a_damaged_state(run_dir):
         assert _asgi(app, method, path, b"{}") == 409, path
     i = session.indices[0]
     assert _asgi(app, "POST", "/api/label", json.dumps({"index": i, "label": "1"}).encode()) == 409
+
+
+def test_damaged_probcover_cache_is_estimated_again(tmp_path):
+    from alssl.acquisition.base import AcquisitionContext
+    from alssl.acquisition.probcover import delta_cache_path, estimated_delta
+
+    emb = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    ctx = AcquisitionContext(embeddings=emb, labeled=np.zeros(60, bool), labels=np.full(60, -1), num_classes=3,
+                             cache_dir=tmp_path)
+    xs = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    delta, how = estimated_delta(ctx, xs)
+    for garbage in ("{not json", '{"delta": {"alpha=0.95,classes=3": "abc"}}', '{"delta": [1]}', "[1]"):
+        delta_cache_path(tmp_path, emb).write_text(garbage)
+        assert estimated_delta(ctx, xs) == (delta, "estimated")
+    assert estimated_delta(ctx, xs) == (delta, "cached")
+
+
+def test_label_csv_with_a_huge_first_line(run_dir, tmp_path):
+    (tmp_path / "labels.csv").write_text("x" * 200_000 + "\n")
+    check(run_dir, ["label", str(run_dir), "--from", str(tmp_path / "labels.csv")], "label file")

@@ -1,6 +1,7 @@
 """Label-CSV validation: a person's file is imported whole or not at all, with the offending rows listed."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,7 +136,8 @@ def test_skip_value_marks_images_skipped(digits, run_with_query, tmp_path, monke
     import alssl.features
 
     emb = np.random.default_rng(0).random((len(digits.y_train), 4), np.float32)
-    monkeypatch.setattr(alssl.features, "pool_features", lambda path, ds: (emb, None))
+    monkeypatch.setattr(alssl.features, "pool_features", lambda path, ds, ckpt=None: (emb, None))
+    monkeypatch.setattr(alssl.features, "choose", lambda run, ds: alssl.features.Choice("ssl", "test", Path("x")))
     free = np.flatnonzero(~run.labeled_mask & ~run.skipped_mask)
     query(run, digits, budget=str(len(free)), strategy="random", seed=0)
     picked = Run.open(run.path).state["open_query"]["indices"]

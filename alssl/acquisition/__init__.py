@@ -2,7 +2,8 @@
 
 Bengar et al. 2021 (arXiv 2108.11458) compare entropy, k-center greedy, VAAL and SVM min-margin against random
 on top of a frozen self-supervised backbone; TypiClust and ProbCover are the low-budget strategies that came
-after; BADGE and Cluster-Margin the batch-aware ones (uncertain and diverse). `select()` is the entry point: it validates the request, dispatches, and checks the answer.
+after; BADGE and Cluster-Margin the batch-aware ones (uncertain and diverse). `select()` is the entry point: it
+validates the request, dispatches (skipping near-duplicates when asked), and checks the answer.
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ def hac_clusters(ctx: AcquisitionContext, n_clusters: int) -> np.ndarray:
     n_train = min(n, MICRO_POINTS_PER_CENTROID * HAC_POINTS)
     train = features_of(ctx, np.sort(rng.choice(n, n_train, replace=False)))
     km = faiss.Kmeans(d, HAC_POINTS, niter=20, seed=MICRO_SEED, max_points_per_centroid=MICRO_POINTS_PER_CENTROID,
+                      min_points_per_centroid=1,  # small pools: few points per micro-cluster is the point
                       gpu=hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0, verbose=False)
     km.train(np.ascontiguousarray(train))
     micro = np.empty(n, np.int64)

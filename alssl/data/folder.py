@@ -3,7 +3,7 @@
 `build_pool` walks DIR recursively (sorted relative paths = the pool's one index space), reads every header, picks
 the image size and channel count, decodes every file in worker processes (`images.load_image`) straight into a
 uint8 `.npy` file, and writes a manifest of (path, bytes, mtime) for every file it saw. Unreadable files (and
-unreadable subfolders) are skipped and listed. The manifest's `ids_sha256` (the pool's paths in index order) and
+unreadable subfolders) are skipped and listed. `ids_sha256` (of the pool's paths in index order) and the manifest's
 `content_sha256` (those paths with the SHA-256 of each file's bytes) are the pool's identity: a run records them,
 and `open_pool` refuses a pool, reused or rebuilt, whose identity differs (a same-count change to the folder would
 otherwise move labels onto other photos). `open_pool` also refuses a reused pool whose folder changed since it was

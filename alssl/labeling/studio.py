@@ -143,7 +143,10 @@ def export_kind(path: Path, text: str) -> str | None:
     head = text.lstrip()[:1]
     if Path(path).suffix.lower() == ".json" or head in ("[", "{"):
         return "json"
-    first = next(csv.reader(io.StringIO(text.splitlines()[0] if text.strip() else "")), [])
+    try:
+        first = next(csv.reader(io.StringIO(text.splitlines()[0] if text.strip() else "")), [])
+    except csv.Error:  # e.g. a first line over csv's field limit: not an export; the label CSV reader says why
+        return None
     cols = {c.strip() for c in first}
     if "alssl_index" in cols or ({"annotation_id", "annotator"} <= cols):
         return "csv"

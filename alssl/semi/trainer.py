@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -26,7 +27,7 @@ from torch import nn
 
 from alssl.backbones import build_backbone, load_backbone_checkpoint, load_init_weights
 from alssl.data import PoolReader
-from alssl.errors import UserError, check_seed, unknown
+from alssl.errors import UserError, check_positive, check_seed, unknown
 from alssl.prefetch import ahead
 from alssl.runs import (append_jsonl, atomic_torch_save, atomic_write_text, check_writable, read_jsonl, torch_load,
                         write_jsonl)
@@ -142,6 +143,8 @@ def _resolve_options(cls: type[Method], steps: int, options: dict | None) -> dic
             raise unknown(f"option for method {cls.name}", k, defaults)
     for k, v in given.items():
         _check_option(k, v, OPTION_TYPES.get(k) or type(defaults[k]))
+        if re.search(r"(^|_)T(_|$)", k):  # a temperature (simmatch_T, daso_T_proto, daso_T_dist): 0 divides by zero
+            check_positive(v, f"option {k}", f"--option {k}={defaults[k]}")
     opts = {**defaults, **given}
     if opts["unlabeled_profile"] not in ("same", "reversed"):
         raise unknown("unlabeled profile", str(opts["unlabeled_profile"]), ["same", "reversed"])
