@@ -649,9 +649,9 @@ def semi_finetune(
     from alssl.semi.trainer import PRECISIONS
 
     setting = dev.parse(accelerator, "1", precision)
-    dev.use(setting)  # the probe baseline's embedding (if it is not cached yet) runs there too
     if setting.precision not in PRECISIONS:
         raise UserError(f"--precision {setting.precision} is not offered by semi-finetune; use {' or '.join(PRECISIONS)}")
+    dev.use(setting)  # the probe baseline's embedding (if it is not cached yet) runs there too
     check_seed(seed)
     check_positive(lr, "--lr")
     if teacher not in ("ema", "eman"):
@@ -1058,7 +1058,12 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
     warnings.showwarning = _one_line_warning
     try:
-        rc = app(args=argv, standalone_mode=False, prog_name="alssl")
+        try:
+            rc = app(args=argv, standalone_mode=False, prog_name="alssl")
+        finally:
+            from alssl import devices
+
+            devices.use(None)  # a command's --accelerator/--devices/--precision end with it (in-process callers)
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -48,8 +48,9 @@ def parse(accelerator: str | None = None, devices: str | int | None = None, prec
     return Devices(acc, int(dev), prec)
 
 
-def use(setting: Devices) -> None:
-    """Make `setting` the one every later embedding / prediction in this process reads."""
+def use(setting: Devices | None) -> None:
+    """Make `setting` the one every later embedding / prediction in this process reads (None: back to the
+    environment's / the default)."""
     global _current
     _current = setting
 

@@ -117,18 +117,20 @@ def test_peak_memory_of_an_embedding_is_flat_in_the_pool_size(tmp_path):
 
 
 def test_device_options_are_checked_before_anything_runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(dev, "_current", None)  # restored after the test: later tests embed with the default
     monkeypatch.setenv("ALSSL_PRECISION", "bf16-mixed")
+    seen = []
+    monkeypatch.setattr(dev, "use", lambda s: seen.append(s))
     r = run_main("query", str(tmp_path / "no-run"), "--budget", "5", "--accelerator", "cpu", "--devices", "2")
     assert r.returncode == 2  # no such run, but the setting was taken first: flags, then the environment
-    assert dev.current() == dev.Devices("cpu", 2, "bf16-mixed")
-    monkeypatch.delenv("ALSSL_PRECISION")
+    assert seen == [dev.Devices("cpu", 2, "bf16-mixed"), None]  # and it ends with the command
+    monkeypatch.undo()
     for args, words in ((["--devices", "0"], "--devices"), (["--accelerator", "tpu9"], "--accelerator"),
                         (["--precision", "8-bit"], "--precision")):
         r = run_main("probe", str(tmp_path / "no-run"), *args)
         assert r.returncode == 2 and r.stderr.startswith("error:") and words in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     assert dev.parse("cpu", "2", "32") == dev.Devices("cpu", 2, "32-true")
+    assert dev._current is None  # no command's setting outlives it
 
 
 @pytest.mark.parametrize("method", ["fixmatch", "simmatch", "daso", "pseudolabel", "supervised"])
