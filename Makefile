@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) bench/pretrain_throughput.py
 	$(PY) bench/kcenter.py
 	$(PY) bench/semi_step.py
+	$(PY) bench/embed.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -31,6 +31,25 @@ app = typer.Typer(
 )
 
 
+def _accelerator_option():
+    return typer.Option(None, "--accelerator", help="Where the network runs (Fabric's meaning): auto (the GPU when present) | cpu | cuda | gpu | mps; default $ALSSL_ACCELERATOR or auto")
+
+
+def _devices_option():
+    return typer.Option(None, "--devices", help="Devices to embed/predict on; > 1 shards the pool over that many processes (docs/scale.md); default $ALSSL_DEVICES or 1")
+
+
+def _precision_option():
+    return typer.Option(None, "--precision", help="32-true | bf16-mixed | 16-mixed (autocast); default $ALSSL_PRECISION or 32-true")
+
+
+def _use_devices(accelerator: Optional[str], devices: Optional[str], precision: Optional[str]) -> None:
+    """Validate the device setting (torch-free) and make it the one this command's embedding / prediction reads."""
+    from alssl import devices as dev
+
+    dev.use(dev.parse(accelerator, devices, precision))
+
+
 def _quiet(quiet: bool) -> bool:
     return quiet or not sys.stderr.isatty()
 
@@ -252,6 +271,9 @@ def probe(
     run_dir: Path = typer.Argument(..., metavar="RUN"),
     probe: str = typer.Option("linear", help="linear | svm"),
     kernel: str = typer.Option("linear", help="SVM kernel: linear | rbf"),
+    accelerator: Optional[str] = _accelerator_option(),
+    devices: Optional[str] = _devices_option(),
+    precision: Optional[str] = _precision_option(),
     seed: int = typer.Option(0),
 ) -> None:
     """Stage 2: fit a probe on the frozen features of the labeled set; print its accuracy as JSON.
@@ -266,6 +288,7 @@ def probe(
     from alssl.probes import KERNELS, PROBES, cross_val_accuracy, fit_probe
     from alssl.runs import run_lock
 
+    _use_devices(accelerator, devices, precision)
     check_seed(seed)
     if probe not in PROBES:
         raise unknown("probe", probe, PROBES)
@@ -319,6 +342,9 @@ def features(
     add: Optional[str] = typer.Option(None, "--add", help="Add a feature extractor: cnn | resnet18 | torchvision:NAME | timm:NAME"),
     init: Optional[str] = typer.Option(None, help="With --add: its weights, a state dict file (.pt/.pth/.safetensors) or hub"),
     name: Optional[str] = typer.Option(None, help="With --add: the feature set's name (default: from the backbone and weights)"),
+    accelerator: Optional[str] = _accelerator_option(),
+    devices: Optional[str] = _devices_option(),
+    precision: Optional[str] = _precision_option(),
     use: Optional[str] = typer.Option(None, help="Pin the feature set every command uses (a name), or auto: choose by measurement"),
 ) -> None:
     """The run's feature sets (stage 1, its start, any you add), each scored on the labels; the strongest is used.
@@ -333,6 +359,7 @@ def features(
     from alssl.features import add_feature_set, check_name, choose, default_name, pin
     from alssl.runs import run_lock
 
+    _use_devices(accelerator, devices, precision)
     if add is None and (init is not None or name is not None):
         raise UserError("--init and --name go with --add BACKBONE; e.g. alssl features RUN --add timm:resnet50 --init hub")
     if add is not None and use is not None:
@@ -366,6 +393,9 @@ def query(
     run_dir: Path = typer.Argument(..., metavar="RUN"),
     budget: str = typer.Option(..., help="2% of the pool or a count like 500"),
     strategy: str = typer.Option("random", help="random | entropy | margin | svm-margin | kcenter | vaal | typiclust | probcover | badge | cluster-margin"),
+    accelerator: Optional[str] = _accelerator_option(),
+    devices: Optional[str] = _devices_option(),
+    precision: Optional[str] = _precision_option(),
     seed: int = typer.Option(0),
     probe: str = typer.Option("linear", help="Probe behind the uncertainty strategies"),
     delta: Optional[float] = typer.Option(None, help="ProbCover ball radius (default: purity heuristic)"),
@@ -384,6 +414,7 @@ def query(
     from alssl.rounds import query as run_query
     from alssl.runs import Run, run_lock
 
+    _use_devices(accelerator, devices, precision)
     check_seed(seed)
     budget_count(budget, n_pool=max(1, Run.open(run_dir).state["n_pool"]))  # a bad budget answers before any loading
     from alssl.errors import unknown
@@ -597,6 +628,8 @@ def semi_finetune(
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Flips in the weak/strong views (default: colour images only)"),
     option: list[str] = typer.Option([], "--option", help="Method setting KEY=VALUE, repeatable (see docs/semi.md), e.g. --option bn_batch=split"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the student's backbone (meant for GPUs, not measured there yet; no gain on a CPU: docs/semi.md)"),
+    accelerator: Optional[str] = typer.Option(None, "--accelerator", help="auto (the GPU when present) | cpu | cuda | gpu | mps; default $ALSSL_ACCELERATOR or auto (one device: no DDP in stage 4 yet)"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="32-true | bf16-mixed (forward and loss under bf16 autocast); default $ALSSL_PRECISION or 32-true"),
     seed: int = typer.Option(0),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -612,6 +645,13 @@ def semi_finetune(
 
     if method not in METHODS:
         raise unknown("method", method, METHODS)
+    from alssl import devices as dev
+    from alssl.semi.trainer import PRECISIONS
+
+    setting = dev.parse(accelerator, "1", precision)
+    if setting.precision not in PRECISIONS:
+        raise UserError(f"--precision {setting.precision} is not offered by semi-finetune; use {' or '.join(PRECISIONS)}")
+    dev.use(setting)  # the probe baseline's embedding (if it is not cached yet) runs there too
     check_seed(seed)
     check_positive(lr, "--lr")
     if teacher not in ("ema", "eman"):
@@ -652,6 +692,7 @@ def semi_finetune(
         res = run_semi(dataset, labeled_idx=idx, labeled_y=run.labels[idx], out_dir=out,
                        backbone=backbone or run.config["pretrain"]["backbone"], init_weights=init,
                        init_checkpoint=None if fresh else ckpt, ckpt_every=ckpt_every, compile=compile,
+                       device={"gpu": "cuda"}.get(setting.accelerator, setting.accelerator), precision=setting.precision,
                        quiet=_quiet(quiet), options=options, record=record, **args)
         res = {**res, **record}
         if not fresh and dataset.has_test and res.get("accuracy") is not None:  # the baseline: the probe, same labels
@@ -679,6 +720,9 @@ def semi_finetune(
 def export_model(
     run_dir: Path = typer.Argument(..., metavar="RUN"),
     out: Path = typer.Option(..., help="Folder for model.pt, model.ts and model.json"),
+    accelerator: Optional[str] = _accelerator_option(),
+    devices: Optional[str] = _devices_option(),
+    precision: Optional[str] = _precision_option(),
     force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
     classifier: str = typer.Option("auto", help="auto (the fine-tune on the current labels if any, else the linear probe) | semi | probe"),
 ) -> None:
@@ -690,6 +734,7 @@ def export_model(
     from alssl.export import EXPORT_FILES, export, is_export_dir
     from alssl.runs import check_output, check_writable, data_inputs, run_lock
 
+    _use_devices(accelerator, devices, precision)
     with run_lock(run_dir):
         run, dataset = _load_run(run_dir)
         if run.labeled_mask.sum() == 0:
@@ -714,6 +759,9 @@ def predict(
     pool: bool = typer.Option(False, "--pool", help="Predict every unlabeled pool image instead (pre-annotations)"),
     out: Path = typer.Option(..., help="CSV to write: path,label,confidence"),
     workers: Optional[int] = typer.Option(None, min=1, help="Decoding processes (default: CPU count, at most 8)"),
+    accelerator: Optional[str] = _accelerator_option(),
+    devices: Optional[str] = _devices_option(),
+    precision: Optional[str] = _precision_option(),
     force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
     classifier: str = typer.Option("auto", help="auto (the fine-tune on the current labels if any, else the linear probe) | semi | probe"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -727,6 +775,7 @@ def predict(
     from alssl.export import is_predictions_csv, predict_files, predict_pool
     from alssl.runs import check_output, data_inputs, run_lock
 
+    _use_devices(accelerator, devices, precision)
     sources = [p.expanduser() for p in [*(data or []), *(paths or [])]]
     if pool == bool(sources):
         raise UserError("give images to predict (--data DIR_OR_FILES...) or --pool, not both and not neither")
@@ -740,7 +789,7 @@ def predict(
         check_output(out, names=None, is_previous=is_predictions_csv, inputs=[*data_inputs(run.config["data"]), *sources],
                      force=force, what="a predictions CSV")
         if pool:
-            res = predict_pool(run, dataset, out, classifier=classifier)
+            res = predict_pool(run, dataset, out, classifier=classifier, quiet=_quiet(quiet))
         else:
             res = predict_files(run, dataset, sources, out, workers=workers, quiet=_quiet(quiet), classifier=classifier)
     typer.echo(json.dumps(res))
@@ -790,6 +839,9 @@ def curve(
     epochs: int = typer.Option(20, min=0),
     batch_size: int = typer.Option(256, min=2),
     imbalance: Optional[float] = typer.Option(None),
+    accelerator: Optional[str] = _accelerator_option(),
+    devices: Optional[str] = _devices_option(),
+    precision: Optional[str] = _precision_option(),
     jobs: int = typer.Option(1, help="Parallel processes over (probe, strategy, seed) chains"),
     plot_only: Optional[Path] = typer.Option(None, help="Only redraw DIR/curve.png from DIR/curve.csv"),
     force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
@@ -807,6 +859,7 @@ def curve(
         png, svg = plot_curve(plot_only / "curve.csv", title=_plot_only_title(plot_only))
         typer.echo(json.dumps({"png": str(png), "svg": str(svg)}))
         return
+    _use_devices(accelerator, devices, precision)
     from alssl.curve import Grid, run_experiment
 
     if out is None:
@@ -885,6 +938,9 @@ def label_ui(
     host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but 127.0.0.1 lets other machines reach the page (the token still guards it)"),
     port: int = typer.Option(8765, min=0, max=65535, help="Port (0: any free port)"),
     browser: bool = typer.Option(True, "--browser/--no-browser", help="Open the page in your web browser"),
+    accelerator: Optional[str] = _accelerator_option(),
+    devices: Optional[str] = _devices_option(),
+    precision: Optional[str] = _precision_option(),
     classes: Optional[str] = typer.Option(None, help="Class list (a,b,c or @classes.txt) for a run that has none yet; stored with the first import"),
 ) -> None:
     """A local labeling page for the open query: a key or a click per image, Submit imports the round.
@@ -899,6 +955,7 @@ def label_ui(
     from alssl.labeling.session import LabelSession, resolve_classes
 
     names = _classes_option(classes)
+    _use_devices(accelerator, devices, precision)
     sock = bind(host, port)  # a taken port answers before anything (torch included) is loaded
     try:
         from alssl.runs import run_lock
@@ -1001,7 +1058,12 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
     warnings.showwarning = _one_line_warning
     try:
-        rc = app(args=argv, standalone_mode=False, prog_name="alssl")
+        try:
+            rc = app(args=argv, standalone_mode=False, prog_name="alssl")
+        finally:
+            from alssl import devices
+
+            devices.use(None)  # a command's --accelerator/--devices/--precision end with it (in-process callers)
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

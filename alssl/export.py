@@ -9,6 +9,7 @@ Classes the labeled set lacks get weight 0 and bias −1e9 (probability 0), as t
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -26,7 +27,7 @@ from alssl.backbones import TimmBackbone, TorchvisionBackbone, build_backbone, l
 from alssl.data import Dataset
 from alssl.errors import UserError, unknown, warn
 from alssl.probes import MISSING, cross_val_accuracy, fit_probe
-from alssl.runs import Run, atomic_write_bytes, atomic_write_text, torch_load
+from alssl.runs import _UMASK, Run, atomic_write_bytes, atomic_write_text, torch_load
 
 PREPROCESSING = ("resize the shorter side to image_size (bilinear, antialiased; JPEGs may be decoded at 1/2-1/8 scale "
                  "first with PIL's draft mode when the shorter side is at least 2x image_size), centre crop "
@@ -266,18 +267,38 @@ def plain_state_dict(model: Classifier) -> dict:
 
 # ---------------------------------------------------------------- predictions
 @torch.no_grad()
+def predict_batches(model: Classifier, x, batch_size: int = 256, *, quiet: bool = True, label: str = "predicting"):
+    """Yield (class ids [B], top-1 softmax probability [B]) batch by batch for uint8 images x [N, S, S, C] (anything
+    sliceable: an array, a DiskPool, rows of one): on the device `alssl.devices.current()` names, under its autocast,
+    the next batch read (and pinned on CUDA) by a background thread meanwhile; a progress bar unless quiet."""
+    from alssl import devices as dev
+    from alssl.prefetch import ahead
+    from alssl.progress import progress_bar
+
+    device, autocast = dev.single()
+    model = model.eval().to(device)
+
+    def read(i: int) -> torch.Tensor:  # uint8 [B, C, S, S]; the model scales to [0, 1] on the device
+        xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).permute(0, 3, 1, 2)
+        return xb.pin_memory() if device.type == "cuda" else xb
+
+    bar, task = progress_bar(label, len(x), 0, quiet=quiet)
+    with bar or contextlib.nullcontext():
+        for _, xb in ahead(read, range(0, len(x), batch_size), device=device):
+            with autocast():
+                logits = model(xb.to(device, non_blocking=True).float().div_(255.0))  # [B, K]
+            c, k = torch.softmax(logits.float().cpu().double(), dim=1).max(dim=1)
+            if bar is not None:
+                bar.update(task, advance=len(k))
+            yield k.numpy(), c.numpy()
+
+
 def predict_rows(model: Classifier, x, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(class ids [N], top-1 softmax probability [N]) for uint8 images [N, S, S, C] (an array or a DiskPool)."""
-    labels, conf = [], []
-    for i in range(0, len(x), batch_size):
-        xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).permute(0, 3, 1, 2).float().div_(255.0)
-        p = torch.softmax(model(xb).double(), dim=1)
-        c, k = p.max(dim=1)
-        labels.append(k.numpy())
-        conf.append(c.numpy())
-    if not labels:
+    parts = list(predict_batches(model, x, batch_size))
+    if not parts:
         return np.zeros(0, np.int64), np.zeros(0)
-    return np.concatenate(labels), np.concatenate(conf)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def image_paths(sources: list[Path]) -> list[tuple[str, Path]]:
@@ -333,14 +354,34 @@ def predict_files(run: Run, dataset: Dataset, sources: list[Path], out: Path, *,
     return {"predictions": str(out), "n": len(names), "skipped": len(res["skipped"]), "classifier": record["classifier"]}
 
 
-def predict_pool(run: Run, dataset: Dataset, out: Path, *, classifier: str = "auto") -> dict:
-    """Predict every unlabeled pool image (pre-annotations for labelers); columns path,label,confidence,index."""
+def predict_pool(run: Run, dataset: Dataset, out: Path, *, classifier: str = "auto", quiet: bool = True) -> dict:
+    """Predict every unlabeled pool image (pre-annotations for labelers); columns path,label,confidence,index.
+
+    Streamed: batches are predicted on the device and their rows appended to a temp file beside `out`, which is
+    fsynced and renamed into place at the end (memory stays flat in the pool size)."""
+    from alssl.rounds import _Rows
+
     model, record = best_classifier(run, dataset, classifier)
     idx = np.flatnonzero(~run.labeled_mask)
-    labels, conf = np.zeros(0, np.int64), np.zeros(0)
-    parts = [predict_rows(model, dataset.x_train[idx[i : i + 4096]]) for i in range(0, len(idx), 4096)]
-    if parts:
-        labels, conf = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    atomic_write_text(out, predictions_csv([dataset.ids[i] for i in idx], labels, conf, dataset.classes,
-                                           extra={"index": idx.tolist()}))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["path", "label", "confidence", "index"])
+            done = 0
+            for labels, conf in predict_batches(model, _Rows(dataset.x_train, idx), quiet=quiet, label="predicting the pool"):
+                rows = idx[done : done + len(labels)]
+                w.writerows([dataset.ids[i], dataset.classes[k], f"{c:.6f}", i]
+                            for i, k, c in zip(rows.tolist(), labels.tolist(), conf.tolist()))
+                done += len(labels)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return {"predictions": str(out), "n": int(len(idx)), "classifier": record["classifier"]}

@@ -9,8 +9,9 @@ A run can hold several feature extractors over the same pool (docs/features.md):
 - any added with `alssl features RUN --add BACKBONE [--init PATH|hub]`: `checkpoints/features-<name>.pt`, listed in
   `RUN/feature_sets.json` (which also holds a pinned choice, if the user made one).
 
-Embeddings are cached by the sha256 of the checkpoint: `RUN/features/<sha16>.npz` with `train` [N, D] and `test`
-[M, D] (M = 0 without a labeled test set). It is a cache: an unreadable or mismatched file is recomputed.
+Embeddings are cached by the sha256 of the checkpoint: `RUN/features/<sha16>-train.npy` [N, D] and `-test.npy`
+[M, D] (M = 0 without a labeled test set), float32, written shard by shard and returned memory-mapped (docs/scale.md).
+It is a cache: an unreadable or mismatched file (or an old `<sha16>.npz`) is recomputed.
 
 Which set probing, queries, export and the semi fine-tune use (`choose`): the pinned one if the user pinned one; else,
 with at least 2 labels per class on average and two classes with 2 or more labels, the best mean accuracy of the
@@ -21,12 +22,13 @@ a label-free proxy. Ties keep the earlier set in the order ssl, added sets, star
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
-import io
 import json
+import os
 import re
-import zipfile
-import zlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from torch import nn
 from alssl.backbones import load_backbone_checkpoint
 from alssl.data import Dataset, to_tensor
 from alssl.errors import UserError, warn
-from alssl.runs import Run, atomic_write_bytes, atomic_write_text
+from alssl.runs import Run, atomic_write_text
 
 REGISTRY = "feature_sets.json"
 SSL, START = "ssl", "start"
@@ -54,6 +56,143 @@ def embed(model: nn.Module, x, *, mean, std, batch_size: int = 512, device: str 
         xb = to_tensor(x[i : i + batch_size], mean, std).to(device)  # [B, C, H, W]
         out.append(model(xb).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, getattr(model, "dim", 0)), np.float32)
+
+
+@torch.no_grad()
+def embed_to_file(model: nn.Module, x, path: Path, *, mean, std, batch_size: int = 512, dim: int | None = None,
+                  dtype=np.float32, setting=None, quiet: bool = True, label: str = "embedding") -> np.ndarray:
+    """Features of uint8 images x [N, H, W, C] (an array or a DiskPool) written to the `.npy` file `path` and
+    returned memory-mapped (read-only), float32 (or `dtype`, e.g. float16) [N, D].
+
+    Peak memory is flat in N: a temp file beside `path` gets the `.npy` header and its full size first; the pool is
+    read batch by batch (the next batch by a background thread while this one runs through the model under
+    `fabric.autocast()`; on a GPU the batch travels as pinned uint8 and is normalised on the device) and every
+    output batch goes to its rows with `os.pwrite` (never mapped, never
+    gathered); then fsync and an atomic rename. `setting` (default `alssl.devices.current()`) with devices > 1
+    shards the rows over that many processes (Fabric DDP, gloo on a CPU): rank r embeds the contiguous rows
+    [r·N/W, (r+1)·N/W) into the same file, so 1 and W processes write the same matrix."""
+    from alssl import devices as dev
+
+    setting = setting or dev.current()
+    path = Path(path)
+    n = len(x)
+    d = int(dim if dim is not None else _feature_dim(model, x, mean, std))
+    dtype = np.dtype(dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        offset = _new_npy(tmp, (n, d), dtype)
+        world = min(setting.devices, n)
+        job = dict(mean=mean, std=std, batch_size=batch_size, dtype=dtype, quiet=quiet, label=label)
+        if world > 1:
+            strategy = "ddp_spawn" if setting.accelerator != "cpu" and torch.cuda.is_available() else "ddp_fork"
+            env = dict(os.environ)  # the launcher sets MASTER_PORT (and Lightning a few flags) in this process
+            try:
+                fabric = dev.fabric(dev.Devices(setting.accelerator, world, setting.precision), strategy=strategy)
+                fabric.launch(_embed_shard, model, x, tmp, offset, n, job)
+            finally:
+                for key in set(os.environ) - set(env):
+                    del os.environ[key]
+                os.environ.update(env)
+        elif n:
+            device, autocast = dev.single(setting)
+            _embed_rows(model, x, tmp, offset, 0, n, device=device, autocast=autocast, **job)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                                      errno.EPERM):
+            raise UserError(f"cannot write {path} ({exc.strerror}); free disk space or fix permissions, then rerun "
+                            f"(nothing was changed)") from None
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _feature_dim(model: nn.Module, x, mean, std) -> int:
+    dim = getattr(model, "dim", None)
+    if isinstance(dim, int) and dim > 0:
+        return dim
+    if len(x) == 0:
+        raise ValueError("cannot tell the feature dimension of a model without a `dim` from no images")
+    return int(model.eval()(to_tensor(np.asarray(x[:1]), mean, std)).shape[1])
+
+
+def _new_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """Create the `.npy` file `path` for an array of `shape` (header written, data not: a sparse file of the full
+    size); returns the byte offset of row 0."""
+    with open(path, "wb") as f:
+        if os.environ.get("ALSSL_FAULT_DISK_FULL"):  # fault injection for the tests (alssl/faults.py)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                                 "shape": shape})
+        offset = f.tell()
+        f.truncate(offset + int(np.prod(shape)) * dtype.itemsize)
+    return offset
+
+
+def _embed_shard(fabric, model: nn.Module, x, path: Path, offset: int, n: int, job: dict) -> None:
+    """One Fabric rank: embed its contiguous share of the rows into the shared file (no collective per batch)."""
+    rank, world = fabric.global_rank, fabric.world_size
+    if fabric.device.type == "cpu":  # W processes on one CPU: split the cores rather than oversubscribe them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    start, stop = rank * n // world, (rank + 1) * n // world
+    job = {**job, "quiet": job["quiet"] or rank > 0, "label": f"{job['label']} (rank 0 of {world})"}
+    _embed_rows(model, x, path, offset, start, stop, device=fabric.device, autocast=fabric.autocast, **job)
+    fabric.barrier()
+
+
+def _embed_rows(model: nn.Module, x, path: Path, offset: int, start: int, stop: int, *, device, autocast, mean, std,
+                batch_size: int, dtype: np.dtype, quiet: bool, label: str) -> None:
+    """Rows [start, stop) of x through `model` on `device`, written in place into the `.npy` at `path`."""
+    import time
+
+    from alssl.prefetch import ahead
+    from alssl.progress import progress_bar
+
+    model = model.eval().to(device)
+    on_cpu = device.type == "cpu"
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def read(i: int) -> torch.Tensor:  # runs on the reader thread, one batch ahead
+        rows = np.ascontiguousarray(x[i : min(i + batch_size, stop)])  # uint8 [B, H, W, C]
+        if on_cpu:  # normalised here, off the main thread: float32 [B, C, H, W]
+            return to_tensor(rows, mean, std)
+        # an accelerator: uint8 (4x fewer bytes over the bus) in pinned memory, normalised on the device
+        xb = torch.from_numpy(rows).permute(0, 3, 1, 2)
+        return xb.pin_memory() if device.type == "cuda" else xb
+
+    def on_device(xb: torch.Tensor) -> torch.Tensor:  # the same arithmetic as data.to_tensor
+        xb = xb.to(device, non_blocking=True)
+        return xb if on_cpu else xb.float().mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
+
+    bar, task = progress_bar(label, stop - start, 0, quiet=quiet, fields={"img/s": "-"})
+    t0, done = time.perf_counter(), 0
+    with open(path, "r+b") as f, (bar or contextlib.nullcontext()):
+        fd = f.fileno()
+        for i, xb in ahead(read, range(start, stop, batch_size), device=device):
+            with torch.no_grad(), autocast():
+                fb = model(on_device(xb))  # [B, D]
+            block = np.ascontiguousarray(fb.float().cpu().numpy(), dtype=dtype)
+            _pwrite_all(fd, memoryview(block).cast("B"), offset + i * block.shape[1] * dtype.itemsize)
+            done += len(block)
+            if bar is not None:
+                bar.update(task, advance=len(block), **{"img/s": f"{done / (time.perf_counter() - t0):.0f}"})
+
+
+def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+    while len(data):
+        k = os.pwrite(fd, data, pos)
+        data, pos = data[k:], pos + k
 
 
 def file_digest(path: Path) -> str:
@@ -139,29 +278,48 @@ def _init_text(run: Run) -> str:
     return "random init" if not init else ("hub weights" if init == "hub" else f"--init {Path(init).name}")
 
 
-def pool_features(run_path: Path, dataset: Dataset, ckpt: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(train [N, D], test [M, D]) embeddings of a backbone checkpoint (default: the stage-1 `backbone.pt`),
-    computed once per checkpoint."""
+def feature_paths(run_path: Path, ckpt: Path) -> tuple[Path, Path]:
+    """`RUN/features/<sha16 of the checkpoint>-train.npy` and `-test.npy`."""
+    stem = Path(run_path) / "features" / file_digest(ckpt)
+    return stem.with_name(stem.name + "-train.npy"), stem.with_name(stem.name + "-test.npy")
+
+
+def _cached(path: Path, rows: int) -> np.ndarray | None:
+    """The memory-mapped matrix at `path` if it is a readable float32 [rows, D] `.npy`, else None."""
+    if not path.exists():
+        return None
+    try:
+        got = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    return got if got.ndim == 2 and got.dtype == np.float32 and len(got) == rows else None
+
+
+def pool_features(run_path: Path, dataset: Dataset, ckpt: Path | None = None, *,
+                  quiet: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train [N, D], test [M, D]) float32 embeddings of a backbone checkpoint (default: the stage-1 `backbone.pt`),
+    computed once per checkpoint into `RUN/features/<sha16>-train.npy` / `-test.npy` and returned memory-mapped
+    (read-only): nothing [N, D]-sized is held in RAM. Runs where `alssl.devices.current()` says (embed_to_file),
+    with a progress bar (img/s) when stderr is a terminal and `quiet` is not True."""
     ckpt = Path(ckpt) if ckpt is not None else Path(run_path) / "checkpoints" / "backbone.pt"
     model, _ = load_backbone_checkpoint(ckpt, expect_channels=dataset.channels)
-    cache = Path(run_path) / "features" / f"{file_digest(ckpt)}.npz"
+    train_path, test_path = feature_paths(run_path, ckpt)
     n_test = len(dataset.x_test) if dataset.has_test else 0
-    if cache.exists():
-        try:
-            with np.load(cache, allow_pickle=False) as f:
-                train, test = f["train"], f["test"]
-            if train.ndim == test.ndim == 2 and (len(train), len(test)) == (dataset.n_pool, n_test):
-                return train, test
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
-            pass
-        warn(f"the feature cache {cache} is unreadable or does not match the data; recomputing it")
+    train, test = _cached(train_path, dataset.n_pool), _cached(test_path, n_test)
+    if train is not None and test is not None and train.shape[1] == test.shape[1]:
+        return train, test
+    if train_path.exists() or test_path.exists():
+        warn(f"the feature cache {train_path} is unreadable or does not match the data; recomputing it")
     torch.manual_seed(0)
-    train = embed(model, dataset.x_train, mean=dataset.mean, std=dataset.std)
-    test = (embed(model, dataset.x_test, mean=dataset.mean, std=dataset.std) if n_test
-            else np.zeros((0, train.shape[1]), np.float32))
-    buf = io.BytesIO()
-    np.savez(buf, train=train, test=test)
-    atomic_write_bytes(cache, buf.getvalue())
+    quiet = (not sys.stderr.isatty()) if quiet is None else quiet
+    train = embed_to_file(model, dataset.x_train, train_path, mean=dataset.mean, std=dataset.std, quiet=quiet,
+                          label="embedding the pool")
+    test = embed_to_file(model, dataset.x_test if n_test else np.zeros((0, *dataset.x_train.shape[1:]), np.uint8),
+                         test_path, mean=dataset.mean, std=dataset.std, dim=train.shape[1], quiet=quiet,
+                         label="embedding the test set")
+    old = train_path.with_name(train_path.name[: -len("-train.npy")] + ".npz")  # the cache format before .npy
+    with contextlib.suppress(OSError):
+        old.unlink()
     return train, test
 
 

@@ -68,7 +68,8 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
     keep = np.flatnonzero(~skipped)  # skipped images are never queried again: the strategy sees the others only
     rows = slice(None) if len(keep) == len(skipped) else keep
     ctx = AcquisitionContext(
-        embeddings=train_emb[rows], labeled=labeled[rows], labels=run.labels[rows], num_classes=dataset.num_classes,
+        embeddings=train_emb if len(keep) == len(skipped) else _Rows(train_emb, keep),  # memory-mapped, read on demand
+        labeled=labeled[rows], labels=run.labels[rows], num_classes=dataset.num_classes,
         images=dataset.x_train if len(keep) == len(skipped) else _Rows(dataset.x_train, keep), probe=probe,
         options=options, cache_dir=run.path / "features",
     )
@@ -87,7 +88,8 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
 
 
 class _Rows:
-    """Rows `keep` of an image array (or DiskPool), read on demand: the pool without its skipped images."""
+    """Rows `keep` of an image array (or DiskPool, or memory-mapped features), read on demand: the pool without its
+    skipped images."""
 
     def __init__(self, images, keep: np.ndarray):
         self.images, self.keep = images, keep

@@ -74,7 +74,8 @@ class SimMatch(Method):
             t_emb = teacher.model.embed(t_feats)  # [B + μB, P]
             p = self.da(torch.softmax(t_logits[B:], dim=1))  # [μB, K] teacher class probabilities, aligned
             q_w = torch.softmax(t_emb[B:] @ bank.T / self.T, dim=1)  # [μB, N]
-            p_hat, q_hat = simmatch_targets(p, q_w, bank_labels, self.alpha)
+            with torch.autocast(p.device.type, enabled=False):  # the targets in float32, also under bf16-mixed
+                p_hat, q_hat = simmatch_targets(p.float(), q_w.float(), bank_labels, self.alpha)
         logits, feats = model(torch.cat([b.x_l, b.x_us]))
         loss_s = F.cross_entropy(logits[:B], b.y_l)
         mask = p_hat.max(1).values >= self.tau
@@ -93,7 +94,7 @@ class SimMatch(Method):
         rows, inv = torch.unique(idx, return_inverse=True)
         pos = torch.arange(len(idx), device=idx.device)
         last = torch.zeros(len(rows), dtype=torch.long, device=idx.device).scatter_reduce_(0, inv, pos, reduce="amax")
-        self.bank[rows] = emb[last]
+        self.bank[rows] = emb[last].to(self.bank.dtype)
 
     def state_dict(self) -> dict:
         return {"bank": self.bank.cpu(), "bank_labels": self.bank_labels.cpu(), "da": self.da.state_dict()}

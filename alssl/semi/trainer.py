@@ -120,6 +120,9 @@ def evaluate(model: nn.Module, x_test: torch.Tensor, y_test: np.ndarray, *, num_
             "per_class_recall": recall}
 
 
+PRECISIONS = ("32-true", "bf16-mixed")  # 16-mixed would need a GradScaler; not offered
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,7 +131,7 @@ def _device(name: str) -> torch.device:
     except RuntimeError:
         raise UserError(f'unknown device "{name}"; use auto, cpu, cuda or cuda:N') from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name} requested but CUDA is not available here; use --device cpu")
+        raise UserError(f"device {name} requested but CUDA is not available here; use --accelerator cpu")
     return dev
 
 
@@ -244,7 +247,8 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
                   lr: float = 0.03, weight_decay: float = 5e-4, teacher: str = "ema", ema_decay: float = 0.999,
                   unlabeled_idx: np.ndarray | None = None, seed: int = 0, ckpt_every: int = 100,
                   eval_every: int = 0, quiet: bool = False, device: str = "auto", options: dict | None = None,
-                  prefetch: bool = True, compile: bool = False, record: dict | None = None) -> dict:
+                  prefetch: bool = True, compile: bool = False, record: dict | None = None,
+                  precision: str = "32-true") -> dict:
     """Semi-supervised fine-tuning of backbone + linear head on the labeled pool indices; see docs/semi.md.
 
     Returns {"method", "steps", "accuracy", "balanced_accuracy", "per_class_recall", "n_labeled", "n_unlabeled"}
@@ -274,6 +278,8 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
     if cls.uses_unlabeled and len(ui) == 0:
         raise UserError(f"method {method} needs unlabeled samples but the pool has none left; use --method supervised")
     dev = _device(device)
+    if precision not in PRECISIONS:
+        raise unknown("precision", precision, PRECISIONS)
     out_dir = Path(out_dir)
     state_path, metrics_path = out_dir / "state.pt", out_dir / "metrics.jsonl"
 
@@ -385,7 +391,8 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
             for step, b in ahead(batch, range(start, steps), enabled=prefetch, device=dev):
                 for g in opt.param_groups:
                     g["lr"] = lr_at(lr, step, steps, opts["lr_schedule"])
-                loss, logs = m.loss(net, ema, b, step)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+                    loss, logs = m.loss(net, ema, b, step)  # bf16-mixed: forward and loss under autocast
                 if not torch.isfinite(loss):
                     _raise_nan(loss, step, last_good, state_path)
                 opt.zero_grad(set_to_none=True)

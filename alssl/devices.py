@@ -1,0 +1,101 @@
+"""Where the commands that run a network for inference (embedding the pool, predicting) run it.
+
+One setting, Lightning Fabric's meaning (docs/scale.md): `accelerator` (auto | cpu | cuda | gpu | mps; auto = the GPU
+when present), `devices` (how many; > 1 shards the pool over that many processes, one per device) and `precision`
+(32-true | bf16-mixed | 16-mixed: the forward runs under `fabric.autocast()`). The CLI sets it once per command from
+`--accelerator/--devices/--precision` (defaults from the environment variables ALSSL_ACCELERATOR, ALSSL_DEVICES,
+ALSSL_PRECISION, else auto / 1 / 32-true); library code reads `current()`.
+
+Lightning Fabric is imported only when it changes something: on a machine without a GPU, one device in 32-bit is
+plain torch on the CPU (importing Fabric costs seconds per command).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+from alssl.errors import UserError
+
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
+@dataclass(frozen=True)
+class Devices:
+    accelerator: str = "auto"
+    devices: int = 1
+    precision: str = "32-true"
+
+
+_current: Devices | None = None  # None: from the environment (parse()) at first use
+
+
+def parse(accelerator: str | None = None, devices: str | int | None = None, precision: str | None = None) -> Devices:
+    """A validated setting; None takes ALSSL_ACCELERATOR / ALSSL_DEVICES / ALSSL_PRECISION, else the default."""
+    acc = (accelerator or os.environ.get("ALSSL_ACCELERATOR") or "auto").strip().lower()
+    dev = str(devices if devices is not None else os.environ.get("ALSSL_DEVICES") or "1").strip()
+    prec = (precision or os.environ.get("ALSSL_PRECISION") or "32-true").strip().lower()
+    if acc not in ACCELERATORS:
+        raise UserError(f"--accelerator {acc!r} is not one of {', '.join(ACCELERATORS)}; e.g. --accelerator auto")
+    if not dev.isascii() or not dev.isdigit() or int(dev) < 1:
+        raise UserError(f"--devices must be a whole number >= 1 (got {dev!r}); e.g. --devices 1")
+    if prec == "32":
+        prec = "32-true"
+    if prec not in PRECISIONS:
+        raise UserError(f"--precision {prec!r} is not one of {', '.join(PRECISIONS)}; e.g. --precision bf16-mixed")
+    return Devices(acc, int(dev), prec)
+
+
+def use(setting: Devices | None) -> None:
+    """Make `setting` the one every later embedding / prediction in this process reads (None: back to the
+    environment's / the default)."""
+    global _current
+    _current = setting
+
+
+def current() -> Devices:
+    """The setting in force: the last `use(...)`, else the environment variables, else auto / 1 / 32-true."""
+    return _current if _current is not None else parse()
+
+
+def plain_cpu(setting: Devices) -> bool:
+    """True when the setting means one CPU process in 32-bit: plain torch, no Fabric."""
+    import torch
+
+    if setting.devices != 1 or setting.precision != "32-true":
+        return False
+    return setting.accelerator == "cpu" or (setting.accelerator == "auto" and not torch.cuda.is_available()
+                                            and not _mps_available())
+
+
+def _mps_available() -> bool:
+    import torch
+
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def fabric(setting: Devices, *, strategy: str = "auto"):
+    """A configured (not launched) Lightning Fabric for `setting`; a combination it refuses is a UserError."""
+    from lightning_fabric import Fabric
+
+    try:
+        return Fabric(accelerator=setting.accelerator, devices=setting.devices, strategy=strategy,
+                      precision=setting.precision)
+    except Exception as exc:  # Fabric reports bad device/precision combinations as ValueError / RuntimeError
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot run on --accelerator {setting.accelerator} --devices {setting.devices} --precision "
+                        f"{setting.precision}: {msg}") from None
+
+
+def single(setting: Devices | None = None):
+    """(torch device, autocast context factory) for one process: the CPU without Fabric, else Fabric's device and
+    `fabric.autocast`."""
+    import torch
+
+    setting = setting or current()
+    if plain_cpu(setting):
+        return torch.device("cpu"), contextlib.nullcontext
+    fab = fabric(Devices(setting.accelerator, 1, setting.precision))
+    return fab.device, fab.autocast
