@@ -134,6 +134,7 @@ def pretrain(
     knn_every: int = typer.Option(1, min=0, help="kNN monitor every N epochs (0 = off; off for unlabeled pools)"),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Random horizontal flips in the views (default: on for colour images, off for 1-channel glyphs)"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the student (meant for GPUs, not measured there yet; no gain on a CPU: docs/pretrain.md)"),
+    minutes: Optional[float] = typer.Option(None, help="Wall-clock budget for this call's training: stop when spent, keep a resumable checkpoint and the weights so far (rerun to go on)"),
     seed: int = typer.Option(0),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -159,6 +160,8 @@ def pretrain(
     if lr is not None:
         check_positive(lr, "--lr")
     check_positive(temperature, "--temperature")
+    if minutes is not None:
+        check_positive(minutes, "--minutes", "--minutes 15")
     if init is not None and init != "hub":
         init = str(Path(init).expanduser().resolve())
     if image_size is not None and image_size < 1:
@@ -213,7 +216,7 @@ def pretrain(
                                    strategy=strategy, seed=seed, ckpt_every_steps=ckpt_every_steps, hflip=hflip,
                                    momentum=momentum, momentum_schedule=momentum_schedule, queue_size=queue_size,
                                    temperature=temperature, knn_every=knn_every, init=init, compile=compile,
-                                   quiet=_quiet(quiet))
+                                   minutes=minutes, quiet=_quiet(quiet))
             if summary is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
                 run.state["stages"]["pretrain"] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
                 run.save_state()
@@ -628,6 +631,7 @@ def semi_finetune(
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Flips in the weak/strong views (default: colour images only)"),
     option: list[str] = typer.Option([], "--option", help="Method setting KEY=VALUE, repeatable (see docs/semi.md), e.g. --option bn_batch=split"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the student's backbone (meant for GPUs, not measured there yet; no gain on a CPU: docs/semi.md)"),
+    minutes: Optional[float] = typer.Option(None, help="Wall-clock budget for this call: stop when spent with a resumable checkpoint (rerun to go on)"),
     accelerator: Optional[str] = typer.Option(None, "--accelerator", help="auto (the GPU when present) | cpu | cuda | gpu | mps; default $ALSSL_ACCELERATOR or auto (one device: no DDP in stage 4 yet)"),
     precision: Optional[str] = typer.Option(None, "--precision", help="32-true | bf16-mixed (forward and loss under bf16 autocast); default $ALSSL_PRECISION or 32-true"),
     seed: int = typer.Option(0),
@@ -654,6 +658,8 @@ def semi_finetune(
     dev.use(setting)  # the probe baseline's embedding (if it is not cached yet) runs there too
     check_seed(seed)
     check_positive(lr, "--lr")
+    if minutes is not None:
+        check_positive(minutes, "--minutes", "--minutes 15")
     if teacher not in ("ema", "eman"):
         raise unknown("teacher", teacher, ["ema", "eman"])
     if unlabeled_profile not in ("same", "reversed"):
@@ -693,7 +699,7 @@ def semi_finetune(
                        backbone=backbone or run.config["pretrain"]["backbone"], init_weights=init,
                        init_checkpoint=None if fresh else ckpt, ckpt_every=ckpt_every, compile=compile,
                        device={"gpu": "cuda"}.get(setting.accelerator, setting.accelerator), precision=setting.precision,
-                       quiet=_quiet(quiet), options=options, record=record, **args)
+                       quiet=_quiet(quiet), options=options, record=record, minutes=minutes, **args)
         res = {**res, **record}
         if not fresh and dataset.has_test and res.get("accuracy") is not None:  # the baseline: the probe, same labels
             from alssl.features import pool_features
@@ -710,7 +716,8 @@ def semi_finetune(
                      f"on the same labels and features: fine-tune longer (--steps), or keep the probe "
                      f"(`alssl export {run_dir} --classifier probe`)")
         rec = {"stage": "semi", "dir": str(out.relative_to(run.path)), **{k: v for k, v in res.items() if k != "per_class_recall"}}
-        if not any(r.get("stage") == "semi" and r.get("dir") == rec["dir"] for r in read_jsonl(run.metrics_file)):
+        if "stopped_at" not in res and not any(r.get("stage") == "semi" and r.get("dir") == rec["dir"]
+                                                for r in read_jsonl(run.metrics_file)):
             run.log_metrics(rec)  # once per fine-tune: a rerun of a finished one (or after a kill) adds no twin
     typer.echo(json.dumps(res))
 

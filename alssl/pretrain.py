@@ -26,6 +26,7 @@ import functools
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 import zlib
@@ -288,6 +289,7 @@ def pretrain(
     init: str | None = None,
     prefetch: bool = True,
     compile: bool = False,
+    minutes: float | None = None,
     quiet: bool = True,
 ) -> dict | None:
     """Pretrain `backbone` on the run's pool; resume from `RUN/checkpoints/pretrain-state.pt` when it exists.
@@ -297,6 +299,8 @@ def pretrain(
     `init` (a state dict file or "hub") starts the backbone from those weights (`--epochs 0 --init PATH`: the frozen
     pretrained-features baseline). `prefetch` draws the next step's views on a worker thread (alssl/prefetch.py);
     `compile` runs the student's forward and backward through torch.compile (see docs/pretrain.md for when it pays).
+    `minutes`: a wall-clock budget for this call's training steps; when it is spent the loop stops after the step in
+    hand, checkpoints (resumable) and writes `backbone.pt` from the weights so far; the summary says `stopped_at`.
     """
     fabric = check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
                         accelerator=accelerator, devices=devices, strategy=strategy, precision=precision, seed=seed,
@@ -429,6 +433,8 @@ def pretrain(
     projection = Projection(f"pretrain {method} {backbone}", total, step, per_step=bs * world,
                             hint="; Ctrl-C and rerun the same command to resume") if rank == 0 else None
     t0, done_here = time.perf_counter(), 0
+    deadline = None if minutes is None else t0 + 60.0 * minutes
+    stopped = False
     net_d.train()
     if teacher is not None:
         teacher.train(not eman)  # EMAN's teacher always runs in eval mode
@@ -491,6 +497,11 @@ def pretrain(
                         progress.update(task, kNN=f"{history[-1]['knn_accuracy']:.3f}")
                 save()
                 fabric.barrier()
+            if deadline is not None and step < total and _past(deadline, fabric):  # --minutes spent: stop resumably
+                if it + 1 < steps_per_epoch:
+                    save()
+                stopped = True
+                break
     seconds = time.perf_counter() - t0
     in_sync = _ranks_in_sync(fabric, net) if world > 1 else None
 
@@ -502,6 +513,10 @@ def pretrain(
             "eman": eman, "seed": seed, "world_size": world}
     if in_sync is not None:
         meta["ranks_in_sync"] = in_sync
+    if stopped:
+        meta["stopped_at"] = step
+        print(f"# pretrain: the --minutes {minutes:g} budget is spent at step {step} of {total}; the checkpoint is kept "
+              f"and backbone.pt holds the weights so far: rerun the same command to go on", file=sys.stderr, flush=True)
     atomic_torch_save(backbone_checkpoint(net.encoder.backbone, name=backbone, in_channels=dataset.channels, **meta),
                       ckpt_dir / "backbone.pt")
     if total == 0:
@@ -517,6 +532,14 @@ def pretrain(
              f"weights (--init), more --epochs, or the start itself (--epochs 0); `alssl probe`, `query` and `export` "
              f"compare both on your labels and use the stronger")
     return summary
+
+
+def _past(deadline: float, fabric) -> bool:
+    """Whether the wall-clock deadline has passed, decided by rank 0 for every rank (so all ranks stop together)."""
+    late = torch.tensor(float(time.perf_counter() > deadline), device=fabric.device)
+    if fabric.world_size > 1:
+        late = fabric.broadcast(late, src=0)
+    return bool(late.item())
 
 
 def _check_finite(finite: torch.Tensor, method: str, step: int, every: int, ckpt_dir: Path) -> None:

@@ -187,3 +187,25 @@ def test_fine_tune_reports_its_probe_baseline_and_export_can_take_either(two_set
     assert probe["classifier"] == "linear-probe" and probe["accuracy"] == res["probe_accuracy"]
     assert_user_error(run_cli("export", str(run), "--out", str(tmp_path / "x"), "--classifier", "best"),
                       'unknown classifier "best"')
+
+
+def test_minutes_budget_stops_resumably(two_sets, tmp_path):
+    """--minutes: the loop stops when the budget is spent, keeps a checkpoint, and the rerun ends bit-identical."""
+    import shutil
+
+    stopped = run_cli("pretrain", "--data", "digits", "--out", str(tmp_path / "a"), "--epochs", "2", "--minutes",
+                      "0.00001", "-q")
+    assert _json(stopped)["stopped_at"] == 1 and "rerun the same command to go on" in stopped.stderr
+    _json(run_cli("pretrain", "--data", "digits", "--out", str(tmp_path / "a"), "--epochs", "2", "-q"))
+    _json(run_cli("pretrain", "--data", "digits", "--out", str(tmp_path / "b"), "--epochs", "2", "-q"))
+    a, b = (torch.load(tmp_path / r / "checkpoints" / "backbone.pt", weights_only=True)["state_dict"] for r in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    semi = ["semi-finetune", "--method", "fixmatch", "--steps", "4", "--batch-size", "8", "--mu", "2", "-q"]
+    for r in ("c", "d"):
+        shutil.copytree(two_sets, tmp_path / r)
+    res = _json(run_cli(semi[0], str(tmp_path / "c"), *semi[1:], "--minutes", "0.00001"))
+    assert res["stopped_at"] == 1 and res["accuracy"] is None and not list((tmp_path / "c" / "semi").glob("*/result.json"))
+    done = [_json(run_cli(semi[0], str(tmp_path / r), *semi[1:])) for r in "cd"]
+    assert done[0] == done[1]
+    assert_user_error(run_cli("pretrain", "--data", "digits", "--out", str(tmp_path / "e"), "--minutes", "0"),
+                      "--minutes must be a finite number > 0")

@@ -248,6 +248,7 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
                   unlabeled_idx: np.ndarray | None = None, seed: int = 0, ckpt_every: int = 100,
                   eval_every: int = 0, quiet: bool = False, device: str = "auto", options: dict | None = None,
                   prefetch: bool = True, compile: bool = False, record: dict | None = None,
+                  minutes: float | None = None,
                   precision: str = "32-true") -> dict:
     """Semi-supervised fine-tuning of backbone + linear head on the labeled pool indices; see docs/semi.md.
 
@@ -255,7 +256,9 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
     measured on the test split with the EMA/EMAN teacher. `init_checkpoint` (a stage-1 backbone.pt) overrides
     `backbone`; `init_weights` (a state dict file or "hub", see backbones.load_init_weights) starts `backbone` from
     the user's weights instead. `out_dir` receives state.pt (resumable), metrics.jsonl and result.json (plus the
-    plain fields of `record`, e.g. which feature set the fine-tune started from).
+    plain fields of `record`, e.g. which feature set the fine-tune started from). `minutes`: a wall-clock budget for
+    this call; when spent, the loop checkpoints and returns `stopped_at` (no result.json: the fine-tune is unfinished,
+    and a rerun goes on from the checkpoint).
     """
     from alssl.semi import METHODS
 
@@ -387,6 +390,8 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
                 return b
 
             t0 = time.perf_counter()
+            deadline = None if minutes is None else t0 + 60.0 * minutes  # --minutes: this call's wall-clock budget
+            stopped = False
             # the next step's views are drawn on a worker thread while this step trains (alssl/prefetch.py)
             for step, b in ahead(batch, range(start, steps), enabled=prefetch, device=dev):
                 for g in opt.param_groups:
@@ -408,7 +413,8 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
                     append_jsonl(metrics_path, {"step": done, "eval": True, "accuracy": res["accuracy"],
                                                 "balanced_accuracy": res["balanced_accuracy"]})
                 t0 = time.perf_counter()  # the next step's time starts here: checkpoint writes count, evaluations do not
-                if done % ckpt_every == 0 or done == steps:
+                stopped = deadline is not None and done < steps and t0 > deadline
+                if done % ckpt_every == 0 or done == steps or stopped:
                     if not _all_finite(net):
                         _raise_nan(torch.tensor(float("nan")), step, last_good, state_path)
                     append_jsonl(metrics_path, {"step": done, "loss": float(loss.detach()),
@@ -423,6 +429,14 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
                 projection.step(done)
                 if fault_at and done == fault_at:
                     os.kill(os.getpid(), signal.SIGKILL)
+                if stopped:  # checkpointed above: a rerun goes on from here, bit-identical to an unstopped run
+                    break
+        if stopped:
+            print(f"# semi-finetune: the --minutes {minutes:g} budget is spent at step {done} of {steps}; the "
+                  f"checkpoint is kept: rerun the same command to go on", file=sys.stderr, flush=True)
+            return {"method": method, "steps": steps, "stopped_at": done, "accuracy": None, "balanced_accuracy": None,
+                    "per_class_recall": None, "n_labeled": int(len(li)),
+                    "n_unlabeled": int(len(ui)) if m.uses_unlabeled else 0}
 
         res = (evaluate(ema, x_test_u8(dataset), dataset.y_test, num_classes=K, mean=mean, std=std, device=dev)
                if dataset.has_test else {"accuracy": None, "balanced_accuracy": None, "per_class_recall": None})
