@@ -180,8 +180,10 @@ def test_signal_exits_with_one_error_line_and_the_rerun_resumes(tmp_path, sig, c
     # (a checkpoint only at the end of epoch 1 left one short epoch, which a busy CI machine could finish first)
     args = ["pretrain", "--data", "digits", "--out", str(run), "--epochs", "2", "--batch-size", "64",
             "--knn-every", "0", "--ckpt-every-steps", "5", "-q"]
+    # SIGINT back to its default in the child: a test run started as a background job (`make test &`) inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler (the child would finish with exit 0)
     proc = subprocess.Popen([sys.executable, "-m", "alssl", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT)
+                            text=True, cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     state = run / "checkpoints" / "pretrain-state.pt"
     deadline = time.monotonic() + 300
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
