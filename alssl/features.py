@@ -39,7 +39,7 @@ from torch import nn
 from alssl.backbones import load_backbone_checkpoint
 from alssl.data import Dataset, to_tensor
 from alssl.errors import UserError, warn
-from alssl.runs import Run, atomic_write_text
+from alssl.runs import Run, atomic_write_text, disk_error, fsync_dir
 
 REGISTRY = "feature_sets.json"
 SSL, START = "ssl", "start"
@@ -103,17 +103,10 @@ def embed_to_file(model: nn.Module, x, path: Path, *, mean, std, batch_size: int
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
-                                                      errno.EPERM):
-            raise UserError(f"cannot write {path} ({exc.strerror}); free disk space or fix permissions, then rerun "
-                            f"(nothing was changed)") from None
+        if (err := disk_error(exc, path)) is not None:
+            raise err from None
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    fsync_dir(path.parent)
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 

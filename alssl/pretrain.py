@@ -36,7 +36,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightly.loss import NegativeCosineSimilarity, NTXentLoss
 from lightly.models.modules.heads import (
     BYOLPredictionHead,

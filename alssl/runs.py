@@ -56,11 +56,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.unlink(tmp)
         if isinstance(exc, OSError) and exc.errno in (errno.EISDIR, errno.ENOTDIR):
             raise UserError(f"cannot write {path}: a directory is in the way; move it away and rerun (nothing was changed)") from None
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
-            raise UserError(f"cannot write {path} ({exc.strerror}); free disk space or fix permissions, then rerun (nothing was changed)") from None
+        if (err := disk_error(exc, path)) is not None:
+            raise err from None
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def disk_error(exc: BaseException, path: Path) -> UserError | None:
+    """The UserError for a write that failed for want of space or permission (None for any other failure)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"cannot write {path} ({exc.strerror}); free disk space or fix permissions, then rerun "
+                         f"(nothing was changed)")
+    return None
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename into directory `path` durable (best effort: some filesystems refuse to fsync a directory)."""
+    with contextlib.suppress(OSError):
+        dfd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
