@@ -408,6 +408,7 @@ def query(
         None, "--skip-duplicates/--keep-duplicates",
         help="Never pick a near-duplicate (feature cosine >= 0.98) of a labeled or picked image "
              "(default: on for image folders, off for digits/npz/cifar10)"),
+    balance: bool = typer.Option(False, "--balance", help="Per-class quotas around the strategy for imbalanced pools (picks spread over the probe's predicted classes, fewest labels first)"),
 ) -> None:
     """Stage 3: pick B new samples; writes RUN/queries/round-K.csv (index,id) and prints its path.
 
@@ -427,7 +428,8 @@ def query(
         raise unknown("probe", probe, PROBES)
     if kernel is not None and kernel not in KERNELS:
         raise unknown("kernel", kernel, KERNELS)
-    options = {k: v for k, v in {"delta": delta, "kernel": kernel, "skip_duplicates": skip_duplicates}.items()
+    options = {k: v for k, v in {"delta": delta, "kernel": kernel, "skip_duplicates": skip_duplicates,
+                                 "balance": balance or None}.items()
                if v is not None}
     with run_lock(run_dir):
         run, dataset = _load_run(run_dir)
@@ -850,6 +852,7 @@ def curve(
     devices: Optional[str] = _devices_option(),
     precision: Optional[str] = _precision_option(),
     jobs: int = typer.Option(1, help="Parallel processes over (probe, strategy, seed) chains"),
+    balance: bool = typer.Option(False, "--balance", help="Every strategy with per-class quotas (imbalanced pools; see docs/acquisition.md)"),
     plot_only: Optional[Path] = typer.Option(None, help="Only redraw DIR/curve.png from DIR/curve.csv"),
     force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -874,7 +877,7 @@ def curve(
     _check_curve_out(out, _data_config(data, imbalance, 0), force)
     grid = Grid(data=_data_config(data, imbalance, 0), strategies=_split(strategies), budgets=_split(budgets),
                 seeds=seeds, probes=_split(probe), semi=semi, semi_steps=semi_steps,
-                semi_batch_size=semi_batch_size, semi_mu=semi_mu)
+                semi_batch_size=semi_batch_size, semi_mu=semi_mu, options={"balance": True} if balance else {})
     pargs = {"method": method, "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "lr": None,
              "eman": False, "seed": 0}
     csv_path, png, svg = run_experiment(out, grid, pretrain_args=pargs, from_run=from_run, jobs=jobs, quiet=_quiet(quiet))

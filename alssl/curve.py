@@ -324,6 +324,8 @@ def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path
         if from_run is None:
             run = run or Run.create(run_path, n_pool=len(dataset.y_train), config={"data": grid.data, "pretrain": pretrain_args})
             pretrain(dataset, run, **pretrain_args, quiet=quiet)
+        else:
+            run = src  # the reused run: its pretrain settings name the features in the figure's title
         pool_features(run_path, dataset)  # embed once, before any worker forks
         csv_path = run_grid(out, grid, counts, run_path=run_path, jobs=jobs, quiet=quiet)
         png, svg = plot_curve(csv_path, title=title or curve_title(grid.data["spec"], run.config.get("pretrain"), grid.probes))

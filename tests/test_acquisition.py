@@ -796,3 +796,38 @@ def test_acq_scale_bench_small_mode_prints_its_table(tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())
     assert set(results) == {"probcover"} and set(results["probcover"]) == {"300", "1000"}
     assert all(r["picked"] == 10 and r["peak_rss_mb"] >= r["base_rss_mb"] for v in results.values() for r in v.values())
+
+
+def _long_tail_blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """10 separated blobs in 16-D: class 0 holds 500 points, classes 1-9 hold 25 each (imbalance 20)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(10, 16)) * 10
+    y = np.concatenate([np.zeros(500, np.int64), np.repeat(np.arange(1, 10), 25)])
+    return (centres[y] + rng.normal(size=(len(y), 16))).astype(np.float32), y
+
+
+@pytest.mark.parametrize("name", ["random", "margin", "typiclust", "kcenter"])
+def test_balance_spreads_picks_over_the_classes_of_a_long_tailed_pool(name):
+    x, y = _long_tail_blobs()
+    labeled = np.zeros(len(y), bool)
+    labeled[[0, 1] + [500 + 25 * c for c in range(9)] + [501 + 25 * c for c in range(9)]] = True  # 2 per class
+    labels = np.where(labeled, y, -1)
+
+    def picks(balance: bool) -> np.ndarray:
+        ctx = AcquisitionContext(embeddings=x, labeled=labeled, labels=labels, num_classes=10,
+                                 options={"balance": balance, "balance_factor": 5})
+        return np.bincount(y[select(name, ctx, 40, np.random.default_rng(0))], minlength=10)
+
+    plain, balanced = picks(False), picks(True)
+    assert balanced.sum() == plain.sum() == 40
+    assert balanced.max() <= plain.max() and balanced.std() < plain.std()  # flatter, as far as candidates allow
+    if name == "random":  # candidates in every class: 4 a class (2 + 4 labels each), the head no more
+        assert plain[0] >= 20 and balanced[0] <= 6 and balanced.min() >= 2
+
+
+def test_balance_before_labels_uses_clusters():
+    x, y = _long_tail_blobs(1)
+    ctx = AcquisitionContext(embeddings=x, labeled=np.zeros(len(y), bool), labels=np.full(len(y), -1), num_classes=10,
+                             options={"balance": "true", "balance_factor": 10})
+    counts = np.bincount(y[select("random", ctx, 20, np.random.default_rng(0))], minlength=10)
+    assert counts[0] <= 4 and (counts > 0).sum() >= 8 and sum(ctx.info["balance"].values()) == 20

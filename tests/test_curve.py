@@ -214,3 +214,16 @@ def test_malformed_curve_csv_is_a_user_error(tmp_path, text, needle):
         plot_curve(f)
     assert needle in str(exc.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.csv"]
+
+
+def test_curve_from_an_existing_run_draws_its_title(tmp_path):
+    """`--from RUN` reuses a run's backbone (here: no pretraining, the grid only); the figure is drawn with a title."""
+    from conftest import run_cli_inprocess
+
+    assert run_cli_inprocess("pretrain", "--data", "digits", "--out", str(tmp_path / "run"), "--epochs", "0",
+                             "-q").returncode == 0
+    r = run_cli_inprocess("curve", "--data", "digits", "--from", str(tmp_path / "run"), "--strategies", "random",
+                          "--budgets", "2%", "--seeds", "1", "--out", str(tmp_path / "c"), "--balance", "-q")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "c" / "curve.png").stat().st_size > 0
+    assert json.loads((tmp_path / "c" / "grid.json").read_text())["options"] == {"balance": True}

@@ -8,11 +8,13 @@ validates the request, dispatches (skipping near-duplicates when asked), and che
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
 
 from alssl.acquisition.badge import badge_select
+from alssl.acquisition.balance import balanced
 from alssl.acquisition.base import OPTIONS, AcquisitionContext, random_sampling, require_labels
 from alssl.acquisition.cluster_margin import cluster_margin_select
 from alssl.acquisition.duplicates import select_skipping_duplicates
@@ -56,14 +58,18 @@ def _check_context(ctx: AcquisitionContext) -> None:
             raise unknown("acquisition option", key, OPTIONS)
 
 
-def skip_duplicates(ctx: AcquisitionContext) -> bool:
-    """The `skip_duplicates` option as a bool (True, "true", "1", "on" / False, "false", "0", "off"; default off)."""
-    value = ctx.options.get("skip_duplicates", False)
+def flag(ctx: AcquisitionContext, key: str) -> bool:
+    """A true/false option as a bool (True, "true", "1", "on" / False, "false", "0", "off"; default off)."""
+    value = ctx.options.get(key, False)
     if isinstance(value, str):
         if value.lower() not in ("true", "1", "on", "yes", "false", "0", "off", "no"):
-            raise UserError(f"acquisition option skip_duplicates={value!r} is not true or false; {OPTIONS['skip_duplicates']}")
+            raise UserError(f"acquisition option {key}={value!r} is not true or false; {OPTIONS[key]}")
         return value.lower() in ("true", "1", "on", "yes")
     return bool(value)
+
+
+def skip_duplicates(ctx: AcquisitionContext) -> bool:
+    return flag(ctx, "skip_duplicates")
 
 
 def select(name: str, ctx: AcquisitionContext, budget: int, rng: np.random.Generator) -> np.ndarray:
@@ -80,10 +86,13 @@ def select(name: str, ctx: AcquisitionContext, budget: int, rng: np.random.Gener
         raise UserError(f"budget {budget} is more than the {n_free} unlabeled samples left; ask for at most {n_free}")
     if name in NEEDS_LABELS:
         require_labels(ctx, name)
+    strategy = STRATEGIES[name]
+    if flag(ctx, "balance"):  # per-class quotas around the strategy's picks (alssl/acquisition/balance.py)
+        strategy = functools.partial(balanced, strategy)
     if skip_duplicates(ctx):
-        picked = select_skipping_duplicates(STRATEGIES[name], ctx, int(budget), rng)
+        picked = select_skipping_duplicates(strategy, ctx, int(budget), rng)
     else:
-        picked = np.asarray(STRATEGIES[name](ctx, int(budget), rng), dtype=np.int64)
+        picked = np.asarray(strategy(ctx, int(budget), rng), dtype=np.int64)
     if picked.shape != (budget,) or len(np.unique(picked)) != budget:
         raise AssertionError(f"strategy {name} returned {picked.shape} / {len(np.unique(picked))} unique, not {budget}")
     if picked.min() < 0 or picked.max() >= len(ctx.labeled) or ctx.labeled[picked].any():

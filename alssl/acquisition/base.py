@@ -33,6 +33,8 @@ OPTIONS = {
     "skip_duplicates": "never pick a near-duplicate of a labeled or already picked image: true | false (default false; "
                        "alssl query: true for pools of image files)",
     "duplicate_tau": "cosine similarity at which two images count as near-duplicates (default 0.98)",
+    "balance": "per-class quotas around any strategy for imbalanced pools: true | false (default false)",
+    "balance_factor": "with balance: candidates asked of the strategy, as a multiple of the budget (default 3)",
     "device": "torch device for VAAL (default: cuda when available, else cpu)",
 }
 
