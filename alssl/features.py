@@ -331,6 +331,8 @@ class Choice:
         set, else the cross-validated accuracy on the labels, else RankMe."""
         on_test = all("test_accuracy" in s for s in self.scores.values())
         key, what = ("test_accuracy", "test accuracy") if on_test else ("cv_accuracy", "cross-validated accuracy")
+        if all(s.get(key) is None for s in self.scores.values()):
+            what = "RankMe, a label-free proxy: too few labels to measure"
         parts = []
         for name, s in self.scores.items():
             v = s.get(key)
