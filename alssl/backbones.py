@@ -229,6 +229,36 @@ def _read_state_dict(path: Path) -> dict:
     return sd
 
 
+def _download_host(name: str) -> str:
+    """The host `--init hub` would download `name`'s weights from (torchvision's URL; Hugging Face's endpoint)."""
+    from urllib.parse import urlparse
+
+    if name.startswith("torchvision:"):
+        return urlparse(torchvision.models.get_model_weights(name[len("torchvision:"):]).DEFAULT.url).hostname or ""
+    return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or ""
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to host:443 opens within `timeout` seconds (name lookup included: it runs on a
+    thread that is abandoned when late). Without it an offline download takes ~50 s of library retries to fail."""
+    import socket
+    import threading
+
+    ok: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            ok.append(False)
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok and ok[0])
+
+
 def _offline() -> bool:
     """True when the user said there is no network (Hugging Face's own HF_HUB_OFFLINE, or ALSSL_OFFLINE)."""
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "ALSSL_OFFLINE"))
@@ -276,6 +306,9 @@ def _hub_state_dict(name: str, in_channels: int = 3) -> dict:
     if cached is None and _offline():
         raise UserError(f"--init hub: {name}'s weights are not in the local cache and HF_HUB_OFFLINE/ALSSL_OFFLINE "
                         f"says there is no network; put the file at {where}, or pass --init PATH")
+    if cached is None and not _reachable(_download_host(name)):  # offline without saying so: one line in seconds
+        raise UserError(f"--init hub: {name}'s weights are not in the local cache and {_download_host(name)} cannot "
+                        f"be reached (offline?); put the file at {where}, or pass --init PATH")
     if name.startswith("torchvision:"):
         weights = torchvision.models.get_model_weights(name[len("torchvision:"):]).DEFAULT
         try:

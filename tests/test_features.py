@@ -131,6 +131,15 @@ def test_init_hub_offline_from_a_prefilled_cache(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"th/hub/checkpoints/resnet18-f37072fd\.pth"):
         load_init_weights(build_backbone("torchvision:resnet18", 3), "torchvision:resnet18", "hub")
     assert time.perf_counter() - t0 < 5  # no network try, no retries
+    import alssl.backbones
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # offline without saying so: the unreachable host is one quick line
+    monkeypatch.setattr(alssl.backbones, "_reachable", lambda host, timeout=3.0: False)
+    with pytest.raises(UserError, match=r"huggingface\.co cannot be reached \(offline\?\); put the file at .*test_vit"):
+        load_init_weights(build_backbone("timm:test_vit", 3), "timm:test_vit", "hub")
+    with pytest.raises(UserError, match=r"download\.pytorch\.org cannot be reached"):
+        load_init_weights(build_backbone("torchvision:resnet18", 3), "torchvision:resnet18", "hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(3)
     src = timm.create_model("test_vit", pretrained=False)
     _fill_hf_cache(tmp_path / "hf", "timm/test_vit.r160_in1k", src.state_dict())
