@@ -687,11 +687,13 @@ def semi_finetune(
         ckpt, record = run.checkpoints / "backbone.pt", {}
         if not fresh and not ckpt.exists():
             raise UserError(f"{run_dir} has no stage-1 backbone; run `alssl pretrain` first or pass --from-scratch")
+        baseline = None  # the linear probe's test accuracy on the same labels and features
         if not fresh:  # start from the feature set measured strongest on the labels (alssl/features.py)
             from alssl.features import choose
 
-            choice = choose(run, dataset)
+            choice = choose(run, dataset, test_probe="linear")
             ckpt, record = choice.path, choice.record()
+            baseline = choice.scores[choice.name].get("test_accuracy")
         start_from = [record["features"]] if record.get("features", "ssl") != "ssl" else []  # (ssl: as before)
         tag = hashlib.sha256(json.dumps([args, options, from_scratch, backbone, idx.tolist()] + ([init] if init else [])
                                         + start_from,
@@ -703,18 +705,12 @@ def semi_finetune(
                        device={"gpu": "cuda"}.get(setting.accelerator, setting.accelerator), precision=setting.precision,
                        quiet=_quiet(quiet), options=options, record=record, minutes=minutes, **args)
         res = {**res, **record}
-        if not fresh and dataset.has_test and res.get("accuracy") is not None:  # the baseline: the probe, same labels
-            from alssl.features import pool_features
-            from alssl.probes import fit_probe
-
-            train, test = pool_features(run.path, dataset, ckpt)
-            base = round(fit_probe("linear", train[idx], run.labels[idx], num_classes=dataset.num_classes,
-                                   seed=0).accuracy(test, dataset.y_test), 4)
-            res["probe_accuracy"] = base
-            if res["accuracy"] < base:
+        if baseline is not None and res.get("accuracy") is not None:
+            res["probe_accuracy"] = baseline
+            if res["accuracy"] < baseline:
                 from alssl.errors import warn
 
-                warn(f"the fine-tune scores {res['accuracy']:.3f} on the test set, below the linear probe's {base:.3f} "
+                warn(f"the fine-tune scores {res['accuracy']:.3f} on the test set, below the linear probe's {baseline:.3f} "
                      f"on the same labels and features: fine-tune longer (--steps), or keep the probe "
                      f"(`alssl export {run_dir} --classifier probe`)")
         rec = {"stage": "semi", "dir": str(out.relative_to(run.path)), **{k: v for k, v in res.items() if k != "per_class_recall"}}

@@ -17,7 +17,6 @@ import json
 import multiprocessing
 import os
 import signal
-import sys
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -223,23 +222,13 @@ def run_grid(out: Path, grid: Grid, counts: list[int], *, run_path: Path, jobs: 
     """Compute every missing cell of `grid` (chains in `jobs` processes) and return the path of curve.csv."""
     from rich.progress import Progress
 
-    from alssl.progress import format_duration
+    from alssl.progress import Projection
 
     chains = grid.chains()
-    total, start, t0 = len(chains) * len(counts), _cells_done(out), time.perf_counter()
-    said = False
-
-    def project(done: int) -> None:  # one line with the projected wall time, once a chain of cells is measured
-        nonlocal said
-        left, elapsed = total - done, time.perf_counter() - t0
-        if said or done <= start or left == 0:
-            return
-        said = True
-        per = elapsed / (done - start)
-        if per * left >= 60:
-            print(f"# curve: {left} cells left ≈ {format_duration(per * left)} at {format_duration(per)} a cell "
-                  f"({jobs} job{'s' if jobs > 1 else ''}; measured over {done - start} cells); rerun the same "
-                  f"command to resume", file=sys.stderr, flush=True)
+    total, start = len(chains) * len(counts), _cells_done(out)
+    # one line with the projected wall time, once the first cells are measured (cells are long: no warm-up to skip)
+    projection = Projection("curve", total, start, item="cell", after=1, skip_first=False,
+                            hint=f"; {jobs} job{'s' if jobs > 1 else ''}; rerun the same command to resume")
 
     with Progress(disable=quiet, transient=True, speed_estimate_period=3600.0) as bar:
         task = bar.add_task("curve cells", total=total, completed=start)
@@ -247,7 +236,7 @@ def run_grid(out: Path, grid: Grid, counts: list[int], *, run_path: Path, jobs: 
             for ch in chains:
                 run_chain(out, grid, counts, ch, run_path)
                 bar.update(task, completed=_cells_done(out))
-                project(_cells_done(out))
+                projection.step(_cells_done(out))
         else:
             # A Pool, not a ProcessPoolExecutor: leaving the `with` (done, an error, Ctrl-C, SIGTERM) terminates the
             # workers, whereas an executor's shutdown waits for every queued chain. Workers leave Ctrl-C to the parent
@@ -255,7 +244,7 @@ def run_grid(out: Path, grid: Grid, counts: list[int], *, run_path: Path, jobs: 
             with multiprocessing.Pool(jobs, initializer=_chain_worker_init, initargs=(os.getpid(),)) as pool:
                 for _ in pool.imap_unordered(_run_chain_star, [(out, grid, counts, ch, run_path) for ch in chains]):
                     bar.update(task, completed=_cells_done(out))
-                    project(_cells_done(out))
+                    projection.step(_cells_done(out))
     return publish(out)
 
 

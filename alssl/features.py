@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -189,6 +190,14 @@ def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
 
 
 def file_digest(path: Path) -> str:
+    """sha256 (16 hex digits) of a checkpoint's bytes; read once per file version (path, size, mtime) per process:
+    `choose` names a set's embeddings and its scores by it, and the command then opens the chosen set again."""
+    st = os.stat(path)
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -464,9 +473,7 @@ def add_feature_set(run: Run, dataset: Dataset, *, backbone: str, init: str | No
     torch.manual_seed(0)
     model = build_backbone(backbone, dataset.channels)
     if init is not None:
-        load_init_weights(model, backbone, init)
-    if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()):
-        raise UserError(f"--init {init} holds NaN or infinite weights; give finite weights")
+        load_init_weights(model, backbone, init)  # refuses weights that do not fit, or are not finite
     check_input_size(model, backbone, dataset.channels, dataset.image_size)
     slug = re.sub(r"[^A-Za-z0-9._-]", "_", name)
     rel = f"checkpoints/features-{slug}.pt"

@@ -38,16 +38,18 @@ def format_duration(seconds: float) -> str:
 
 
 class Projection:
-    """Prints, once, the projected wall time of the steps left, measured over steps 2..PROJECT_AFTER+1 of this process.
+    """Prints, once, the projected wall time of the steps left, measured over steps 2..after+1 of this process (or
+    1..after when `skip_first` is False: steps long enough that warm-up does not matter, e.g. curve cells).
 
-    `per_step`: images (or another unit) per step, for the rate in the line; `unit` names it."""
+    `per_step`: images (or another unit) per step, for the rate in the line; `unit` names it; `item` names a step."""
 
     def __init__(self, what: str, total: int, start: int, *, per_step: float | None = None, unit: str = "img",
-                 hint: str = "", min_seconds: float = MIN_SECONDS, stream=None):
+                 item: str = "step", after: int = PROJECT_AFTER, skip_first: bool = True, hint: str = "",
+                 min_seconds: float = MIN_SECONDS, stream=None):
         self.what, self.total, self.start, self.per_step, self.unit = what, total, start, per_step, unit
-        self.hint, self.min_seconds, self.stream = hint, min_seconds, stream
-        self.t_first: float | None = None
-        self.done_first = 0
+        self.item, self.after, self.hint, self.min_seconds, self.stream = item, after, hint, min_seconds, stream
+        self.t_first: float | None = None if skip_first else time.perf_counter()
+        self.done_first = start
         self.said: str | None = None
 
     def step(self, done: int) -> str | None:
@@ -59,15 +61,15 @@ class Projection:
             self.t_first, self.done_first = now, done
             return None
         measured = done - self.done_first
-        if measured < PROJECT_AFTER:
+        if measured < self.after:
             return None
         per = (now - self.t_first) / measured  # seconds a step
         left = per * (self.total - done)
         self.said = ""
         if left + (now - self.t_first) < self.min_seconds:
             return None
-        rate = f" at {self.per_step / per:.0f} {self.unit}/s" if self.per_step else f" at {per:.2f} s a step"
-        self.said = (f"# {self.what}: {self.total - done} steps left ≈ {format_duration(left)}{rate} "
-                     f"(measured over {measured} steps){self.hint}")
+        rate = f" at {self.per_step / per:.0f} {self.unit}/s" if self.per_step else f" at {format_duration(per)} a {self.item}"
+        self.said = (f"# {self.what}: {self.total - done} {self.item}s left ≈ {format_duration(left)}{rate} "
+                     f"(measured over {measured} {self.item}s){self.hint}")
         print(self.said, file=self.stream or sys.stderr, flush=True)
         return self.said
