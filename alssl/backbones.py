@@ -286,7 +286,8 @@ def hub_weights_location(name: str) -> tuple[Path | None, str]:
         hf_cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
             os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
         arch = name[len("timm:"):]
-        hub_id = timm.models.get_pretrained_cfg(arch).hf_hub_id if timm.models.get_pretrained_cfg(arch) else None
+        cfg = timm.models.get_pretrained_cfg(arch)
+        hub_id = cfg.hf_hub_id if cfg else None
         if not hub_id:
             raise UserError(f"timm publishes no Hugging Face weights for {arch}; give --init PATH or drop --init")
         for fname in ("model.safetensors", "pytorch_model.bin"):

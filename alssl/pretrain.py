@@ -483,8 +483,9 @@ def pretrain(
             n_steps += 1
             if ckpt_every_steps and step % ckpt_every_steps == 0 and it + 1 < steps_per_epoch:
                 save()
-            if progress is not None:
-                progress.update(task, completed=step, loss=f"{loss.item():.3f}")
+            if progress is not None:  # the count every step (the ETA), the loss every 5 (`.item()` waits for a GPU)
+                progress.update(task, completed=step, **({"loss": f"{loss.item():.3f}"}
+                                                         if step % 5 == 0 or step == total else {}))
             if projection is not None:
                 projection.step(step)
             _fault_after_steps(done_here)
@@ -535,10 +536,10 @@ def pretrain(
 
 def _past(deadline: float, fabric) -> bool:
     """Whether the wall-clock deadline has passed, decided by rank 0 for every rank (so all ranks stop together)."""
-    late = torch.tensor(float(time.perf_counter() > deadline), device=fabric.device)
-    if fabric.world_size > 1:
-        late = fabric.broadcast(late, src=0)
-    return bool(late.item())
+    late = time.perf_counter() > deadline
+    if fabric.world_size == 1:
+        return late
+    return bool(fabric.broadcast(torch.tensor(float(late), device=fabric.device), src=0).item())
 
 
 def _check_finite(finite: torch.Tensor, method: str, step: int, every: int, ckpt_dir: Path) -> None:
