@@ -517,3 +517,39 @@ def test_deleted_open_query_csv_is_written_again(run_dir):
 def test_pretrain_rerun_with_another_imbalance(run_dir):
     check(run_dir, ["pretrain", "--out", str(run_dir), *PRETRAIN_AGAIN, "--imbalance", "10"],
           "was made with --imbalance None (not 10.0)", "new --out")
+
+
+# ---------------------------------------------------------------- feature sets, classifier choice, time budgets (issue 24)
+@pytest.mark.parametrize("args, needle", [
+    (["--use", "rnd"], 'unknown feature set "rnd"'),
+    (["--add", "cnn", "--name", "ssl"], "feature set name 'ssl' is not allowed"),
+    (["--add", "cnn", "--name", "a/b"], "feature set name 'a/b' is not allowed"),
+    (["--init", "w.pt"], "--init and --name go with --add BACKBONE"),
+    (["--add", "cnn", "--use", "start"], "give --add or --use, not both"),
+    (["--add", "resnet19"], 'did you mean "resnet18"'),
+    (["--add", "cnn", "--init", "/nonexistent/w.pt"], "does not exist"),
+])
+def test_bad_feature_set_requests(run_dir, args, needle):
+    check(run_dir, ["features", str(run_dir), *args], needle)
+
+
+def test_damaged_feature_set_registry(run_dir):
+    (run_dir / "feature_sets.json").write_text("{not json")
+    check(run_dir, ["features", str(run_dir)], "feature_sets.json is damaged")
+    (run_dir / "feature_sets.json").write_text('{"added": {"x": 3}}')
+    check(run_dir, ["probe", str(run_dir)], "feature_sets.json is damaged")
+
+
+@pytest.mark.parametrize("cmd", ["export", "predict"])
+def test_bad_classifier_choice(closed_run, tmp_path, cmd):
+    out = ["--out", str(tmp_path / ("m" if cmd == "export" else "p.csv"))] + (["--pool"] if cmd == "predict" else [])
+    check(closed_run, [cmd, str(closed_run), *out, "--classifier", "best"], 'unknown classifier "best"')
+    check(closed_run, [cmd, str(closed_run), *out, "--classifier", "semi"], "has no finished semi-supervised fine-tune")
+
+
+@pytest.mark.parametrize("minutes", ["0", "-1", "nan", "inf"])
+def test_bad_time_budget(closed_run, tmp_path, minutes):
+    check(tmp_path, ["pretrain", "--data", "digits", "--out", str(tmp_path / "r"), "--minutes", minutes],
+          "--minutes must be a finite number > 0")
+    check(closed_run, ["semi-finetune", str(closed_run), "--steps", "2", "--minutes", minutes],
+          "--minutes must be a finite number > 0")
