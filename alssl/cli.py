@@ -20,7 +20,7 @@ try:  # typer >= 0.22 vendors click; older typer depends on it
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc
 
-from alssl.errors import UserError, check_positive, check_seed
+from alssl.errors import UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -54,53 +54,14 @@ def _quiet(quiet: bool) -> bool:
     return quiet or not sys.stderr.isatty()
 
 
-def _load_run(run_dir: Path, *, quiet: bool = True):
-    """Open a run and its dataset exactly as it was when the run was made. Call it under `run_lock(run_dir)`: an
-    image-folder run may rebuild its on-disk pool (RUN/pool) if that was deleted."""
-    from alssl.runs import Run
-
-    run = Run.open(run_dir)
-    return run, _run_dataset(run, quiet=quiet)
-
-
-def _run_dataset(run, *, quiet: bool = True):
-    from alssl.data import load_dataset
-
-    cfg = run.config["data"]
-    dataset = load_dataset(cfg["spec"], imbalance=cfg.get("imbalance"), seed=cfg.get("seed", 0), test=cfg.get("test"),
-                           classes=cfg.get("classes"), image_size=cfg.get("image_size"), strict=cfg.get("strict", False),
-                           pool_dir=run.path / "pool", quiet=quiet, expect=cfg.get("pool"),
-                           jpeg_draft=cfg.get("jpeg_draft", True))
-    if dataset.n_pool != run.state["n_pool"]:
-        raise UserError(f"the data {cfg['spec']} no longer matches {run.path} ({dataset.n_pool} vs {run.state['n_pool']} samples); restore the data or start a new run")
-    return dataset
-
-
-def _spec_path(spec: str) -> str:
-    """A data SPEC with its path made absolute (~ expanded), so later commands work from any directory."""
-    if spec.startswith("cifar10:"):
-        return "cifar10:" + str(Path(spec[len("cifar10:"):]).expanduser().resolve())
-    if spec == "digits":
-        return spec
-    return str(Path(spec).expanduser().resolve()) + ("/" if spec.endswith("/") else "")
-
-
-def _data_config(spec: str, imbalance: Optional[float], seed: int, **folder: object) -> dict:
-    """The data section of run.toml (absolute paths); image-folder keys only where given."""
-    cfg = {"spec": _spec_path(spec), "imbalance": imbalance, "seed": seed}
-    return cfg | {k: v for k, v in folder.items() if v is not None}
-
-
-def _source(spec: str) -> dict:
-    """An image folder's SPEC as the user typed it, for information (run.toml `data.source`): the run itself reads
-    RUN/pool and needs the folder only to rebuild that."""
-    return {"source": spec} if _spec_path(spec) != spec else {}
-
-
 def _classes_option(text: Optional[str]) -> Optional[list[str]]:
-    from alssl.data.folder import parse_classes
+    from alssl.api import class_list
 
-    return None if text is None else parse_classes(text)
+    return class_list(text)
+
+
+def _echo(record: dict) -> None:
+    typer.echo(json.dumps(record))
 
 
 # ------------------------------------------------------------------ stage 1
@@ -144,128 +105,17 @@ def pretrain(
       alssl pretrain --data photos/ --test labeled_test/ --out runs/mine --epochs 50
       alssl pretrain --data digits --out runs/d --method simsiam --epochs 20
     """
-    import shutil
+    from alssl import api
 
-    from alssl import names as registry
-    from alssl.data import is_pool_spec, load_dataset
-    from alssl.errors import unknown, warn
-    from alssl.runs import Run, atomic_write_text, check_writable, run_lock
-
-    # the torch-free checks first: a refused argument answers before torch, lightly and Fabric are imported
-    if method not in registry.PRETRAIN_METHODS:
-        raise unknown("method", method, registry.PRETRAIN_METHODS)
-    if not backbone.startswith(("torchvision:", "timm:")) and backbone not in registry.BACKBONES:
-        raise unknown("backbone", backbone, registry.BACKBONES)
-    check_seed(seed)
-    if lr is not None:
-        check_positive(lr, "--lr")
-    check_positive(temperature, "--temperature")
-    if minutes is not None:
-        check_positive(minutes, "--minutes", "--minutes 15")
-    if init is not None and init != "hub":
-        init = str(Path(init).expanduser().resolve())
-    if image_size is not None and image_size < 1:
-        raise UserError(f"--image-size must be at least 1 pixel (got {image_size}); e.g. --image-size 64")
-    names = _classes_option(classes)
-    folder = is_pool_spec(data)  # an in-memory SPEC is checked whole before anything heavy (folders: while decoding)
-    # a resumed run reads its own data (an image folder's RUN/pool works with the folder moved away)
-    preloaded = None if folder or Run.exists(out) else load_dataset(data, imbalance=imbalance, seed=seed, test=test,
-                                                                    classes=names, image_size=image_size,
-                                                                    jpeg_draft=jpeg_draft)
-    from alssl.backbones import check_backbone_name
-    from alssl.pretrain import check_args, pretrain as run_pretrain
-
-    check_backbone_name(backbone)
-    dev: int | str = int(devices) if devices.isdigit() else devices
-    check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
-               accelerator=accelerator, devices=dev, strategy=strategy, precision=precision, seed=seed)
-    given = {"test": None if test is None else str(test.expanduser().resolve()), "classes": names,
-             "image_size": image_size, "strict": strict or None, "jpeg_draft": None if jpeg_draft else False}
-    args = {"method": method, "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-            "eman": eman, "seed": seed, "hflip": hflip, "momentum": momentum,
-            "momentum_schedule": momentum_schedule, "queue_size": queue_size, "temperature": temperature, "init": init}
-    created = not out.exists()
-    check_writable(out)
-    try:
-        with run_lock(out):
-            if Run.exists(out):
-                run = Run.open(out)
-                _check_same_run(run, out, args, _data_config(data, imbalance, seed, **given))
-                dataset = preloaded if preloaded is not None else _run_dataset(run, quiet=_quiet(quiet))
-            else:
-                try:
-                    dataset = preloaded or load_dataset(data, imbalance=imbalance, seed=seed, pool_dir=out / "pool",
-                                                        workers=workers, quiet=_quiet(quiet), **given)
-                    data_cfg = _data_config(data, imbalance, seed, **given)
-                    if folder:
-                        data_cfg |= _source(data) | {
-                            "classes": dataset.classes or None, "image_size": dataset.image_size,
-                            "pool": {"n": dataset.n_pool, "image_size": dataset.image_size,
-                                     "channels": dataset.channels, **(dataset.pool_identity or {})}}
-                    _prepare_backbone(backbone, init, dataset.channels, dataset.image_size)
-                    run = Run.create(out, n_pool=dataset.n_pool, config={"data": data_cfg, "pretrain": args})
-                except BaseException:
-                    shutil.rmtree(out / "pool", ignore_errors=True)
-                    raise
-                if dataset.skipped:
-                    atomic_write_text(out / "skipped.csv", _skipped_csv(dataset.skipped))
-                    warn(f"skipped {len(dataset.skipped)} unreadable image file(s), listed in {out / 'skipped.csv'} "
-                         f"(e.g. {dataset.skipped[0][0]}: {dataset.skipped[0][1]}); use --strict to stop instead")
-            summary = run_pretrain(dataset, run, method=method, backbone=backbone, epochs=epochs, batch_size=batch_size,
-                                   lr=lr, eman=eman, devices=dev, accelerator=accelerator, precision=precision,
-                                   strategy=strategy, seed=seed, ckpt_every_steps=ckpt_every_steps, hflip=hflip,
-                                   momentum=momentum, momentum_schedule=momentum_schedule, queue_size=queue_size,
-                                   temperature=temperature, knn_every=knn_every, init=init, compile=compile,
-                                   minutes=minutes, quiet=_quiet(quiet))
-            if summary is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-                run.state["stages"]["pretrain"] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
-                run.save_state()
-                typer.echo(json.dumps({"run": str(out), **run.state["stages"]["pretrain"]}))
-    except BaseException:
-        if created and not Run.exists(out):  # bad input or a stop before the run existed: leave nothing behind
-            import contextlib
-
-            with contextlib.suppress(OSError):
-                out.rmdir()
-        raise
-
-
-def _prepare_backbone(name: str, init: Optional[str], channels: int, size: int) -> None:
-    """Build the backbone, load --init and run it once at the pool's image size: refuses a model that cannot take
-    these images or weights that do not fit, before the run dir is made."""
-    from alssl.backbones import build_backbone, check_input_size, load_init_weights
-
-    model = build_backbone(name, channels)
-    if init is not None:
-        load_init_weights(model, name, init)
-    check_input_size(model, name, channels, size)
-
-
-def _check_same_run(run, out: Path, args: dict, data_cfg: dict) -> None:
-    """A pretrain rerun must ask for what the run was made with (then it resumes); anything else is refused."""
-    old = run.config.get("pretrain", {})
-    diff = [f"--{k.replace('_', '-')} {old.get(k)} (not {args[k]})" for k in args if old.get(k) != args[k]]
-    old_data = run.config["data"]
-    for key in ("spec", "imbalance", "test", "strict", "jpeg_draft"):
-        if old_data.get(key) != data_cfg.get(key):
-            flag = "--data" if key == "spec" else f"--{key}"
-            diff.append(f"{flag} {old_data.get(key)} (not {data_cfg.get(key)})")
-    for key in ("classes", "image_size"):  # resolved at creation: compare only when given again
-        if data_cfg.get(key) is not None and old_data.get(key) != data_cfg[key]:
-            diff.append(f"--{key.replace('_', '-')} {old_data.get(key)} (not {data_cfg[key]})")
-    if diff:
-        raise UserError(f"{out} was made with {diff[0]}; rerun with the same arguments to resume, or pick a new --out")
-
-
-def _skipped_csv(skipped: list) -> str:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "reason"])
-    w.writerows(skipped)
-    return buf.getvalue()
+    summary = api.pretrain(data, out, test=test, classes=classes, image_size=image_size, strict=strict,
+                           jpeg_draft=jpeg_draft, workers=workers, method=method, backbone=backbone, init=init,
+                           epochs=epochs, batch_size=batch_size, lr=lr, eman=eman, devices=devices,
+                           accelerator=accelerator, precision=precision, strategy=strategy, imbalance=imbalance,
+                           ckpt_every_steps=ckpt_every_steps, momentum=momentum, momentum_schedule=momentum_schedule,
+                           queue_size=queue_size, temperature=temperature, knn_every=knn_every, hflip=hflip,
+                           compile=compile, minutes=minutes, seed=seed, quiet=_quiet(quiet))
+    if summary is not None:
+        _echo(summary)
 
 
 # ------------------------------------------------------------------ stage 2
@@ -286,56 +136,16 @@ def probe(
 
     Example: alssl probe runs/d --probe svm
     """
-    from alssl.errors import unknown
-    from alssl.features import choose, pool_features
-    from alssl.probes import KERNELS, PROBES, cross_val_accuracy, fit_probe
-    from alssl.runs import run_lock
+    from alssl import api
 
-    _use_devices(accelerator, devices, precision)
-    check_seed(seed)
-    if probe not in PROBES:
-        raise unknown("probe", probe, PROBES)
-    if kernel not in KERNELS:
-        raise unknown("kernel", kernel, KERNELS)
-    with run_lock(run_dir):
-        run, dataset = _load_run(run_dir)
-        idx = run.labeled_indices
-        if len(idx) == 0:
-            raise UserError(f"{run_dir} has no labeled samples yet; run `alssl query {run_dir} --budget 2%` then `alssl label {run_dir} --from FILE.csv` (or --oracle)")
-        choice = choose(run, dataset, test_probe=probe, kernel=kernel, seed=seed)
-        train, test = pool_features(run.path, dataset, choice.path)
-        y = run.labels[idx]
-        record: dict = {"probe": probe, "n_labeled": int(len(idx))}
-        if dataset.has_test:
-            model = fit_probe(probe, train[idx], y, num_classes=dataset.num_classes, kernel=kernel, seed=seed)
-            record["accuracy"] = round(float(model.accuracy(test, dataset.y_test)), 4)
-        else:
-            acc, k = cross_val_accuracy(probe, train[idx], y, num_classes=dataset.num_classes, kernel=kernel, seed=seed)
-            record |= {"cv_accuracy": None if acc is None else round(float(acc), 4), "cv_folds": k,
-                       "note": ("no labeled test set: stratified k-fold cross-validation on the labeled set" if acc is not None
-                                else "no labeled test set and a class with a single label: label more to measure accuracy")}
-        record |= {"features_in_use": choice.name, "features_why": choice.why,
-                   "features": {n: {k: v for k, v in s.items() if k != "origin"} for n, s in choice.scores.items()}}
-        _remember_choice(run, choice)
-        if len(set(run.labeled_round[run.labeled_round >= 0].tolist())) >= 2:  # the stopping signal needs 2 rounds
-            from alssl.stopping import WINDOW, stopping_signal
-
-            sig = stopping_signal(train, run.labeled_round, run.labels, num_classes=dataset.num_classes, probe=probe,
-                                  kernel=kernel, seed=seed, cv_rounds=0)
-            record |= {"kappa": sig["kappa"][-WINDOW:], "predictions_stable": sig["stable"]}
-        run.log_metrics({"stage": "probe", "round": run.n_rounds, **record})
-    typer.echo(json.dumps(record))
+    _use_devices(accelerator, devices, precision)  # checked first, in force for the command
+    record = api.probe(run_dir, probe=probe, kernel=kernel, seed=seed, accelerator=accelerator, devices=devices,
+                       precision=precision)
+    _echo(record)
     if record.get("predictions_stable"):
         from alssl.stopping import stable_message
 
         typer.echo(f"# {stable_message(record['kappa'])}", err=True)
-
-
-def _remember_choice(run, choice) -> None:
-    """Keep the last measured feature choice in state.json for `alssl status` (which loads no torch)."""
-    run.state["stages"]["features"] = {"in_use": choice.name, "n_labeled": int(run.labeled_mask.sum()),
-                                       "line": choice.line(), "why": choice.why}
-    run.save_state()
 
 
 # ------------------------------------------------------------------ feature sets
@@ -359,35 +169,14 @@ def features(
       alssl features runs/mine --add cnn --init other_run/checkpoints/backbone.pt --name other
       alssl features runs/mine --use start
     """
-    from alssl.features import add_feature_set, check_name, choose, default_name, pin
-    from alssl.runs import run_lock
+    from alssl import api
 
-    _use_devices(accelerator, devices, precision)
-    if add is None and (init is not None or name is not None):
-        raise UserError("--init and --name go with --add BACKBONE; e.g. alssl features RUN --add timm:resnet50 --init hub")
-    if add is not None and use is not None:
-        raise UserError("give --add or --use, not both (add first, then pin it with --use NAME)")
-    if add is not None:
-        from alssl.backbones import check_backbone_name
-
-        check_backbone_name(add)
-        if init is not None and init != "hub":
-            init = str(Path(init).expanduser().resolve())
-        name = check_name(name if name is not None else default_name(add, init))
-    with run_lock(run_dir):
-        run, dataset = _load_run(run_dir)
-        added = None
-        if add is not None:
-            added = add_feature_set(run, dataset, backbone=add, init=init, name=name).name
-        if use is not None:
-            pin(run, use)
-        choice = choose(run, dataset, test_probe="linear" if dataset.has_test else None)
-        if run.labeled_mask.any():
-            _remember_choice(run, choice)
-    out = {"run": str(run_dir), **({"added": added} if added else {}), "in_use": choice.name, "why": choice.why,
-           "features": choice.scores}
-    typer.echo(json.dumps(out))
-    typer.echo(f"# {choice.line()}", err=True)
+    _use_devices(accelerator, devices, precision)  # checked first, in force for the command
+    out = api.features(run_dir, add=add, init=init, name=name, use=use, accelerator=accelerator, devices=devices,
+                       precision=precision)
+    line = out.pop("line")
+    _echo(out)
+    typer.echo(f"# {line}", err=True)
 
 
 # ------------------------------------------------------------------ stage 3
@@ -414,30 +203,15 @@ def query(
 
     Example: alssl query runs/d --budget 2% --strategy typiclust --thumbnails
     """
-    from alssl.budget import budget_count
-    from alssl.rounds import query as run_query
-    from alssl.runs import Run, run_lock
+    from alssl import api
 
-    _use_devices(accelerator, devices, precision)
-    check_seed(seed)
-    budget_count(budget, n_pool=max(1, Run.open(run_dir).state["n_pool"]))  # a bad budget answers before any loading
-    from alssl.errors import unknown
-    from alssl.probes import KERNELS, PROBES
-
-    if probe not in PROBES:  # checked before the feature sets are measured (which writes caches in the run)
-        raise unknown("probe", probe, PROBES)
-    if kernel is not None and kernel not in KERNELS:
-        raise unknown("kernel", kernel, KERNELS)
-    options = {k: v for k, v in {"delta": delta, "kernel": kernel, "skip_duplicates": skip_duplicates,
-                                 "balance": balance or None}.items()
-               if v is not None}
-    with run_lock(run_dir):
-        run, dataset = _load_run(run_dir)
-        path, reshown = run_query(run, dataset, budget=budget, strategy=strategy, seed=seed, probe=probe,
-                                  thumbnails=thumbnails, options=options)
-    if reshown:
-        typer.echo(f"# round {run.state['open_query']['round']} is still open; label it, then query again", err=True)
-    typer.echo(str(path))
+    _use_devices(accelerator, devices, precision)  # checked first, in force for the command
+    res = api.query(run_dir, budget, strategy=strategy, seed=seed, probe=probe, delta=delta, kernel=kernel,
+                    thumbnails=thumbnails, skip_duplicates=skip_duplicates, balance=balance, accelerator=accelerator,
+                    devices=devices, precision=precision)
+    if res["reshown"]:
+        typer.echo(f"# round {res['round']} is still open; label it, then query again", err=True)
+    typer.echo(res["file"])
 
 
 @app.command()
@@ -454,32 +228,13 @@ def label(
       alssl label runs/mine --from runs/mine/queries/round-0.csv      (the query CSV with a label column added)
       alssl label runs/mine --from labels_we_had.csv --any --classes cat,dog,bird
     """
-    from alssl.rounds import label_any, label_from_csv, label_oracle
-    from alssl.runs import atomic_write_text, run_lock, toml_dumps
+    from alssl import api
 
     if oracle == (from_file is not None):
         raise UserError("give exactly one of --from FILE.csv or --oracle")
-    if any_images and oracle:
-        raise UserError("--any imports labels from a file; use it with --from FILE.csv, not --oracle")
-    names = _classes_option(classes)
-    with run_lock(run_dir):
-        run, dataset = _load_run(run_dir)
-        if names is not None:
-            if dataset.classes and names != dataset.classes:
-                raise UserError(f"{run_dir} already has classes {', '.join(dataset.classes)}; drop --classes (the class "
-                                f"list of a run cannot change once set)")
-            if not dataset.classes:
-                dataset.classes = names
-                run.config["data"]["classes"] = names
-        if oracle:
-            n = label_oracle(run, dataset)
-        else:
-            n = (label_any if any_images else label_from_csv)(run, dataset, from_file)
-        if names is not None and run.config["data"].get("classes") == names:
-            atomic_write_text(run.path / "run.toml", toml_dumps({"alssl_format": run.state["format_version"], **run.config}))
-    n_skipped = len(run.state["rounds"][-1].get("skipped", []))
-    typer.echo(f"imported {n} labels{f' and {n_skipped} skipped images' if n_skipped else ''}; "
-               f"{int(run.labeled_mask.sum())} labeled in {run.n_rounds} rounds")
+    res = api.label(run_dir, "oracle" if oracle else from_file, any_images=any_images, classes=classes)
+    skipped = f" and {res['skipped']} skipped images" if res["skipped"] else ""
+    typer.echo(f"imported {res['imported']} labels{skipped}; {res['labeled']} labeled in {res['rounds']} rounds")
 
 
 @app.command()
@@ -488,128 +243,16 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
 
     Example: alssl status runs/d
     """
-    from alssl.runs import Run, read_jsonl
+    from alssl import api
 
-    run = Run.open(run_dir)
-    data = run.config["data"]
-    info = {
-        "run": str(run_dir),
-        "data": data["spec"],
-        "test": data.get("test"),
-        "classes": data.get("classes"),
-        "image_size": data.get("image_size"),
-        "skipped": _count_rows(run.path / "skipped.csv"),
-        "pool": run.state["n_pool"],
-        "labeled": int(run.labeled_mask.sum()),
-        "skipped_images": [{"index": i, "round": r["round"]} for r in run.state["rounds"] for i in r.get("skipped", [])],
-        "stages": run.state["stages"],
-        "rounds": run.state["rounds"],
-        "open_query": None if run.state["open_query"] is None else {k: v for k, v in run.state["open_query"].items() if k != "indices"},
-        "last_metrics": (read_jsonl(run.metrics_file) or [None])[-1],
-        "probcover_delta": _probcover_deltas(Path(run_dir)),
-        "near_duplicates": _near_duplicates(Path(run_dir)),
-    }
+    info = api.status(run_dir)
+    last_probe = info.pop("last_probe")
     if as_json:
         typer.echo(json.dumps(info))
         return
-    from rich.console import Console
-    from rich.table import Table
+    from alssl.reports import print_status
 
-    con = Console()
-    con.print(f"[bold]{run_dir}[/]  data={info['data']}  pool={info['pool']}  labeled={info['labeled']}")
-    if info["image_size"] is not None:
-        con.print(f"  image folder: {info['image_size']}px, {info['skipped']} unreadable files skipped, test={info['test']}, "
-                  f"classes={', '.join(info['classes'] or []) or 'not set yet'}")
-    for name, st in info["stages"].items():
-        if name == "features" and "line" in st:  # the last measured choice (probe / features)
-            con.print(f"  {st['line']} on {st.get('n_labeled')} labels; {st.get('why')}")
-            continue
-        if name == "pretrain" and "knn_on" in st:  # stage 1 against its start (docs/features.md)
-            con.print(f"  {_pretrain_line(st)}")
-            continue
-        con.print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in st.items()))
-    table = Table("round", "strategy", "budget", "labels", "skipped", "source")
-    for r in info["rounds"]:
-        table.add_row(str(r["round"]), str(r["strategy"]), str(r["budget"]), str(r["n"]), str(len(r.get("skipped", []))),
-                      str(r["source"]))
-    con.print(table)
-    if info["skipped_images"]:
-        shown = ", ".join(str(s["index"]) for s in info["skipped_images"][:20])
-        con.print(f"  skipped (none of the classes, never queried again): {len(info['skipped_images'])} images, "
-                  f"pool indices {shown}{', ...' if len(info['skipped_images']) > 20 else ''} (`--json` lists them all)")
-    if info["open_query"]:
-        q = info["open_query"]
-        con.print(f"  open query: round {q['round']} ({q['strategy']}, {q['budget']}) → {q['file']}")
-    for sha, deltas in info["probcover_delta"].items():
-        con.print(f"  probcover delta (features {sha}): " + ", ".join(f"{v:.4g} ({k})" for k, v in deltas.items()))
-    for sha, dup in info["near_duplicates"].items():
-        con.print(f"  near-duplicates (features {sha}, cosine >= {dup['tau']:g}): {dup['groups']} groups holding "
-                  f"{dup['images']} of {dup['pool']} images")
-    if info["last_metrics"]:
-        con.print(f"  last metrics: {info['last_metrics']}")
-    probes = [m for m in read_jsonl(run.metrics_file) if m.get("stage") == "probe"]
-    if probes and probes[-1].get("predictions_stable"):
-        from alssl.stopping import stable_message
-
-        con.print(f"  {stable_message(probes[-1]['kappa'])} (last probe, round {probes[-1]['round']})")
-
-
-def _pretrain_line(st: dict) -> str:
-    """`pretrain: simsiam cnn, 30 epochs (930 steps, 1202 s); kNN 0.193 → 0.220 (…); RankMe 12.6 → 27.5`."""
-    def arrow(a, b, fmt: str) -> str:
-        return f"{a:{fmt}} → {b:{fmt}}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "n/a"
-
-    knn = ""
-    if isinstance(st.get("knn_accuracy"), (int, float)):
-        knn = f"; kNN {arrow(st.get('knn_accuracy_init'), st['knn_accuracy'], '.3f')} ({st['knn_on']})"
-    worse = (isinstance(st.get("knn_accuracy"), (int, float)) and isinstance(st.get("knn_accuracy_init"), (int, float))
-             and st.get("epochs", 0) > 0 and st["knn_accuracy"] < st["knn_accuracy_init"])
-    return (f"pretrain: {st.get('method')} {st.get('backbone')}, {st.get('epochs')} epochs ({st.get('steps')} steps, "
-            f"{st.get('seconds')} s){knn}; RankMe {arrow(st.get('rankme_init'), st.get('rankme'), '.1f')} (label-free "
-            f"proxy)" + ("; below its start: the run keeps the start, see `alssl features`" if worse else ""))
-
-
-def _near_duplicates(run_dir: Path) -> dict:
-    """The near-duplicate groups found per feature set (embeddings sha): tau, groups, images, pool; a damaged cache
-    file is skipped with a warning (the next query recomputes it)."""
-    from alssl.errors import warn
-
-    out = {}
-    for f in sorted((run_dir / "features").glob("*.duplicates-*.json")):
-        try:
-            dup = json.loads(f.read_text())
-            if not all(isinstance(dup.get(k), (int, float)) for k in ("tau", "groups", "images", "pool")):
-                raise ValueError
-        except (OSError, ValueError, UnicodeDecodeError, RecursionError, AttributeError):
-            warn(f"{f} is damaged and not shown; delete it (the next query recomputes it)")
-            continue
-        out[f.name.split(".")[0]] = dup
-    return out
-
-
-def _probcover_deltas(run_dir: Path) -> dict:
-    """ProbCover's chosen radii per feature set (embeddings sha); a damaged cache file is skipped with a warning
-    (it is only a cache: the next probcover query recomputes it)."""
-    from alssl.errors import warn
-
-    out = {}
-    for f in sorted((run_dir / "features").glob("*.probcover.json")):
-        try:
-            delta = json.loads(f.read_text())["delta"]
-            if not isinstance(delta, dict) or not all(isinstance(v, (int, float)) for v in delta.values()):
-                raise ValueError
-        except (OSError, ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
-            warn(f"{f} is damaged and not shown; delete it (the next probcover query recomputes it)")
-            continue
-        out[f.name.split(".")[0]] = delta
-    return out
-
-
-def _count_rows(path: Path) -> int:
-    try:
-        return max(0, len(path.read_text().splitlines()) - 1)
-    except OSError:
-        return 0
+    print_status(info, last_probe)
 
 
 # ------------------------------------------------------------------ stage 4
@@ -643,81 +286,15 @@ def semi_finetune(
 
     Example: alssl semi-finetune runs/d --method simmatch --steps 2000 --option bn_batch=split
     """
-    import hashlib
+    from alssl import api
+    from alssl.config import key_values
 
-    from alssl.errors import unknown
-    from alssl.runs import read_jsonl, run_lock
-    from alssl.semi import METHODS, semi_finetune as run_semi
-
-    if method not in METHODS:
-        raise unknown("method", method, METHODS)
-    from alssl import devices as dev
-    from alssl.semi.trainer import PRECISIONS
-
-    setting = dev.parse(accelerator, "1", precision)
-    if setting.precision not in PRECISIONS:
-        raise UserError(f"--precision {setting.precision} is not offered by semi-finetune; use {' or '.join(PRECISIONS)}")
-    dev.use(setting)  # the probe baseline's embedding (if it is not cached yet) runs there too
-    check_seed(seed)
-    check_positive(lr, "--lr")
-    if minutes is not None:
-        check_positive(minutes, "--minutes", "--minutes 15")
-    if teacher not in ("ema", "eman"):
-        raise unknown("teacher", teacher, ["ema", "eman"])
-    if unlabeled_profile not in ("same", "reversed"):
-        raise unknown("unlabeled profile", unlabeled_profile, ["same", "reversed"])
-    if init is not None and from_scratch:
-        raise UserError("--init and --from-scratch both replace the stage-1 backbone; give one of them")
-    if backbone is not None:
-        from alssl.backbones import check_backbone_name
-
-        check_backbone_name(backbone)
-    if init is not None and init != "hub":
-        init = str(Path(init).expanduser().resolve())
-    fresh = from_scratch or init is not None  # start from random init / the user's weights, not from stage 1
-    options = {"unlabeled_profile": unlabeled_profile, "unlabeled_imbalance": unlabeled_imbalance, "hflip": hflip,
-               **_key_values(option)}
-    args = dict(method=method, steps=steps, batch_size=batch_size, mu=mu, tau=tau, lambda_u=lambda_u, lr=lr,
-                teacher=teacher, seed=seed)
-    with run_lock(run_dir):
-        run, dataset = _load_run(run_dir)
-        idx = run.labeled_indices
-        if len(idx) == 0:
-            raise UserError(f"{run_dir} has no labeled samples yet; run `alssl query {run_dir} --budget 2%` then `alssl label {run_dir} --from FILE.csv` (or --oracle)")
-        ckpt, record = run.checkpoints / "backbone.pt", {}
-        if not fresh and not ckpt.exists():
-            raise UserError(f"{run_dir} has no stage-1 backbone; run `alssl pretrain` first or pass --from-scratch")
-        baseline = None  # the linear probe's test accuracy on the same labels and features
-        if not fresh:  # start from the feature set measured strongest on the labels (alssl/features.py)
-            from alssl.features import choose
-
-            choice = choose(run, dataset, test_probe="linear")
-            ckpt, record = choice.path, choice.record()
-            baseline = choice.scores[choice.name].get("test_accuracy")
-        start_from = [record["features"]] if record.get("features", "ssl") != "ssl" else []  # (ssl: as before)
-        tag = hashlib.sha256(json.dumps([args, options, from_scratch, backbone, idx.tolist()] + ([init] if init else [])
-                                        + start_from,
-                                        sort_keys=True).encode()).hexdigest()[:8]
-        out = run.path / "semi" / f"{method}-{len(idx)}lab-{tag}"
-        res = run_semi(dataset, labeled_idx=idx, labeled_y=run.labels[idx], out_dir=out,
-                       backbone=backbone or run.config["pretrain"]["backbone"], init_weights=init,
-                       init_checkpoint=None if fresh else ckpt, ckpt_every=ckpt_every, compile=compile,
-                       device={"gpu": "cuda"}.get(setting.accelerator, setting.accelerator), precision=setting.precision,
-                       quiet=_quiet(quiet), options=options, record=record, minutes=minutes, **args)
-        res = {**res, **record}
-        if baseline is not None and res.get("accuracy") is not None:
-            res["probe_accuracy"] = baseline
-            if res["accuracy"] < baseline:
-                from alssl.errors import warn
-
-                warn(f"the fine-tune scores {res['accuracy']:.3f} on the test set, below the linear probe's {baseline:.3f} "
-                     f"on the same labels and features: fine-tune longer (--steps), or keep the probe "
-                     f"(`alssl export {run_dir} --classifier probe`)")
-        rec = {"stage": "semi", "dir": str(out.relative_to(run.path)), **{k: v for k, v in res.items() if k != "per_class_recall"}}
-        if "stopped_at" not in res and not any(r.get("stage") == "semi" and r.get("dir") == rec["dir"]
-                                                for r in read_jsonl(run.metrics_file)):
-            run.log_metrics(rec)  # once per fine-tune: a rerun of a finished one (or after a kill) adds no twin
-    typer.echo(json.dumps(res))
+    _echo(api.semi_finetune(run_dir, method=method, steps=steps, batch_size=batch_size, mu=mu, tau=tau,
+                            lambda_u=lambda_u, lr=lr, teacher=teacher, from_scratch=from_scratch, backbone=backbone,
+                            init=init, unlabeled_profile=unlabeled_profile, unlabeled_imbalance=unlabeled_imbalance,
+                            ckpt_every=ckpt_every, hflip=hflip, options=key_values(option), compile=compile,
+                            minutes=minutes, accelerator=accelerator, devices="1", precision=precision, seed=seed,
+                            quiet=_quiet(quiet)))
 
 
 # ------------------------------------------------------------------ models out
@@ -736,24 +313,11 @@ def export_model(
 
     Example: alssl export runs/mine --out models/mine
     """
-    from alssl.export import EXPORT_FILES, export, is_export_dir
-    from alssl.runs import check_output, check_writable, data_inputs, run_lock
+    from alssl import api
 
-    _use_devices(accelerator, devices, precision)
-    with run_lock(run_dir):
-        run, dataset = _load_run(run_dir)
-        if run.labeled_mask.sum() == 0:
-            raise UserError(f"{run_dir} has no labels yet, so there is no classifier to export; label some images first "
-                            f"(`alssl query {run_dir} --budget 2%`, then `alssl label {run_dir} --from FILE.csv`)")
-        check_output(out, names=EXPORT_FILES, is_previous=is_export_dir, inputs=data_inputs(run.config["data"]),
-                     force=force, what="an exported model")
-        check_writable(out)
-        card = export(run, dataset, out, classifier=classifier)
-    typer.echo(json.dumps({"out": str(out), "classifier": card["classifier"], "features": card.get("features"),
-                           "classes": card["classes"],
-                           "image_size": card["image_size"], "accuracy": card["accuracy"],
-                           "accuracy_on": card["accuracy_on"],
-                           **({"probe_accuracy": card["probe_accuracy"]} if "probe_accuracy" in card else {})}))
+    _use_devices(accelerator, devices, precision)  # checked first, in force for the command
+    _echo(api.export(run_dir, out, classifier=classifier, force=force, accelerator=accelerator, devices=devices,
+                     precision=precision))
 
 
 @app.command()
@@ -777,55 +341,15 @@ def predict(
       alssl predict runs/mine --data new_photos/ --out predictions.csv
       alssl predict runs/mine --pool --out pool_predictions.csv
     """
-    from alssl.export import is_predictions_csv, predict_files, predict_pool
-    from alssl.runs import check_output, data_inputs, run_lock
+    from alssl import api
 
-    _use_devices(accelerator, devices, precision)
-    sources = [p.expanduser() for p in [*(data or []), *(paths or [])]]
-    if pool == bool(sources):
-        raise UserError("give images to predict (--data DIR_OR_FILES...) or --pool, not both and not neither")
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a CSV file name like {out / 'predictions.csv'}")
-    with run_lock(run_dir):
-        run, dataset = _load_run(run_dir)
-        if run.labeled_mask.sum() == 0:
-            raise UserError(f"{run_dir} has no labels yet, so there is no classifier to predict with; label some images "
-                            f"first (`alssl query {run_dir} --budget 2%`, then `alssl label {run_dir} --from FILE.csv`)")
-        check_output(out, names=None, is_previous=is_predictions_csv, inputs=[*data_inputs(run.config["data"]), *sources],
-                     force=force, what="a predictions CSV")
-        if pool:
-            res = predict_pool(run, dataset, out, classifier=classifier, quiet=_quiet(quiet))
-        else:
-            res = predict_files(run, dataset, sources, out, workers=workers, quiet=_quiet(quiet), classifier=classifier)
-    typer.echo(json.dumps(res))
+    _use_devices(accelerator, devices, precision)  # checked first, in force for the command
+    _echo(api.predict(run_dir, out=out, data=[*(data or []), *(paths or [])], pool=pool, classifier=classifier,
+                      workers=workers, force=force, accelerator=accelerator, devices=devices, precision=precision,
+                      quiet=_quiet(quiet)))
 
 
 # ------------------------------------------------------------------ curves and pipelines
-def _key_values(items: list[str]) -> dict:
-    """`--option KEY=VALUE` pairs; values become bool, int or float where they read as one."""
-    out: dict = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--option {item!r} is not KEY=VALUE; write e.g. --option bn_batch=split")
-        value: object = raw.strip()
-        if raw.strip().lower() in ("true", "false"):
-            value = raw.strip().lower() == "true"
-        else:
-            for cast in (int, float):
-                try:
-                    value = cast(raw)
-                    break
-                except ValueError:
-                    pass
-        out[key.strip()] = value
-    return out
-
-
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 @app.command()
 def curve(
     data: str = typer.Option("digits", help="Data SPEC"),
@@ -857,52 +381,19 @@ def curve(
 
     Example: alssl curve --data digits --strategies random,kcenter,typiclust --budgets 1%,2%,5% --seeds 3 --out curves/d
     """
+    from alssl import api
+
     if plot_only is not None:
-        from alssl.plots import plot_curve
-
-        if not (plot_only / "curve.csv").exists():
-            raise UserError(f"{plot_only} has no curve.csv; run `alssl curve --out {plot_only}` first")
-        png, svg = plot_curve(plot_only / "curve.csv", title=_plot_only_title(plot_only))
-        typer.echo(json.dumps({"png": str(png), "svg": str(svg)}))
+        _echo(api.redraw_curve(plot_only))
         return
-    _use_devices(accelerator, devices, precision)
-    from alssl.curve import Grid, run_experiment
-
     if out is None:
         raise UserError("give --out DIR for the curve files (or --plot-only DIR to redraw one)")
-    _check_curve_out(out, _data_config(data, imbalance, 0), force)
-    grid = Grid(data=_data_config(data, imbalance, 0), strategies=_split(strategies), budgets=_split(budgets),
-                seeds=seeds, probes=_split(probe), semi=semi, semi_steps=semi_steps,
-                semi_batch_size=semi_batch_size, semi_mu=semi_mu, options={"balance": True} if balance else {})
-    pargs = {"method": method, "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "lr": None,
-             "eman": False, "seed": 0}
-    csv_path, png, svg = run_experiment(out, grid, pretrain_args=pargs, from_run=from_run, jobs=jobs, quiet=_quiet(quiet))
-    typer.echo(json.dumps({"csv": str(csv_path), "png": str(png), "svg": str(svg)}))
-
-
-CURVE_FILES = ["curve.csv", "curve.png", "curve.svg", "grid.json", "cells", "pretrain"]
-
-
-def _check_curve_out(out: Path, data: dict, force: bool) -> None:
-    """A curve dir is a new folder or an earlier grid (it holds grid.json); never inside a run dir or the data."""
-    from alssl.runs import check_output, data_inputs
-
-    check_output(out, names=CURVE_FILES, is_previous=lambda d: (d / "grid.json").is_file(), inputs=data_inputs(data),
-                 force=force, what="a budget curve")
-
-
-def _plot_only_title(out: Path) -> Optional[str]:
-    """The title a redraw gets: the grid's data and (when the grid pretrained its own backbone) its features."""
-    import tomllib
-
-    from alssl.plots import curve_title
-
-    try:
-        grid = json.loads((out / "grid.json").read_text())
-        pre = tomllib.loads((out / "pretrain" / "run.toml").read_text()).get("pretrain") if (out / "pretrain" / "run.toml").is_file() else None
-        return curve_title(grid["data"]["spec"], pre, grid.get("probes") or ["linear"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    _use_devices(accelerator, devices, precision)  # checked first, in force for the command
+    _echo(api.curve(out, data=data, strategies=strategies, budgets=budgets, seeds=seeds, probe=probe, semi=semi,
+                    semi_steps=semi_steps, semi_batch_size=semi_batch_size, semi_mu=semi_mu, from_run=from_run,
+                    method=method, backbone=backbone, epochs=epochs, batch_size=batch_size, imbalance=imbalance,
+                    jobs=jobs, balance=balance, force=force, accelerator=accelerator, devices=devices,
+                    precision=precision, quiet=_quiet(quiet)))
 
 
 @app.command("run")
@@ -916,25 +407,9 @@ def run_pipeline(
 
     Example: alssl run pipelines/digits_demo.toml --out runs/demo
     """
-    from dataclasses import asdict
+    from alssl import api
 
-    from alssl.config import load_config
-
-    cfg = load_config(config)  # torch-free: a bad config is refused before the heavy imports below
-    from alssl.curve import Grid, run_experiment
-
-    c = cfg.curve
-    grid = Grid(data=_data_config(cfg.data.spec, cfg.data.imbalance, cfg.data.seed), strategies=c.strategies,
-                budgets=[str(b) for b in c.budgets], seeds=c.seeds, probes=c.probes, semi=c.semi,
-                semi_steps=c.semi_steps, semi_batch_size=c.semi_batch_size, semi_mu=c.semi_mu,
-                options={} if c.delta is None else {"delta": c.delta})
-    pargs = {k: v for k, v in asdict(cfg.pretrain).items() if k != "from_run"}
-    from_run = Path(cfg.pretrain.from_run) if cfg.pretrain.from_run else None
-    out = out or Path(cfg.output.dir)
-    _check_curve_out(out, _data_config(cfg.data.spec, cfg.data.imbalance, cfg.data.seed), force)
-    csv_path, png, svg = run_experiment(out, grid, pretrain_args=pargs, from_run=from_run, jobs=c.jobs,
-                                        quiet=_quiet(quiet), title=cfg.output.title)
-    typer.echo(json.dumps({"csv": str(csv_path), "png": str(png), "svg": str(svg)}))
+    _echo(api.run_pipeline(config, out=out, force=force, quiet=_quiet(quiet)))
 
 
 # ------------------------------------------------------------------ labeling (alssl/labeling/, docs/labeling.md)
@@ -956,21 +431,15 @@ def label_ui(
 
     Example: alssl label-ui runs/mine
     """
+    from alssl import api
     from alssl.errors import warn
     from alssl.labeling.server import bind, make_app, new_token, serve, url_of
-    from alssl.labeling.session import LabelSession, resolve_classes
 
-    names = _classes_option(classes)
-    _use_devices(accelerator, devices, precision)
+    _classes_option(classes)
+    _use_devices(accelerator, devices, precision)  # for the whole session: suggestions embed while it serves
     sock = bind(host, port)  # a taken port answers before anything (torch included) is loaded
     try:
-        from alssl.runs import run_lock
-
-        with run_lock(run_dir):  # held only while loading: the server takes it again to import (session.py)
-            run, dataset = _load_run(run_dir)
-            label_classes, store = resolve_classes(dataset, names)
-            session = LabelSession(run_dir, dataset, classes=label_classes, store=store)
-            session.load(run)
+        session = api.label_session(run_dir, classes=classes)
     except BaseException:
         sock.close()
         raise
@@ -1012,28 +481,18 @@ def tasks(
 
     Example: alssl tasks runs/mine --out ls_round1 && alssl label runs/mine --from project-1-export.json
     """
+    from alssl import api
     from alssl.errors import unknown
 
     if format != "label-studio":
         raise unknown("format", format, ["label-studio"])
-    names = _classes_option(classes)
-    from alssl.labeling.session import resolve_classes
-    from alssl.labeling.studio import TASK_FILES, is_tasks_dir, write_tasks
-    from alssl.runs import check_output, check_writable, data_inputs, run_lock
-
-    with run_lock(run_dir):
-        run, dataset = _load_run(run_dir)
-        label_classes, _ = resolve_classes(dataset, names)
-        if run.state["open_query"] is not None:
-            check_output(out, names=TASK_FILES, is_previous=is_tasks_dir, inputs=data_inputs(run.config["data"]),
-                         force=force, what="Label Studio tasks")
-            check_writable(out)
-        res = write_tasks(run, dataset, out, classes=label_classes, document_root=document_root)
-    typer.echo(json.dumps(res))
+    res = api.tasks(run_dir, out, classes=classes, document_root=document_root, force=force)
+    has_classes = res.pop("has_classes")
+    _echo(res)
     typer.echo(f"# Label Studio: start it with LOCAL_FILES_SERVING_ENABLED=true LOCAL_FILES_DOCUMENT_ROOT={res['document_root']}; "
                f"make a project with the labeling config {res['config']}; add a Local files source storage at "
                f"{res['storage']}; import {res['tasks']}; label; export JSON, JSON-MIN or CSV; then "
-               f"`alssl label {run_dir} --from EXPORT`" + (" --classes ..." if not dataset.classes else "")
+               f"`alssl label {run_dir} --from EXPORT`" + ("" if has_classes else " --classes ...")
                + " (docs/labeling.md)", err=True)
 
 

@@ -86,6 +86,27 @@ def check_section(obj: Any) -> None:
             raise UserError(f"{key} lists a value twice ({value}); list each once")
 
 
+def key_values(items: list[str]) -> dict:
+    """`--option KEY=VALUE` pairs; values become bool, int or float where they read as one."""
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--option {item!r} is not KEY=VALUE; write e.g. --option bn_batch=split")
+        value: object = raw.strip()
+        if raw.strip().lower() in ("true", "false"):
+            value = raw.strip().lower() == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(raw)
+                    break
+                except ValueError:
+                    pass
+        out[key.strip()] = value
+    return out
+
+
 # ---------------------------------------------------------------- sections
 @dataclass
 class DataSection:
@@ -116,6 +137,56 @@ class PretrainSection:
         if not self.backbone.startswith(("torchvision:", "timm:")) and self.backbone not in names.BACKBONES:
             raise UserError(f'pretrain.backbone: unknown backbone "{self.backbone}"{suggest(self.backbone, names.BACKBONES)}; '
                             f"choose from {', '.join(names.BACKBONES)}, torchvision:NAME or timm:NAME")
+
+
+@dataclass
+class PretrainArgs:
+    """What a stage-1 run is made with (run.toml [pretrain]): `alssl pretrain`'s options, `alssl.pretrain(...)`'s
+    keywords. A rerun must give the same values (then it resumes): `check_same_run` is the diff of the two."""
+    method: str = "simsiam"
+    backbone: str = "cnn"
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float | None = None
+    eman: bool = False
+    seed: int = 0
+    hflip: bool | None = None
+    momentum: float = 0.99
+    momentum_schedule: str | None = None
+    queue_size: int | None = None
+    temperature: float = 0.2
+    init: str | None = None  # a state dict's absolute path, or "hub"
+
+    def __post_init__(self) -> None:  # the torch-free checks: a refused value answers before torch is imported
+        from alssl.errors import check_positive, check_seed, unknown
+
+        if self.method not in names.PRETRAIN_METHODS:
+            raise unknown("method", self.method, names.PRETRAIN_METHODS)
+        if not self.backbone.startswith(("torchvision:", "timm:")) and self.backbone not in names.BACKBONES:
+            raise unknown("backbone", self.backbone, names.BACKBONES)
+        check_seed(self.seed)
+        if self.lr is not None:
+            check_positive(self.lr, "--lr")
+        check_positive(self.temperature, "--temperature")
+
+    def as_config(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def check_same_run(self, run, data_cfg: dict) -> None:
+        """Refuse a rerun of `run` that asks for anything else than the run was made with (naming the first
+        difference); the data's resolved keys (classes, image size) are compared only when given again."""
+        old, new = run.config.get("pretrain", {}), self.as_config()
+        diff = [f"--{k.replace('_', '-')} {old.get(k)} (not {v})" for k, v in new.items() if old.get(k) != v]
+        old_data = run.data_config
+        for key in ("spec", "imbalance", "test", "strict", "jpeg_draft"):
+            if old_data.get(key) != data_cfg.get(key):
+                diff.append(f"{'--data' if key == 'spec' else '--' + key} {old_data.get(key)} (not {data_cfg.get(key)})")
+        for key in ("classes", "image_size"):
+            if data_cfg.get(key) is not None and old_data.get(key) != data_cfg[key]:
+                diff.append(f"--{key.replace('_', '-')} {old_data.get(key)} (not {data_cfg[key]})")
+        if diff:
+            raise UserError(f"{run.path} was made with {diff[0]}; rerun with the same arguments to resume, or pick a "
+                            f"new --out")
 
 
 @dataclass

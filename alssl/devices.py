@@ -55,6 +55,17 @@ def use(setting: Devices | None) -> None:
     _current = setting
 
 
+@contextlib.contextmanager
+def using(setting: Devices):
+    """`setting` in force for the length of a `with` block, then the one before it again (the Python API's calls)."""
+    global _current
+    before, _current = _current, setting
+    try:
+        yield setting
+    finally:
+        _current = before
+
+
 def current() -> Devices:
     """The setting in force: the last `use(...)`, else the environment variables, else auto / 1 / 32-true."""
     return _current if _current is not None else parse()

@@ -91,7 +91,7 @@ def paired_gain(entry: tuple, rand: tuple | None) -> np.ndarray | None:
 
 def curve_title(spec: str, pretrain: dict | None, probes: list[str]) -> str:
     """The figure title `make demo` uses: "digits: SimSiam (cnn) features, linear probe" (data by name only)."""
-    from alssl.export import data_name
+    from alssl.models import data_name
 
     feats = ""
     if pretrain:

@@ -36,7 +36,7 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
           thumbnails: bool = False, options: dict | None = None) -> tuple[Path, bool]:
     """Open round K's query (or re-show the open one asked with the same arguments). Returns (csv path, reshown)."""
     from alssl.acquisition import NEEDS_LABELS, STRATEGIES, AcquisitionContext, select  # torch, faiss: query only
-    from alssl.features import choose, pool_features
+    from alssl.feature_sets import choose, pool_features
 
     check_seed(seed)
     ask = {"budget": str(budget), "strategy": strategy, "seed": seed, "probe": probe}

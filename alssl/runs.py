@@ -408,6 +408,82 @@ class Run:
         self.state["rounds"].append({"round": k, "n": int(len(indices)) - len(skipped), **round_meta,
                                      **({"skipped": sorted(skipped)} if skipped else {})})
 
+    # -- the schema: other modules ask the run, they do not index its state
+    @property
+    def n_pool(self) -> int:
+        return int(self.state["n_pool"])
+
+    @property
+    def data_config(self) -> dict:
+        """run.toml's [data]: spec, imbalance, seed, and for image folders test, classes, image_size, pool, ..."""
+        return self.config["data"]
+
+    @property
+    def rounds(self) -> list[dict]:
+        return self.state["rounds"]
+
+    @property
+    def stages(self) -> dict:
+        return self.state["stages"]
+
+    @property
+    def open_query(self) -> dict | None:
+        """The query waiting for labels ({round, strategy, budget, seed, indices, file, ...}), or None."""
+        return self.state["open_query"]
+
+    @open_query.setter
+    def open_query(self, value: dict | None) -> None:
+        self.state["open_query"] = value
+
+    def require_labels(self, then: str = "") -> np.ndarray:
+        """The labeled pool indices; none is a UserError naming how to get some (`then`: what they are for)."""
+        idx = self.labeled_indices
+        if len(idx) == 0:
+            why = f", so there is no {then}" if then else ""
+            raise UserError(f"{self.path} has no labels yet{why}; label some images first (`alssl query {self.path} "
+                            f"--budget 2%`, then `alssl label {self.path} --from FILE.csv`, or --oracle on a benchmark)")
+        return idx
+
+    def set_classes(self, names: list[str], dataset=None) -> None:
+        """Give a run without a class list its classes (in memory; `save_config` persists them). A run's class list
+        never changes once set: asking for another is a UserError."""
+        have = self.data_config.get("classes") or (dataset.classes if dataset is not None else None)
+        if have and list(names) != list(have):
+            raise UserError(f"{self.path} already has classes {', '.join(have)}; drop --classes (the class list of a "
+                            f"run cannot change once set)")
+        if have:
+            return
+        self.data_config["classes"] = list(names)
+        if dataset is not None:
+            dataset.classes = list(names)
+
+    def save_config(self) -> None:
+        """Write run.toml (and state.json, which holds the same config) from `config`."""
+        atomic_write_text(self.path / "run.toml", toml_dumps({"alssl_format": self.state["format_version"], **self.config}))
+        self.save_state()
+
+    def record_stage(self, name: str, summary: dict) -> dict:
+        """Keep a stage's summary (its scalar values) in state.json for `alssl status`; returns what was kept."""
+        kept = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
+        self.state["stages"][name] = kept
+        self.save_state()
+        return kept
+
+    def dataset(self, *, quiet: bool = True):
+        """The run's dataset exactly as it was when the run was made (an image folder's RUN/pool, rebuilt from the
+        folder if it was deleted: call it under `run_lock(run.path)`)."""
+        from alssl.data import load_dataset
+
+        cfg = self.data_config
+        dataset = load_dataset(cfg["spec"], imbalance=cfg.get("imbalance"), seed=cfg.get("seed", 0), test=cfg.get("test"),
+                               classes=cfg.get("classes"), image_size=cfg.get("image_size"),
+                               strict=cfg.get("strict", False), pool_dir=self.path / "pool", quiet=quiet,
+                               expect=cfg.get("pool"), jpeg_draft=cfg.get("jpeg_draft", True))
+        if dataset.n_pool != self.n_pool:
+            raise UserError(f"the data {cfg['spec']} no longer matches {self.path} ({dataset.n_pool} vs {self.n_pool} "
+                            f"samples); restore the data or start a new run")
+        return dataset
+
     # -- files
     @property
     def checkpoints(self) -> Path:

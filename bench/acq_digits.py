@@ -47,13 +47,13 @@ def features(kind: str, d: Dataset) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         from alssl.backbones import SmallCNN
-        from alssl.features import embed
+        from alssl.feature_sets import embed
 
         torch.manual_seed(0)
         model = SmallCNN(d.channels)
         return (embed(model, d.x_train, mean=d.mean, std=d.std), embed(model, d.x_test, mean=d.mean, std=d.std))
     if kind.startswith("run:"):
-        from alssl.features import pool_features
+        from alssl.feature_sets import pool_features
 
         return pool_features(Path(kind[4:]), d)
     raise SystemExit(f"unknown --features {kind!r}; use pixels, pca, cnn or run:RUN")

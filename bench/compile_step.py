@@ -21,7 +21,7 @@ import time
 import torch
 
 from alssl.backbones import build_backbone
-from alssl.pretrain import SSLNet
+from alssl.pretraining import SSLNet
 from alssl.semi.common import Net
 from report import load_average, print_ratio  # bench/report.py
 

@@ -4,7 +4,7 @@ Same backbone (alssl `cnn` by default), heads (lightly SimSiam projection/predic
 images (`../shared/data/cifar10_10k.npz`, 32 px). The peer is lightly's example (docs "SimSiam" /
 examples/pytorch/simsiam.py): a map-style dataset of PIL images + `SimSiamTransform(input_size=32)` +
 `DataLoader(shuffle, drop_last)`; it is timed with each `--workers` value and the fastest is the reference. alssl is
-timed through `alssl.pretrain.pretrain` (kNN monitor off, checkpoints on) as it ships (the next step's views drawn on
+timed through `alssl.pretraining.pretrain` (kNN monitor off, checkpoints on) as it ships (the next step's views drawn on
 a worker thread while the step trains, alssl/prefetch.py), and once more with that thread off (`alssl inline`), so the
 lever is measured alone. The sides alternate for `--rounds` rounds (A B C A B C ...), so a change in background load
 hits all; the last line is `ratio=X.XX`, the median over rounds of alssl images/s ÷ the fastest lightly images/s
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset as TorchDataset
 from alssl.backbones import build_backbone
 from alssl.data import load_dataset
 from alssl.runs import Run
-from alssl.pretrain import pretrain
+from alssl.pretraining import pretrain
 from report import load_average, print_ratio, spread  # bench/report.py
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_10k.npz"
@@ -106,7 +106,7 @@ def _sync(device: str) -> None:
 
 def alssl_loop(*, steps: int, batch_size: int, data: str = str(DATA), backbone: str = "cnn", device: str = "cpu",
                precision: str = "32-true", prefetch: bool = True) -> float:
-    """Images/s of alssl.pretrain.pretrain on the same data, `steps` batches (kNN monitor off)."""
+    """Images/s of alssl.pretraining.pretrain on the same data, `steps` batches (kNN monitor off)."""
     ds = load_dataset(data, seed=0)
     n = min((steps + 1) * batch_size, len(ds.y_train))  # one batch more, as warm-up for the loop's first step
     ds.x_train, ds.y_train = ds.x_train[:n], ds.y_train[:n]

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from alssl.augment import SSLView  # noqa: E402
 from alssl.backbones import build_backbone  # noqa: E402
-from alssl.pretrain import SSLNet, _loss  # noqa: E402
+from alssl.pretraining import SSLNet, _loss  # noqa: E402
 
 DEFAULT = "cnn,resnet18,wrn28_2,torchvision:resnet18,torchvision:resnet50,torchvision:convnext_tiny,timm:resnet18"
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from alssl.augment import SSLView  # noqa: E402
 from alssl.backbones import build_backbone  # noqa: E402
-from alssl.pretrain import SSLNet  # noqa: E402
+from alssl.pretraining import SSLNet  # noqa: E402
 
 
 def main() -> None:

@@ -87,7 +87,7 @@ def test_config_needs_no_torch():
 def test_names_match_the_registries():
     from alssl.acquisition import STRATEGIES
     from alssl.backbones import BACKBONES
-    from alssl.pretrain import METHODS as PRETRAIN
+    from alssl.pretraining import METHODS as PRETRAIN
     from alssl.probes import PROBES
     from alssl.semi import METHODS as SEMI
 

@@ -182,7 +182,7 @@ def _damage_cell(uninterrupted, tmp_path, edit):
     (lambda c: c.pop("rows"), '"labeled" and "rows"'),
 ])
 def test_damaged_cell_is_refused_before_anything_is_rewritten(uninterrupted, tmp_path, edit, needle):
-    from alssl.curve import Grid, check_grid_dir
+    from alssl.curves import Grid, check_grid_dir
     from alssl.errors import UserError
 
     out = _damage_cell(uninterrupted, tmp_path, edit)

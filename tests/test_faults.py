@@ -195,7 +195,7 @@ def test_signal_exits_with_one_error_line_and_the_rerun_resumes(tmp_path, sig, c
     assert proc.returncode == code, (proc.returncode, err)
     assert len(lines) == 1 and lines[0].startswith(f"error: {word}") and "rerun the same command" in lines[0], err
     assert "Traceback" not in err and not (run / ".lock").exists()
-    from alssl.pretrain import load_state
+    from alssl.pretraining import load_state
 
     assert load_state(run)["step"] > 0  # the last checkpoint is intact
     done = run_main(*args)

@@ -1,4 +1,4 @@
-"""Feature sets (alssl/features.py): pretrain scores its start and its result, warns when it made them worse; a run
+"""Feature sets (alssl/feature_sets.py): pretrain scores its start and its result, warns when it made them worse; a run
 holds several feature sets, the strongest on the labels is used by probe / query / export and recorded, a pinned one
 wins; `--init hub` reads a pre-filled local cache offline and fails fast, naming the file, when the cache is empty."""
 
@@ -14,8 +14,8 @@ import torch
 
 from alssl.backbones import build_backbone, load_init_weights
 from alssl.errors import UserError
-from alssl.features import cv_choice_accuracy, rankme
-from alssl.pretrain import KNN_TEST_CV
+from alssl.feature_sets import cv_choice_accuracy, rankme
+from alssl.pretraining import KNN_TEST_CV
 from alssl.progress import Projection
 from conftest import SHARED_DATA, run_cli_inprocess as run_cli
 from photo_folder import make_photo_folder, make_test_folder

@@ -51,13 +51,12 @@ def test_run_survives_a_renamed_photo_folder(tmp_path):
     assert status["labeled"] == 17 and len(status["skipped_images"]) == 1
 
     # the labeling page's API: pool pixels instead of the (gone) originals
-    from alssl.cli import _load_run
+    from alssl.api import opened
     from alssl.labeling.session import LabelSession
-    from alssl.runs import run_lock
 
     _ok("query", str(run), "--budget", "3", "--strategy", "random")
-    with run_lock(run):
-        r, ds = _load_run(run)
+    with opened(run) as (r, ds):
+        pass
     out = json.loads(_ok("tasks", str(run), "--out", str(tmp_path / "ls")))  # Label Studio: PNGs of the pool pixels
     tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
     assert out["n"] == 3 and all(t["data"]["image"].startswith("/data/local-files/?d=images/") for t in tasks)

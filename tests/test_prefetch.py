@@ -12,7 +12,7 @@ import torch
 
 from alssl.data import load_dataset
 from alssl.prefetch import ahead
-from alssl.pretrain import load_state, pretrain
+from alssl.pretraining import load_state, pretrain
 from alssl.runs import Run
 from alssl.semi import semi_finetune
 

@@ -11,10 +11,10 @@ from torch import nn
 
 from alssl.augment import SSLView
 from alssl.data import load_dataset
-from alssl.features import pool_features
+from alssl.feature_sets import pool_features
 from alssl.probes import fit_probe
 from alssl.runs import Run
-from alssl.pretrain import SSLNet, load_state, momentum_update, pretrain
+from alssl.pretraining import SSLNet, load_state, momentum_update, pretrain
 from alssl.backbones import build_backbone
 from conftest import run_cli  # a subprocess: for the run that is killed and for DDP
 from conftest import run_cli_inprocess as run_main
@@ -171,7 +171,7 @@ def test_ddp_two_ranks_on_cpu(tmp_path):
 # ---------------------------------------------------------------- damaged state, other data, seeds (issue 17)
 def test_seed_must_fit_32_bits():
     from alssl.errors import UserError
-    from alssl.pretrain import check_args
+    from alssl.pretraining import check_args
 
     for bad in (-1, 2**32, 2**70, True, 1.5):
         with pytest.raises(UserError, match="--seed must be an integer"):

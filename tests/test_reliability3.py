@@ -391,14 +391,13 @@ def test_odd_file_names_round_trip_through_query_label_and_the_page(tmp_path):
     ids = json.loads((run / "pool" / "manifest.json").read_text())["pool"]
     assert sorted(ids[i] for i, k in enumerate(state["labeled_round"]) if k == 0) == sorted(ident for _, ident in rows)
     # the rest through the page's path (partial CSV -> Submit), which answered 409 forever for " leading.png"
-    from alssl.cli import _load_run
+    from alssl.api import opened
     from alssl.labeling.session import LabelSession
-    from alssl.runs import run_lock
 
     r = run_cli("query", str(run), "--budget", "3", "--strategy", "random")
     assert r.returncode == 0, r.stderr
-    with run_lock(run):
-        run_obj, dataset = _load_run(run)
+    with opened(run) as (run_obj, dataset):
+        pass
     session = LabelSession(run, dataset, classes=["cat", "dog"])
     session.load(run_obj)
     for i in session.indices:
@@ -488,13 +487,12 @@ def _asgi(app, method: str, path: str, body: bytes = b"") -> int:
 
 
 def test_label_page_answers_4xx_to_deep_json_and_a_damaged_state(run_dir):
-    from alssl.cli import _load_run
+    from alssl.api import opened
     from alssl.labeling.server import make_app
     from alssl.labeling.session import LabelSession
-    from alssl.runs import run_lock
 
-    with run_lock(run_dir):
-        run, dataset = _load_run(run_dir)
+    with opened(run_dir) as (run, dataset):
+        pass
     session = LabelSession(run_dir, dataset, classes=dataset.classes)
     session.load(run)
     app = make_app(session, "T")

@@ -133,11 +133,11 @@ def test_skip_value_marks_images_skipped(digits, run_with_query, tmp_path, monke
         st["rounds"][1]["skipped"] = bad
         assert needle in state_problem(st), bad
     # the rest of the pool can still be queried, but never a skipped image
-    import alssl.features
+    import alssl.feature_sets
 
     emb = np.random.default_rng(0).random((len(digits.y_train), 4), np.float32)
-    monkeypatch.setattr(alssl.features, "pool_features", lambda path, ds, ckpt=None: (emb, None))
-    monkeypatch.setattr(alssl.features, "choose", lambda run, ds: alssl.features.Choice("ssl", "test", Path("x")))
+    monkeypatch.setattr(alssl.feature_sets, "pool_features", lambda path, ds, ckpt=None: (emb, None))
+    monkeypatch.setattr(alssl.feature_sets, "choose", lambda run, ds: alssl.feature_sets.Choice("ssl", "test", Path("x")))
     free = np.flatnonzero(~run.labeled_mask & ~run.skipped_mask)
     query(run, digits, budget=str(len(free)), strategy="random", seed=0)
     picked = Run.open(run.path).state["open_query"]["indices"]

@@ -16,8 +16,8 @@ from alssl import devices as dev
 from alssl.backbones import load_backbone_checkpoint
 from alssl.data import load_dataset
 from alssl.errors import UserError
-from alssl.features import embed, embed_to_file, feature_paths, pool_features
-from alssl.pretrain import pretrain
+from alssl.feature_sets import embed, embed_to_file, feature_paths, pool_features
+from alssl.pretraining import pretrain
 from alssl.runs import Run
 from conftest import ROOT
 from conftest import run_cli_inprocess as run_main
@@ -84,7 +84,7 @@ RSS_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import numpy as np, torch
     from alssl.data.folder import DiskPool
-    from alssl.features import _new_npy, embed_to_file
+    from alssl.feature_sets import _new_npy, embed_to_file
 
     n, folder = int(sys.argv[1]), Path(sys.argv[2])
     pool = folder / f"pool-{n}.npy"

@@ -180,7 +180,7 @@ def model_suggestions(run, dataset, indices: list[int]) -> tuple[dict[int, tuple
     """(suggestions as `suggestions` gives them, the model's record: its accuracy and what it was measured on)."""
     if not indices or not run.labeled_mask.any():
         return {}, None
-    from alssl.export import best_classifier, predict_rows
+    from alssl.models import best_classifier, predict_rows
 
     try:
         model, record = best_classifier(run, dataset)

@@ -53,7 +53,7 @@ from alssl.augment import SSLView, normalise
 from alssl.backbones import backbone_checkpoint, build_backbone, load_init_weights
 from alssl.data import Dataset, PoolReader
 from alssl.errors import UserError, check_positive, check_seed, warn
-from alssl.features import rankme
+from alssl.feature_sets import rankme
 from alssl.prefetch import ahead
 from alssl.progress import Projection, progress_bar
 from alssl.runs import Run, atomic_torch_save, read_jsonl, torch_load, write_jsonl

@@ -28,7 +28,7 @@ from alssl.budget import budget_count
 from alssl.data import Dataset, is_pool_spec, load_dataset
 from alssl.errors import UserError, unknown
 from alssl.faults import fault_point
-from alssl.features import pool_features
+from alssl.feature_sets import pool_features
 from alssl.probes import PROBES, fit_probe
 from alssl.rounds import strategy_rng
 from alssl.runs import atomic_write_text
@@ -277,7 +277,7 @@ def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path
     from alssl.backbones import check_backbone_name
     from alssl.plots import curve_table, curve_title, plot_curve
     from alssl.runs import Run, check_writable, run_lock
-    from alssl.pretrain import METHODS, pretrain
+    from alssl.pretraining import METHODS, pretrain
 
     if is_pool_spec(grid.data["spec"]):
         raise UserError(f"{grid.data['spec']} is an unlabeled image folder: curves simulate labeling with every pool "

@@ -257,7 +257,7 @@ def feature_sets(run: Run) -> dict[str, FeatureSet]:
     """The run's feature sets by name, in tie-break order: ssl, the added ones (as added), start."""
     ck = run.checkpoints
     out: dict[str, FeatureSet] = {}
-    pre = run.state["stages"].get("pretrain", {})
+    pre = run.stages.get("pretrain", {})
     if (ck / "backbone.pt").exists():
         if pre.get("epochs", 1) == 0:
             out[START] = FeatureSet(START, ck / "backbone.pt", f"stage-1 backbone as it started ({_init_text(run)}, "

@@ -128,7 +128,7 @@ def best_classifier(run: Run, dataset: Dataset, classifier: str = "auto") -> tup
         raise UserError(f"{run.path} has no labels yet, so there is no classifier to use; label some images first "
                         f"(`alssl query {run.path} --budget 2%`, then `alssl label {run.path} --from FILE.csv`)")
     y = run.labels[idx]
-    pre = run.state["stages"].get("pretrain", {})
+    pre = run.stages.get("pretrain", {})
     record = {"n_labeled": int(len(idx)), "rounds": run.n_rounds, "pretrain": pre.get("method"),
               "pretrain_epochs": pre.get("epochs")}
     found = _semi_candidates(run, array_digest(idx, y)) if classifier != "probe" else []
@@ -175,9 +175,9 @@ def _semi_classifier(run: Run, dataset: Dataset, found: list[tuple[Path, dict]])
 
 def _probe_classifier(run: Run, dataset: Dataset, idx: np.ndarray, y: np.ndarray) -> tuple[Classifier, dict]:
     """The backbone of the feature set in use + the linear probe on the labels, folded into one Linear."""
-    from alssl.features import choose, pool_features
+    from alssl.feature_sets import choose, pool_features
 
-    choice = choose(run, dataset)  # the feature set measured strongest on the labels (alssl/features.py)
+    choice = choose(run, dataset)  # the feature set measured strongest on the labels (alssl/feature_sets.py)
     backbone, meta = load_backbone_checkpoint(choice.path, expect_channels=dataset.channels)
     train, test = pool_features(run.path, dataset, choice.path)
     probe = fit_probe("linear", train[idx], y, num_classes=dataset.num_classes, seed=0)
@@ -228,8 +228,8 @@ def export(run: Run, dataset: Dataset, out: Path, *, classifier: str = "auto") -
     S, C = dataset.image_size, dataset.channels
     card = {"classes": list(dataset.classes), "image_size": S, "channels": C, "mean": list(dataset.mean),
             "std": list(dataset.std), "input": f"float32 [B, {C}, {S}, {S}] in [0, 1]", "output": "logits [B, K]",
-            "preprocessing": PREPROCESSING if run.config["data"].get("jpeg_draft", True) else PREPROCESSING_NO_DRAFT,
-            **record, "data": data_name(run.config["data"]["spec"]), "alssl_version": __version__}
+            "preprocessing": PREPROCESSING if run.data_config.get("jpeg_draft", True) else PREPROCESSING_NO_DRAFT,
+            **record, "data": data_name(run.data_config["spec"]), "alssl_version": __version__}
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.9+ marks TorchScript deprecated; it still runs everywhere
@@ -341,7 +341,7 @@ def predict_files(run: Run, dataset: Dataset, sources: list[Path], out: Path, *,
         res = decode_files(Path("/"), [str(p.resolve()) for _, p in files], dest=Path(tmp) / "x.npy",
                            image_size=dataset.image_size, channels=dataset.channels,
                            workers=workers or default_workers(), label="images", quiet=quiet,
-                           draft=run.config["data"].get("jpeg_draft", True))
+                           draft=run.data_config.get("jpeg_draft", True))
         kept = set(res["kept"])
         names = [n for n, p in files if str(p.resolve()) in kept]
         labels, conf = predict_rows(model, DiskPool(Path(tmp) / "x.npy")) if kept else (np.zeros(0, int), np.zeros(0))
