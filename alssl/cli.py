@@ -454,8 +454,8 @@ def label(
       alssl label runs/mine --from runs/mine/queries/round-0.csv      (the query CSV with a label column added)
       alssl label runs/mine --from labels_we_had.csv --any --classes cat,dog,bird
     """
-    from alssl.rounds import label_any, label_from_csv, label_oracle
-    from alssl.runs import atomic_write_text, run_lock, toml_dumps
+    from alssl.rounds import ORACLE, import_labels
+    from alssl.runs import run_lock
 
     if oracle == (from_file is not None):
         raise UserError("give exactly one of --from FILE.csv or --oracle")
@@ -464,19 +464,7 @@ def label(
     names = _classes_option(classes)
     with run_lock(run_dir):
         run, dataset = _load_run(run_dir)
-        if names is not None:
-            if dataset.classes and names != dataset.classes:
-                raise UserError(f"{run_dir} already has classes {', '.join(dataset.classes)}; drop --classes (the class "
-                                f"list of a run cannot change once set)")
-            if not dataset.classes:
-                dataset.classes = names
-                run.config["data"]["classes"] = names
-        if oracle:
-            n = label_oracle(run, dataset)
-        else:
-            n = (label_any if any_images else label_from_csv)(run, dataset, from_file)
-        if names is not None and run.config["data"].get("classes") == names:
-            atomic_write_text(run.path / "run.toml", toml_dumps({"alssl_format": run.state["format_version"], **run.config}))
+        n = import_labels(run, dataset, ORACLE if oracle else from_file, any_images=any_images, classes=names)
     n_skipped = len(run.state["rounds"][-1].get("skipped", []))
     typer.echo(f"imported {n} labels{f' and {n_skipped} skipped images' if n_skipped else ''}; "
                f"{int(run.labeled_mask.sum())} labeled in {run.n_rounds} rounds")
@@ -958,7 +946,8 @@ def label_ui(
     """
     from alssl.errors import warn
     from alssl.labeling.server import bind, make_app, new_token, serve, url_of
-    from alssl.labeling.session import LabelSession, resolve_classes
+    from alssl.labeling.session import LabelSession
+    from alssl.rounds import resolve_classes
 
     names = _classes_option(classes)
     _use_devices(accelerator, devices, precision)
@@ -968,7 +957,7 @@ def label_ui(
 
         with run_lock(run_dir):  # held only while loading: the server takes it again to import (session.py)
             run, dataset = _load_run(run_dir)
-            label_classes, store = resolve_classes(dataset, names)
+            label_classes, store = resolve_classes(run, dataset, names)
             session = LabelSession(run_dir, dataset, classes=label_classes, store=store)
             session.load(run)
     except BaseException:
@@ -1017,13 +1006,13 @@ def tasks(
     if format != "label-studio":
         raise unknown("format", format, ["label-studio"])
     names = _classes_option(classes)
-    from alssl.labeling.session import resolve_classes
     from alssl.labeling.studio import TASK_FILES, is_tasks_dir, write_tasks
+    from alssl.rounds import resolve_classes
     from alssl.runs import check_output, check_writable, data_inputs, run_lock
 
     with run_lock(run_dir):
         run, dataset = _load_run(run_dir)
-        label_classes, _ = resolve_classes(dataset, names)
+        label_classes, _ = resolve_classes(run, dataset, names)
         if run.state["open_query"] is not None:
             check_output(out, names=TASK_FILES, is_previous=is_tasks_dir, inputs=data_inputs(run.config["data"]),
                          force=force, what="Label Studio tasks")

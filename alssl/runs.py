@@ -447,6 +447,14 @@ def data_inputs(data: dict) -> list[Path]:
     return out + ([Path(data["test"])] if data.get("test") else [])
 
 
+def read_json(path: Path) -> Any:
+    """The JSON in `path`, or None when it is missing, unreadable or not JSON: for "did alssl write this?" checks."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
 def check_output(out: Path, *, names: list[str] | None, is_previous, inputs: list[Path], force: bool,
                  what: str) -> None:
     """Refuse an `--out` that would overwrite a run's file, an input, or a file that is not `what` from an earlier
@@ -472,6 +480,10 @@ def check_output(out: Path, *, names: list[str] | None, is_previous, inputs: lis
 
 
 # ---------------------------------------------------------------- locking
+class RunBusy(UserError):
+    """`run_lock` waited in vain: another alssl process holds the run (the labeling page answers 503 with it)."""
+
+
 @contextlib.contextmanager
 def run_lock(path: str | os.PathLike, *, wait: float | None = None) -> Iterator[None]:
     """Hold an exclusive lock on a run dir for the duration of a command.
@@ -498,8 +510,8 @@ def run_lock(path: str | os.PathLike, *, wait: float | None = None) -> Iterator[
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             if time.monotonic() >= deadline:
-                raise UserError(f"run dir {path} is in use by another alssl process (pid {holder}); wait for it to "
-                                "finish or stop it") from None
+                raise RunBusy(f"run dir {path} is in use by another alssl process (pid {holder}); wait for it to "
+                              "finish or stop it") from None
             time.sleep(0.05)
             continue
         try:
