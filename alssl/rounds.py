@@ -1,9 +1,11 @@
-"""Stage 3 rounds with people in the loop: open a query, write its CSV (and a contact sheet), import labels.
+"""Stage 3 rounds with people in the loop: pick, open a query, write its CSV (and a contact sheet), import labels.
 
-A round is: `query` picks B unlabeled samples and writes `queries/round-K.csv` (header `index,id`, CSV-quoted); the
-pool is unchanged until `label` imports a label for every queried row, from a person's file or from the dataset's
-ground truth (`--oracle`, for simulation). Labels a person already has for any pool images can be imported as a
-round of their own (`--any`). A label file is checked whole before anything is imported, every problem listed at once.
+A round is: `query` picks B unlabeled samples (`pick`, the acquisition step `alssl curve` uses too) and writes
+`queries/round-K.csv` (header `index,id`, CSV-quoted); the pool is unchanged until labels arrive for every queried
+row, from a person's file, the labeling page, a Label Studio export, a Python mapping or the dataset's ground truth
+(`--oracle`, for simulation). Labels a person already has for any pool images can be imported as a round of their own
+(`--any`). Every one of these becomes rows (`labeling/files.py`) for `close_round`, the one import: the rows are
+checked whole before anything is imported, every problem listed at once.
 A label `__skip__` (SKIP; Label Studio's skipped tasks and the page's skip key mean the same) marks an image as "none
 of these": it is recorded as skipped in the round (`rounds[k].skipped` in state.json), never queried again and not
 labeled.
