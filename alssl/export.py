@@ -199,7 +199,8 @@ def suggestions(run: Run, dataset: Dataset, indices: list[int]) -> dict[int, tup
     return model_suggestions(run, dataset, indices)[0]
 
 
-def model_suggestions(run: Run, dataset: Dataset, indices: list[int]) -> tuple[dict[int, tuple[str, float]], dict | None]:
+def model_suggestions(run: Run, dataset: Dataset, indices: list[int]
+                      ) -> tuple[dict[int, tuple[str, float]], dict | None]:
     """(suggestions as `suggestions` gives them, the model's record: its accuracy and what it was measured on)."""
     if not indices or not run.labeled_mask.any():
         return {}, None

@@ -243,7 +243,8 @@ def test_submit_while_another_command_holds_the_run_answers_503(tmp_path, monkey
     monkeypatch.setattr(session, "LOCK_WAIT_S", 0.2)
     with run_lock(run.path):  # another command (a second lock of this process conflicts just the same)
         status, res = s.submit()
-    assert status == 503 and "in use by another alssl process" in res["error"] and "nothing was imported" in res["error"]
+    assert status == 503 and "in use by another alssl process" in res["error"]
+    assert "nothing was imported" in res["error"]
     assert Run.open(run.path).state["open_query"] is not None
     assert s.submit()[0] == 200
 

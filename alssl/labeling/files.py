@@ -239,7 +239,8 @@ def _image_index(url, dataset, by_id: dict[str, int]) -> int | None:
     return None
 
 
-def _rows(tasks: list[dict], *, dataset, labeled: np.ndarray, labels: np.ndarray | None) -> tuple[list[Row], list[str], list[str]]:
+def _rows(tasks: list[dict], *, dataset, labeled: np.ndarray, labels: np.ndarray | None
+          ) -> tuple[list[Row], list[str], list[str]]:
     rows, problems = [], []
     skipped = changed = 0
     by_id = None

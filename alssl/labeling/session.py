@@ -9,8 +9,10 @@ How the server shares the run with other alssl commands (docs/labeling.md):
   two tabs, never lose each other's labels, and a crash or `kill -9` loses nothing that was acknowledged.
 - Submit, and opening the next query, take the run lock (`run_lock(wait=...)`: a few seconds for a command that holds
   it, then answering 503), re-read `state.json` under it, and import through `rounds.import_labels`: exactly the
-  validation and code path of `alssl label RUN --from round-K.partial.csv` (`rounds.close_round`). A round that is no longer open is never imported
-  again (a second Submit, or another tab, gets the first import's summary).
+  validation and code path of `alssl label RUN --from round-K.partial.csv` (`rounds.close_round`). A round that is no
+  longer open is never imported again (a second Submit, or another tab, gets the first import's summary).
+- The run lock is not held while labels are saved (a long command would stall every click): the partial file has its
+  own short lock, `queries_lock`, a `flock` on `RUN/queries/` itself.
 """
 
 from __future__ import annotations
