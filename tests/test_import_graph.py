@@ -5,6 +5,7 @@ re-exports lazily, and every module would otherwise close a cycle through it.)""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "alssl"
@@ -15,6 +16,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     """{module: the alssl modules it imports} for every .py file under alssl/."""
     files = {module_name(p): p for p in sorted(PKG.rglob("*.py"))}
