@@ -42,22 +42,30 @@ def run_path(run: RunLike) -> Path:
 
 
 def open_run(run: RunLike):
-    """The `Run` at this path (read now; functions below re-read it under the lock). `run.dataset()` loads its data."""
+    """The `Run` at this path (read now; the functions below re-read it under the lock)."""
     from alssl.runs import Run
 
     return Run.open(run_path(run))
+
+
+def dataset(run: RunLike, *, quiet: bool = True):
+    """The run's `Dataset` (`alssl.data`): pool pixels `x_train`, `ids`, `classes`, the test split, and on a
+    benchmark the ground truth `y_train`."""
+    with opened(run, quiet=quiet) as (_, data):
+        return data
 
 
 @contextlib.contextmanager
 def opened(run: RunLike, *, quiet: bool = True) -> Iterator[tuple[Any, Any]]:
     """(run, dataset) read under the run's lock, held for the `with` block (an image-folder run may rebuild its
     on-disk pool if that was deleted)."""
+    from alssl.data import run_dataset
     from alssl.runs import Run, run_lock
 
     path = run_path(run)
     with run_lock(path):
         opened_run = Run.open(path)
-        yield opened_run, opened_run.dataset(quiet=quiet)
+        yield opened_run, run_dataset(opened_run, quiet=quiet)
 
 
 def _devices(accelerator: str | None, devices: str | int | None, precision: str | None):
@@ -109,7 +117,7 @@ def pretrain(data: str, out: str | os.PathLike, *, test: str | os.PathLike | Non
     """Stage 1: create the run dir `out` (or resume it: the same arguments again) and pretrain; returns the stage's
     summary (features' score at the start and at the end, steps, seconds), None on a non-zero rank."""
     from alssl.config import PretrainArgs
-    from alssl.data import is_pool_spec, load_dataset
+    from alssl.data import is_pool_spec, load_dataset, run_dataset
     from alssl.runs import Run, check_writable, run_lock
 
     out = Path(out)
@@ -142,7 +150,7 @@ def pretrain(data: str, out: str | os.PathLike, *, test: str | os.PathLike | Non
             if Run.exists(out):
                 run = Run.open(out)
                 args.check_same_run(run, data_config(data, imbalance, seed, **given))
-                dataset = preloaded if preloaded is not None else run.dataset(quiet=quiet)
+                dataset = preloaded if preloaded is not None else run_dataset(run, quiet=quiet)
             else:
                 run, dataset = _create_run(out, data, preloaded, args, imbalance=imbalance, seed=seed, workers=workers,
                                            quiet=quiet, given=given)
@@ -317,54 +325,15 @@ def label(run: RunLike, labels: Mapping | str | os.PathLike, *, any_images: bool
     """Import labels for the open query: a mapping {pool index or image id: class name or id} (write "__skip__"
     for an image that fits no class), a label file (CSV, Label Studio export), or "oracle" (the dataset's ground
     truth, a simulation). `any_images`: labels for any unlabeled pool images, as a round of their own."""
-    from alssl.rounds import label_any, label_from_csv, label_oracle
+    from alssl.rounds import ORACLE, import_labels
 
-    oracle = isinstance(labels, str) and labels == "oracle"
-    if any_images and oracle:
+    if any_images and isinstance(labels, str) and labels == ORACLE:
         raise UserError("--any imports labels from a file; use it with --from FILE.csv, not --oracle")
     names = class_list(classes)
     with opened(run) as (r, dataset):
-        if names is not None:
-            r.set_classes(names, dataset)
-        if oracle:
-            n = label_oracle(r, dataset)
-        elif isinstance(labels, Mapping):
-            n = _label_mapping(r, dataset, labels, any_images=any_images)
-        else:
-            n = (label_any if any_images else label_from_csv)(r, dataset, Path(labels))
-        if names is not None and r.data_config.get("classes") == names:
-            r.save_config()
+        n = import_labels(r, dataset, labels, any_images=any_images, classes=names)
         return {"imported": n, "skipped": len(r.rounds[-1].get("skipped", [])), "labeled": int(r.labeled_mask.sum()),
                 "rounds": r.n_rounds}
-
-
-def _label_mapping(run, dataset, labels: Mapping, *, any_images: bool) -> int:
-    """Close the open query (or, `any_images`, import a round of its own) from {index or id: class}."""
-    import numpy as np
-
-    from alssl.rounds import _close, _require_open, check_open_query, parse_label_rows
-
-    rows = []
-    for n, (key, value) in enumerate(labels.items(), start=1):
-        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-            rows.append((f"entry {n}", str(int(key)), None, str(value)))
-        elif isinstance(key, str):
-            rows.append((f"entry {n}", None, key, str(value)))
-        else:
-            raise UserError(f"labels are {{pool index (int) or image id (str): class}}; entry {n} has the key {key!r}")
-    if not any_images:
-        open_q = _require_open(run)
-        idx, y = check_open_query(rows, dataset=dataset, open_indices=open_q["indices"], labeled=run.labeled_mask)
-        return _close(run, idx, y, source="python")
-    if run.open_query is not None:
-        raise UserError(f"round {run.open_query['round']}'s query ({run.open_query['file']}) is open; label it first, "
-                        f"then import other labels with any_images=True")
-    free = ~run.labeled_mask & ~run.skipped_mask
-    idx, y = parse_label_rows(rows, dataset=dataset, wanted=set(np.flatnonzero(free).tolist()),
-                              labeled=run.labeled_mask, what="the pool's unlabeled, not skipped images")
-    run.add_labels(idx, y, round_meta={"strategy": "import", "budget": str(len(idx)), "seed": None, "source": "python"})
-    run.save_state()
-    return int((y >= 0).sum())
 
 
 # ---------------------------------------------------------------- what a run holds
@@ -563,11 +532,12 @@ def predict(run: RunLike, *, out: str | os.PathLike, data: Sequence[str | os.Pat
 def label_session(run: RunLike, *, classes: str | Sequence[str] | None = None):
     """The labeling page's session for the open query (`alssl.labeling.session.LabelSession`), loaded under the
     run's lock; `alssl.labeling.server.make_app(session, token)` serves it (the page takes the lock again to import)."""
-    from alssl.labeling.session import LabelSession, resolve_classes
+    from alssl.labeling.session import LabelSession
+    from alssl.rounds import resolve_classes
 
     names = class_list(classes)
     with opened(run) as (r, dataset):
-        label_classes, store = resolve_classes(dataset, names)
+        label_classes, store = resolve_classes(r, dataset, names)
         session = LabelSession(r.path, dataset, classes=label_classes, store=store)
         session.load(r)
     return session
@@ -577,14 +547,14 @@ def label_session(run: RunLike, *, classes: str | Sequence[str] | None = None):
 def tasks(run: RunLike, out: str | os.PathLike, *, classes: str | Sequence[str] | None = None,
           document_root: str | os.PathLike | None = None, force: bool = False) -> dict:
     """Label Studio tasks for the open query (tasks.json, config.xml, images/ where needed) in `out`."""
-    from alssl.labeling.session import resolve_classes
     from alssl.labeling.studio import TASK_FILES, is_tasks_dir, write_tasks
+    from alssl.rounds import resolve_classes
     from alssl.runs import check_output, check_writable, data_inputs
 
     out = Path(out)
     names = class_list(classes)
     with opened(run) as (r, dataset):
-        label_classes, _ = resolve_classes(dataset, names)
+        label_classes, _ = resolve_classes(r, dataset, names)
         if r.open_query is not None:
             check_output(out, names=TASK_FILES, is_previous=is_tasks_dir, inputs=data_inputs(r.data_config),
                          force=force, what="Label Studio tasks")

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from alssl.acquisition import NEEDS_LABELS, STRATEGIES, AcquisitionContext, select
+from alssl.acquisition import STRATEGIES
 from alssl.budget import budget_count
 from alssl.data import Dataset, is_pool_spec, load_dataset
 from alssl.errors import UserError, unknown
 from alssl.faults import fault_point
 from alssl.feature_sets import pool_features
 from alssl.probes import PROBES, fit_probe
-from alssl.rounds import strategy_rng
+from alssl.rounds import pick
 from alssl.runs import atomic_write_text
 
 COLUMNS = ["arm", "probe", "strategy", "seed", "round", "budget", "n_labeled", "fraction", "labels_per_class",
@@ -178,19 +178,16 @@ def run_chain(out: Path, grid: Grid, counts: list[int], chain: tuple[str, str, i
         mask = np.zeros(n_pool, bool)
         mask[labeled_list] = True
         labels = np.where(mask, dataset.y_train, -1)
-        first = strategy in NEEDS_LABELS and not mask.any()
-        name = "random" if first else strategy
-        ctx = AcquisitionContext(embeddings=train, labeled=mask, labels=labels, num_classes=C,
-                                 images=dataset.x_train, probe=probe, options=dict(grid.options),
-                                 cache_dir=run_path / "features")
-        picked = select(name, ctx, target - int(mask.sum()), strategy_rng(seed, k, name))
+        picked, info = pick(strategy, target - int(mask.sum()), embeddings=train, labeled=mask, labels=labels,
+                            num_classes=C, seed=seed, round_k=k, images=dataset.x_train, probe=probe,
+                            options=grid.options, cache_dir=run_path / "features", start_random=True)
         labeled_list = labeled_list + [int(i) for i in picked]
         idx = np.asarray(labeled_list)
         model = fit_probe(probe, train[idx], dataset.y_train[idx], num_classes=C, seed=seed)
         pred = model.predict(test)
         base = {"probe": probe, "strategy": strategy, "seed": seed, "round": k, "budget": grid.budgets[k],
                 "n_labeled": len(idx), "fraction": round(len(idx) / n_pool, 6),
-                "labels_per_class": round(len(idx) / C, 3), "random_fill": ctx.info.get("random_fill", 0)}
+                "labels_per_class": round(len(idx) / C, 3), "random_fill": info.get("random_fill", 0)}
         rows = [{**base, "arm": "probe", "accuracy": round(float((pred == dataset.y_test).mean()), 4),
                  "balanced_accuracy": round(_balanced_accuracy(dataset.y_test, pred, C), 4),
                  "seconds": round(time.perf_counter() - t0, 2)}]
@@ -292,7 +289,7 @@ def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path
         from alssl.backbones import load_backbone_checkpoint
 
         src = Run.open(from_run)
-        if src.state["n_pool"] != len(dataset.y_train) or not (Path(from_run) / "checkpoints" / "backbone.pt").exists():
+        if src.n_pool != len(dataset.y_train) or not (Path(from_run) / "checkpoints" / "backbone.pt").exists():
             raise UserError(f"--from {from_run} was not pretrained on this data (or has no backbone.pt); pretrain it with `alssl pretrain --data ...`")
         load_backbone_checkpoint(Path(from_run) / "checkpoints" / "backbone.pt", expect_channels=dataset.channels)
         run_path = Path(from_run)

@@ -27,7 +27,7 @@ from alssl.backbones import TimmBackbone, TorchvisionBackbone, build_backbone, l
 from alssl.data import Dataset
 from alssl.errors import UserError, unknown, warn
 from alssl.probes import MISSING, cross_val_accuracy, fit_probe
-from alssl.runs import _UMASK, Run, atomic_write_bytes, atomic_write_text, torch_load
+from alssl.runs import _UMASK, Run, atomic_write_bytes, atomic_write_text, read_json, torch_load
 
 PREPROCESSING = ("resize the shorter side to image_size (bilinear, antialiased; JPEGs may be decoded at 1/2-1/8 scale "
                  "first with PIL's draft mode when the shorter side is at least 2x image_size), centre crop "
@@ -193,15 +193,33 @@ def _probe_classifier(run: Run, dataset: Dataset, idx: np.ndarray, y: np.ndarray
     return Classifier(backbone, head, dataset.mean, dataset.std).eval(), record
 
 
+def suggestions(run: Run, dataset: Dataset, indices: list[int]) -> dict[int, tuple[str, float]]:
+    """The run's best classifier's (class, confidence) for each queried image; {} when the run has no labels yet
+    (or no model can be built: a warning says why)."""
+    return model_suggestions(run, dataset, indices)[0]
+
+
+def model_suggestions(run: Run, dataset: Dataset, indices: list[int]
+                      ) -> tuple[dict[int, tuple[str, float]], dict | None]:
+    """(suggestions as `suggestions` gives them, the model's record: its accuracy and what it was measured on)."""
+    if not indices or not run.labeled_mask.any():
+        return {}, None
+    try:
+        model, record = best_classifier(run, dataset)
+        ks, conf = predict_rows(model, dataset.x_train[np.asarray(indices, dtype=np.int64)])
+    except UserError as exc:
+        warn(f"no suggestions: {exc}")
+        return {}, None
+    out = {i: (dataset.classes[int(k)], round(float(c), 4)) for i, k, c in zip(indices, ks.tolist(), conf.tolist())}
+    return out, {k: record.get(k) for k in ("classifier", "n_labeled", "accuracy", "accuracy_on")}
+
+
 EXPORT_FILES = ["model.pt", "model.ts", "model.json"]
 
 
 def is_export_dir(out: Path) -> bool:
     """Whether `out` holds an earlier `alssl export` (its model.json is an alssl model card)."""
-    try:
-        card = json.loads((out / "model.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
+    card = read_json(out / "model.json")
     return isinstance(card, dict) and "alssl_version" in card and "classes" in card
 
 

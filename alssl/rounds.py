@@ -1,9 +1,11 @@
-"""Stage 3 rounds with people in the loop: open a query, write its CSV (and a contact sheet), import labels.
+"""Stage 3 rounds with people in the loop: pick, open a query, write its CSV (and a contact sheet), import labels.
 
-A round is: `query` picks B unlabeled samples and writes `queries/round-K.csv` (header `index,id`, CSV-quoted); the
-pool is unchanged until `label` imports a label for every queried row, from a person's file or from the dataset's
-ground truth (`--oracle`, for simulation). Labels a person already has for any pool images can be imported as a
-round of their own (`--any`). A label file is checked whole before anything is imported, every problem listed at once.
+A round is: `query` picks B unlabeled samples (`pick`, the acquisition step `alssl curve` uses too) and writes
+`queries/round-K.csv` (header `index,id`, CSV-quoted); the pool is unchanged until labels arrive for every queried
+row, from a person's file, the labeling page, a Label Studio export, a Python mapping or the dataset's ground truth
+(`--oracle`, for simulation). Labels a person already has for any pool images can be imported as a round of their own
+(`--any`). Every one of these becomes rows (`labeling/files.py`) for `close_round`, the one import: the rows are
+checked whole before anything is imported, every problem listed at once.
 A label `__skip__` (SKIP; Label Studio's skipped tasks and the page's skip key mean the same) marks an image as "none
 of these": it is recorded as skipped in the round (`rounds[k].skipped` in state.json), never queried again and not
 labeled.
@@ -14,8 +16,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ from alssl.budget import parse_budget
 from alssl.data import Dataset
 from alssl.errors import UserError, check_seed, suggest, unknown, warn
 from alssl.faults import fault_point
+from alssl.labeling.files import SKIP, Row, read_label_rows, rows_from_mapping
 from alssl.runs import Run, atomic_write_bytes, atomic_write_text
 
 
@@ -32,15 +37,50 @@ def strategy_rng(seed: int, round_k: int, strategy: str) -> np.random.Generator:
     return np.random.default_rng([seed, round_k, zlib.crc32(strategy.encode())])
 
 
+def needs_labels_first(strategy: str, labeled: np.ndarray) -> bool:
+    """Whether `strategy` is model-based (it needs labels) and nothing is labeled yet: such a strategy cannot start a
+    run. `query` refuses it (the person picks a first round with typiclust or random); a curve starts it with random
+    (Bengar's protocol: the same first round as random), `pick(start_random=True)`."""
+    from alssl.acquisition import NEEDS_LABELS
+
+    return strategy in NEEDS_LABELS and not labeled.any()
+
+
+def pick(strategy: str, n: int, *, embeddings, labeled: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
+         round_k: int, images=None, probe: str = "linear", options: dict | None = None,
+         skipped: np.ndarray | None = None, cache_dir: Path | None = None, start_random: bool = False
+         ) -> tuple[np.ndarray, dict]:
+    """One acquisition step, for `query` and `curve` alike: the `n` pool indices `strategy` picks next (int64, in the
+    strategy's order) and what it reports (delta, random_fill, ...). Pure: nothing is written.
+
+    `embeddings` [N, D], `labeled`/`labels`/`skipped` [N] and `images` cover the whole pool; skipped images are never
+    picked (the strategy sees the others only). The stream of random numbers is `strategy_rng(seed, round_k, name)`.
+    A model-based strategy with nothing labeled yet is refused, or with `start_random` replaced by random."""
+    from alssl.acquisition import AcquisitionContext, select  # torch, faiss: acquisition only
+
+    name = "random" if start_random and needs_labels_first(strategy, labeled) else strategy
+    keep = np.arange(len(labeled)) if skipped is None else np.flatnonzero(~skipped)
+    whole = len(keep) == len(labeled)
+    rows = slice(None) if whole else keep
+    ctx = AcquisitionContext(
+        embeddings=embeddings if whole else _Rows(embeddings, keep),  # memory-mapped, read on demand
+        labeled=labeled[rows], labels=labels[rows], num_classes=num_classes,
+        images=images if whole or images is None else _Rows(images, keep), probe=probe,
+        options=dict(options or {}), cache_dir=cache_dir,
+    )
+    picked = select(name, ctx, n, strategy_rng(seed, round_k, name))
+    return (picked if whole else keep[picked]), ctx.info
+
+
 def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, probe: str = "linear",
           thumbnails: bool = False, options: dict | None = None) -> tuple[Path, bool]:
     """Open round K's query (or re-show the open one asked with the same arguments). Returns (csv path, reshown)."""
-    from alssl.acquisition import NEEDS_LABELS, STRATEGIES, AcquisitionContext, select  # torch, faiss: query only
+    from alssl.acquisition import STRATEGIES  # torch, faiss: query only
     from alssl.feature_sets import choose, pool_features
 
     check_seed(seed)
     ask = {"budget": str(budget), "strategy": strategy, "seed": seed, "probe": probe}
-    open_q = run.state["open_query"]
+    open_q = run.open_query
     if open_q is not None:
         if {k: open_q[k] for k in ask} == ask:
             if not (run.path / open_q["file"]).is_file():  # deleted by hand: the query is in state.json, write it again
@@ -54,7 +94,7 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
         raise unknown("strategy", strategy, STRATEGIES)
     labeled, skipped = run.labeled_mask, run.skipped_mask
     n = parse_budget(budget, n_pool=len(labeled), n_unlabeled=int((~labeled & ~skipped).sum()))
-    if strategy in NEEDS_LABELS and not labeled.any():
+    if needs_labels_first(strategy, labeled):
         raise UserError(
             f"strategy {strategy} needs labeled samples to start; label a first round with `alssl query {run.path} "
             f"--budget {budget} --strategy typiclust` (or random)"
@@ -65,24 +105,21 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
     options = dict(options or {})
     if options.get("skip_duplicates") is None:  # on for pools of image files, off for benchmark data (train/<i> ids)
         options["skip_duplicates"] = dataset.ids[0] != "train/0"
-    keep = np.flatnonzero(~skipped)  # skipped images are never queried again: the strategy sees the others only
-    rows = slice(None) if len(keep) == len(skipped) else keep
-    ctx = AcquisitionContext(
-        embeddings=train_emb if len(keep) == len(skipped) else _Rows(train_emb, keep),  # memory-mapped, read on demand
-        labeled=labeled[rows], labels=run.labels[rows], num_classes=dataset.num_classes,
-        images=dataset.x_train if len(keep) == len(skipped) else _Rows(dataset.x_train, keep), probe=probe,
-        options=options, cache_dir=run.path / "features",
-    )
-    picked = np.sort(keep[select(strategy, ctx, n, strategy_rng(seed, k, strategy))])
+    picked, info = pick(strategy, n, embeddings=train_emb, labeled=labeled, labels=run.labels,
+                        num_classes=dataset.num_classes, seed=seed, round_k=k, images=dataset.x_train, probe=probe,
+                        options=options, skipped=skipped, cache_dir=run.path / "features")
+    picked = np.sort(picked)
     rel = f"queries/round-{k}.csv"
     atomic_write_text(run.path / rel, query_csv(dataset, picked.tolist()))
     if thumbnails:
+        from alssl.labeling.images import contact_sheet
+
         atomic_write_bytes(run.path / f"queries/round-{k}.png", contact_sheet(dataset.x_train, picked))
-    meta = {**ask, "round": k, "file": rel, **choice.record(), **({"info": ctx.info} if ctx.info else {})}
+    meta = {**ask, "round": k, "file": rel, **choice.record(), **({"info": info} if info else {})}
     atomic_write_text(run.path / f"queries/round-{k}.json",  # the query CSV's metadata: what picked it, on which features
                       json.dumps({**meta, "feature_scores": choice.scores}, indent=1) + "\n")
     fault_point("query-after-csv")
-    run.state["open_query"] = {**meta, "indices": picked.tolist()}
+    run.open_query = {**meta, "indices": picked.tolist()}
     run.save_state()
     return run.path / rel, False
 
@@ -112,32 +149,16 @@ def query_csv(dataset: Dataset, indices: list[int]) -> str:
     return buf.getvalue()
 
 
-def contact_sheet(images: np.ndarray, indices: np.ndarray, *, cols: int = 10) -> bytes:
-    """A PNG grid of the queried images, each captioned with its pool index, for a person to label from."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = max(1, -(-len(indices) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.25), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, indices.tolist()):
-        img = images[i]
-        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
-        ax.set_title(str(i), fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _require_open(run: Run) -> dict:
-    open_q = run.state["open_query"]
+# ---------------------------------------------------------------- the open query and the class list
+def require_open_query(run: Run, *, then: str | None = None) -> dict:
+    """The open query; none is a UserError naming the fix (`then`: the command to rerun once `alssl query` opened
+    one; without it, the next query or an import of labels a person already has)."""
+    open_q = run.open_query
+    if open_q is None and then is not None:
+        raise UserError(f"no open query in {run.path}; ask for one with `alssl query {run.path} --budget 2%`, then "
+                        f"rerun `{then}`")
     if open_q is None:
-        rounds = run.state["rounds"]
+        rounds = run.rounds
         done = (f"round {rounds[-1]['round']} is already labeled ({rounds[-1]['n']} labels from "
                 f"{rounds[-1]['source']}); " if rounds else "")
         raise UserError(f"no open query in {run.path}: {done}ask for the next one with `alssl query {run.path} --budget "
@@ -145,24 +166,29 @@ def _require_open(run: Run) -> dict:
     return open_q
 
 
-def label_oracle(run: Run, dataset: Dataset) -> int:
-    """Close the open query with the dataset's ground-truth labels (simulation)."""
-    if not dataset.has_ground_truth:
-        raise UserError(f"{dataset.name} is an unlabeled pool with no ground truth to simulate a labeler; label the "
-                        f"query yourself with `alssl label {run.path} --from FILE.csv`")
-    open_q = _require_open(run)
-    idx = np.asarray(open_q["indices"], dtype=np.int64)
-    return _close(run, idx, dataset.y_train[idx], source="oracle")
+def resolve_classes(run: Run, dataset: Dataset, given: list[str] | None) -> tuple[list[str], bool]:
+    """(class list to label with, whether it is new to the run) for the labeling page and `alssl tasks`."""
+    new = run.classes_are_new(dataset, given)
+    if given is None and not dataset.classes:
+        raise UserError("this run has no class list yet; give one with --classes a,b,c (or --classes @classes.txt), "
+                        "in the order you want the model's outputs")
+    return list(given if given is not None else dataset.classes), new
 
 
-LABEL_HEADERS = (["index", "label"], ["id", "label"], ["index", "id", "label"])
-SKIP = "__skip__"  # the label of an image that fits no class ("none of these"): recorded as skipped, never re-queried
-SKIPPED = -1  # parse_label_rows' label for a SKIP row (Run.add_labels records it as skipped)
+# ---------------------------------------------------------------- labels in: rows -> close_round
+SKIPPED = -1  # check_rows' label for a SKIP row (Run.add_labels records it as skipped)
 _INT = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() accepts '³', which int() rejects
+ORACLE = "oracle"  # import_labels' name for the dataset's ground truth (simulation)
 
 
-def class_id(value: str, classes: list[str]) -> int | str:
-    """A label cell -> class id, or the problem with it (a class name, or an integer id 0..K-1)."""
+def class_id(value: str | int, classes: list[str]) -> int | str:
+    """A label (a class name, or an integer id 0..K-1, as text in a file) -> class id, or the problem with it."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        if 0 <= value < len(classes):
+            return int(value)
+        return f"class id {value} is not one of 0..{len(classes) - 1}"
+    if not isinstance(value, str):
+        return f"label {str(value)[:80]!r} is not a class name or an integer class id"
     if value in classes:
         return classes.index(value)
     if re.fullmatch(r"[0-9]{1,18}", value) and int(value) < len(classes):  # (int() refuses > 4300 digits)
@@ -177,13 +203,12 @@ def _where(line: int | str) -> str:
     return f"line {line}" if isinstance(line, int) else line  # CSV line number, or e.g. "task 12" (Label Studio)
 
 
-def parse_label_rows(rows: list[tuple[int | str, str | None, str | None, str]], *, dataset: Dataset, wanted: set[int],
-                     labeled: np.ndarray, what: str, problems: list[str] | tuple = (),
-                     required: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Validate (line or "task N", index or None, id or None, label) rows whole; returns (indices, labels; SKIPPED
-    for a SKIP row) or raises listing every problem at once: `problems` already found while reading the file, the
-    bad rows, and the `required` indices (an open query's) that no row names. `wanted` = the indices that may be
-    labeled."""
+def parse_label_rows(rows: list[Row], *, dataset: Dataset, wanted: set[int], labeled: np.ndarray, what: str,
+                     problems: list[str] | tuple = (), required: list[int] | None = None,
+                     subject: str = "label file") -> tuple[np.ndarray, np.ndarray]:
+    """Validate (where, index or None, id or None, label) rows whole; returns (indices, labels; SKIPPED for a SKIP
+    row) or raises listing every problem at once: `problems` already found while reading the file, the bad rows, and
+    the `required` indices (an open query's) that no row names. `wanted` = the indices that may be labeled."""
     if not dataset.classes:
         raise UserError("this run has no class list yet; give one once with `alssl label RUN --from FILE "
                         "--classes a,b,c` (or --classes @classes.txt), in the order you want the model's outputs")
@@ -193,10 +218,12 @@ def parse_label_rows(rows: list[tuple[int | str, str | None, str | None, str]], 
     seen: dict[int, int | str] = {}
     out_i, out_y = [], []
     for line, index, ident, lab in rows:
-        if index is not None:
+        if isinstance(index, str):
             if not _INT.fullmatch(index) or len(index) > 19:  # (int() refuses > 4300 digits)
                 problems.append(f"{_where(line)}: index {index[:40]!r} is not an integer pool index")
                 continue
+            index = int(index)
+        if index is not None:
             i = int(index)
             if not 0 <= i < n:
                 problems.append(f"{_where(line)}: unknown index {i} (the pool has {n} images, 0..{n - 1})")
@@ -233,104 +260,99 @@ def parse_label_rows(rows: list[tuple[int | str, str | None, str | None, str]], 
         out_y.append(y)
     missing = sorted(set(required) - seen.keys()) if required is not None else []
     if not problems and not out_i and not missing:
-        problems.append("the file has no label rows")
+        problems.append("the file has no label rows" if subject == "label file" else f"no {subject}")
     if problems or missing:
         listed = problems[:5] + ([f"and {len(problems) - 5} more"] if len(problems) > 5 else [])
         if missing:  # always listed, after the rows: the whole picture in one pass
             shown = ", ".join(repr(dataset.ids[i]) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
             listed.append(f"{len(missing)} queried images have no label ({shown}): label every row of the query, or "
                           f"write {SKIP} for an image that fits no class")
-        raise UserError(f"label file rejected, nothing imported: {'; '.join(listed)}; fix these and rerun")
+        raise UserError(f"{subject} rejected, nothing imported: {'; '.join(listed)}; fix these and rerun")
     return np.asarray(out_i, np.int64), np.asarray(out_y, np.int64)
 
 
-def read_label_csv(text: str) -> list[tuple[int, str | None, str | None, str]]:
-    """Rows (line, index, id, label) of a label CSV with header index,label | id,label | index,id,label."""
-    reader = csv.reader(io.StringIO(text))
+def _wanted(run: Run, *, any_images: bool) -> tuple[set[int], str, list[int] | None]:
+    """(the indices rows may label, their name in messages, the indices every one of which needs a row): the open
+    query's, or with `any_images` (no query may be open then) the pool's unlabeled, not skipped images."""
+    if any_images:
+        open_q = run.open_query
+        if open_q is not None:
+            raise UserError(f"round {open_q['round']}'s query ({open_q['file']}) is open; label it first "
+                            f"(`alssl label {run.path} --from FILE.csv`), then import other labels with --any")
+        free = ~run.labeled_mask & ~run.skipped_mask  # a skipped image stays skipped
+        return set(np.flatnonzero(free).tolist()), "the pool's unlabeled, not skipped images", None
+    indices = [int(i) for i in require_open_query(run)["indices"]]
+    return set(indices), "the open query", indices
+
+
+def check_rows(run: Run, dataset: Dataset, rows: list[Row], *, any_images: bool = False,
+               problems: list[str] | tuple = (), subject: str = "label file") -> tuple[np.ndarray, np.ndarray]:
+    """Rows checked whole, nothing written: against the open query (every row valid, every queried image labeled or
+    skipped), or with `any_images` against the pool's unlabeled, not skipped images. Returns (indices, labels)."""
+    wanted, what, required = _wanted(run, any_images=any_images)
+    return parse_label_rows(rows, dataset=dataset, wanted=wanted, labeled=run.labeled_mask, what=what,
+                            problems=problems, required=required, subject=subject)
+
+
+def close_round(run: Run, dataset: Dataset, rows: list[Row], *, source: str, problems: list[str] | tuple = (),
+                notes: list[str] | tuple = (), any_images: bool = False, classes: list[str] | None = None,
+                subject: str = "label file") -> int:
+    """The one way labels enter a run (`alssl label`, the labeling page, Label Studio exports, a Python mapping).
+
+    The rows (`labeling/files.py`) are checked whole (`check_rows`: every problem at once, with the `problems` the
+    reader found), then written and the open query closed, or with `any_images` imported as a round of its own;
+    state.json is saved once. `classes` gives a run without a class list its classes (stored in state.json and
+    run.toml with the import). `notes` are warned after the import. Returns the number of labels imported (skipped
+    images not counted)."""
+    new_classes = run.classes_are_new(dataset, classes)
+    if new_classes:
+        run.set_classes(dataset, classes)
     try:
-        header = [h.strip().lower() for h in next(reader, [])]
-        if header not in LABEL_HEADERS:
-            raise UserError(f"label file must start with a header `index,label`, `id,label` or `index,id,label` (the "
-                            f"query CSV with a label column), or be a Label Studio export (found {','.join(header)[:80] or 'nothing'}); "
-                            f"add the header")
-        rows = []
-        for line_no, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(header):
-                raise UserError(f"label file rejected, nothing imported: line {line_no} has {len(row)} columns, the "
-                                f"header has {len(header)}; quote values that contain commas (\"a, b.jpg\")")
-            cells = dict(zip(header, row))  # ids exactly as written: a file name may begin or end with a space
-            index = cells.get("index")
-            rows.append((line_no, None if index is None else index.strip(), cells.get("id"), cells["label"].strip()))
-    except csv.Error as exc:
-        raise UserError(f"label file is not valid CSV ({exc}); save it as plain UTF-8 CSV") from None
-    return rows
-
-
-def parse_label_csv(text: str, *, dataset: Dataset, open_indices: list[int], labeled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a person's label CSV against the open query; returns (indices, labels) or raises listing bad rows."""
-    return check_open_query(read_label_csv(text), dataset=dataset, open_indices=open_indices, labeled=labeled)
-
-
-def check_open_query(rows: list, *, dataset: Dataset, open_indices: list[int], labeled: np.ndarray,
-                     problems: list[str] | tuple = ()) -> tuple[np.ndarray, np.ndarray]:
-    """Label rows validated against the open query: every row valid and every queried image labeled (or skipped)."""
-    return parse_label_rows(rows, dataset=dataset, wanted=set(open_indices), labeled=labeled, what="the open query",
-                            problems=problems, required=list(open_indices))
-
-
-def read_label_rows(path: Path, *, dataset: Dataset, run: Run) -> tuple[list, list[str], list[str]]:
-    """(rows, problems found while reading, notes for after the import) of a label file: a label CSV, or a Label
-    Studio export (JSON, JSON-MIN or CSV: `alssl.labeling.studio`)."""
-    text = read_label_file(path)
-    from alssl.labeling.studio import export_kind, read_export
-
-    kind = export_kind(path, text)
-    if kind is None:
-        return read_label_csv(text), [], []
-    return read_export(text, kind, dataset=dataset, labeled=run.labeled_mask, labels=run.labels)
-
-
-def read_label_file(path: Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"label file {path} does not exist; pass the CSV you filled in (header id,label or index,label)")
-    try:  # file names that are not UTF-8 come back exactly as the query CSV wrote them (runs.atomic_write_text)
-        return path.read_text(encoding="utf-8-sig", errors="surrogateescape")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"label file {path} is unreadable ({type(exc).__name__}); save it as UTF-8 CSV") from None
-
-
-def label_from_csv(run: Run, dataset: Dataset, path: Path) -> int:
-    """Import a person's labels for the open query; the whole file is rejected on any bad row."""
-    open_q = _require_open(run)
-    rows, problems, notes = read_label_rows(path, dataset=dataset, run=run)
-    idx, y = check_open_query(rows, dataset=dataset, open_indices=open_q["indices"], labeled=run.labeled_mask,
-                              problems=problems)
-    n = _close(run, idx, y, source=label_source(run, path))
-    for note in notes:
-        warn(note)
-    return n
-
-
-def label_any(run: Run, dataset: Dataset, path: Path) -> int:
-    """Import labels a person already has, for any unlabeled pool images, as a round of its own ("import")."""
-    open_q = run.state["open_query"]
-    if open_q is not None:
-        raise UserError(f"round {open_q['round']}'s query ({open_q['file']}) is open; label it first "
-                        f"(`alssl label {run.path} --from FILE.csv`), then import other labels with --any")
-    labeled = run.labeled_mask
-    rows, problems, notes = read_label_rows(path, dataset=dataset, run=run)
-    free = ~labeled & ~run.skipped_mask  # a skipped image stays skipped
-    idx, y = parse_label_rows(rows, dataset=dataset, wanted=set(np.flatnonzero(free).tolist()), labeled=labeled,
-                              what="the pool's unlabeled, not skipped images", problems=problems)
-    run.add_labels(idx, y, round_meta={"strategy": "import", "budget": str(len(idx)), "seed": None,
-                                       "source": label_source(run, path)})
+        idx, y = check_rows(run, dataset, rows, any_images=any_images, problems=problems, subject=subject)
+    except UserError:
+        if new_classes:  # nothing stored by a refused import
+            run.set_classes(dataset, None)
+        raise
+    if any_images:
+        meta = {"strategy": "import", "budget": str(len(idx)), "seed": None, "source": source}
+    else:
+        open_q = run.open_query
+        meta = {"strategy": open_q["strategy"], "budget": open_q["budget"], "seed": open_q["seed"], "source": source,
+                **({"info": open_q["info"]} if open_q.get("info") else {}),
+                **({"features": open_q["features"]} if open_q.get("features") else {})}
+    run.add_labels(idx, y, round_meta=meta)
+    if not any_images:
+        run.open_query = None
     run.save_state()
+    if new_classes:
+        run.save_config()
     for note in notes:
         warn(note)
     return int((y != SKIPPED).sum())
+
+
+def import_labels(run: Run, dataset: Dataset, labels: Mapping | str | os.PathLike, *, any_images: bool = False,
+                  classes: list[str] | None = None) -> int:
+    """Labels from anywhere into the run through `close_round`: a mapping {pool index (int) or image id (str): class
+    name, class id (int) or SKIP}, a label file (our CSV or a Label Studio export), or the str "oracle" (the dataset's
+    ground truth, a simulation; a file named oracle is Path("oracle")). Returns the number of labels imported."""
+    run.classes_are_new(dataset, classes)  # the order of the answers: class list, then open query, then the rows
+    if isinstance(labels, str) and labels == ORACLE:
+        if any_images:
+            raise UserError("--any imports labels from a file; use it with --from FILE.csv, not --oracle")
+        if not dataset.has_ground_truth:
+            raise UserError(f"{dataset.name} is an unlabeled pool with no ground truth to simulate a labeler; label "
+                            f"the query yourself with `alssl label {run.path} --from FILE.csv`")
+        idx = [int(i) for i in require_open_query(run)["indices"]]
+        rows = [(f"index {i}", i, None, int(dataset.y_train[i])) for i in idx]
+        return close_round(run, dataset, rows, source="oracle", classes=classes)
+    _wanted(run, any_images=any_images)  # an open query (or, with any_images, none) before the rows are read
+    if isinstance(labels, Mapping):
+        return close_round(run, dataset, rows_from_mapping(labels), source="python", any_images=any_images,
+                           classes=classes, subject="labels")
+    rows, problems, notes = read_label_rows(Path(labels), dataset=dataset, labeled=run.labeled_mask, labels=run.labels)
+    return close_round(run, dataset, rows, source=label_source(run, labels), problems=problems, notes=notes,
+                       any_images=any_images, classes=classes)
 
 
 def label_source(run: Run, path: Path) -> str:
@@ -340,13 +362,3 @@ def label_source(run: Run, path: Path) -> str:
         return Path(path).resolve().relative_to(run.path.resolve()).as_posix()
     except ValueError:
         return str(path)
-
-
-def _close(run: Run, idx: np.ndarray, y: np.ndarray, *, source: str) -> int:
-    open_q = run.state["open_query"]
-    run.add_labels(idx, y, round_meta={"strategy": open_q["strategy"], "budget": open_q["budget"], "seed": open_q["seed"], "source": source,
-                                       **({"info": open_q["info"]} if open_q.get("info") else {}),
-                                       **({"features": open_q["features"]} if open_q.get("features") else {})})
-    run.state["open_query"] = None
-    run.save_state()
-    return int((y != SKIPPED).sum())

@@ -444,23 +444,27 @@ class Run:
                             f"--budget 2%`, then `alssl label {self.path} --from FILE.csv`, or --oracle on a benchmark)")
         return idx
 
-    def set_classes(self, names: list[str], dataset=None) -> None:
-        """Give a run without a class list its classes (in memory; `save_config` persists them). A run's class list
-        never changes once set: asking for another is a UserError."""
-        have = self.data_config.get("classes") or (dataset.classes if dataset is not None else None)
-        if have and list(names) != list(have):
-            raise UserError(f"{self.path} already has classes {', '.join(have)}; drop --classes (the class list of a "
-                            f"run cannot change once set)")
-        if have:
-            return
-        self.data_config["classes"] = list(names)
-        if dataset is not None:
-            dataset.classes = list(names)
+    def classes_are_new(self, dataset, given: list[str] | None) -> bool:
+        """Whether `given` (a class list asked for, or None) is new to the run, i.e. the run has none yet. A run's class
+        list is set once (stored with the first import) and never changes: another list is a UserError."""
+        if given is None:
+            return False
+        if dataset.classes and list(given) != list(dataset.classes):
+            raise UserError(f"{self.path} already has classes {', '.join(dataset.classes)}; drop --classes (the class "
+                            f"list of a run cannot change once set)")
+        return not dataset.classes
+
+    def set_classes(self, dataset, names: list[str] | None) -> None:
+        """The run's class list (and its dataset's), or None to take it back (in memory: `save_state`/`save_config`)."""
+        dataset.classes = list(names or [])
+        if names is None:
+            self.data_config.pop("classes", None)
+        else:
+            self.data_config["classes"] = list(names)
 
     def save_config(self) -> None:
-        """Write run.toml (and state.json, which holds the same config) from `config`."""
+        """run.toml, the human-readable copy of the run's config (state.json holds it too: `save_state`)."""
         atomic_write_text(self.path / "run.toml", toml_dumps({"alssl_format": self.state["format_version"], **self.config}))
-        self.save_state()
 
     def record_stage(self, name: str, summary: dict) -> dict:
         """Keep a stage's summary (its scalar values) in state.json for `alssl status`; returns what was kept."""
@@ -468,21 +472,6 @@ class Run:
         self.state["stages"][name] = kept
         self.save_state()
         return kept
-
-    def dataset(self, *, quiet: bool = True):
-        """The run's dataset exactly as it was when the run was made (an image folder's RUN/pool, rebuilt from the
-        folder if it was deleted: call it under `run_lock(run.path)`)."""
-        from alssl.data import load_dataset
-
-        cfg = self.data_config
-        dataset = load_dataset(cfg["spec"], imbalance=cfg.get("imbalance"), seed=cfg.get("seed", 0), test=cfg.get("test"),
-                               classes=cfg.get("classes"), image_size=cfg.get("image_size"),
-                               strict=cfg.get("strict", False), pool_dir=self.path / "pool", quiet=quiet,
-                               expect=cfg.get("pool"), jpeg_draft=cfg.get("jpeg_draft", True))
-        if dataset.n_pool != self.n_pool:
-            raise UserError(f"the data {cfg['spec']} no longer matches {self.path} ({dataset.n_pool} vs {self.n_pool} "
-                            f"samples); restore the data or start a new run")
-        return dataset
 
     # -- files
     @property
@@ -523,6 +512,14 @@ def data_inputs(data: dict) -> list[Path]:
     return out + ([Path(data["test"])] if data.get("test") else [])
 
 
+def read_json(path: Path) -> Any:
+    """The JSON in `path`, or None when it is missing, unreadable or not JSON: for "did alssl write this?" checks."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
 def check_output(out: Path, *, names: list[str] | None, is_previous, inputs: list[Path], force: bool,
                  what: str) -> None:
     """Refuse an `--out` that would overwrite a run's file, an input, or a file that is not `what` from an earlier
@@ -548,6 +545,10 @@ def check_output(out: Path, *, names: list[str] | None, is_previous, inputs: lis
 
 
 # ---------------------------------------------------------------- locking
+class RunBusy(UserError):
+    """`run_lock` waited in vain: another alssl process holds the run (the labeling page answers 503 with it)."""
+
+
 @contextlib.contextmanager
 def run_lock(path: str | os.PathLike, *, wait: float | None = None) -> Iterator[None]:
     """Hold an exclusive lock on a run dir for the duration of a command.
@@ -574,8 +575,8 @@ def run_lock(path: str | os.PathLike, *, wait: float | None = None) -> Iterator[
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             if time.monotonic() >= deadline:
-                raise UserError(f"run dir {path} is in use by another alssl process (pid {holder}); wait for it to "
-                                "finish or stop it") from None
+                raise RunBusy(f"run dir {path} is in use by another alssl process (pid {holder}); wait for it to "
+                              "finish or stop it") from None
             time.sleep(0.05)
             continue
         try:

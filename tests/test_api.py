@@ -36,7 +36,7 @@ def test_the_notebook_walkthrough_equals_the_cli_path(tmp_path):
     assert summary["run"] == str(run) and summary["epochs"] == 1
     q = alssl.query(run, budget=30, strategy="random", seed=0)
     assert q["round"] == 0 and len(q["indices"]) == 30 and not q["reshown"]
-    truth = alssl.open_run(run).dataset().y_train
+    truth = alssl.dataset(run).y_train  # a benchmark: its ground truth plays the person
     answers = {i: str(int(truth[i])) for i in q["indices"]}  # a person's answers, as a dict (class ids)
     res = alssl.label(run, answers)
     assert res == {"imported": 30, "skipped": 0, "labeled": 30, "rounds": 1}

@@ -11,8 +11,9 @@ import pytest
 
 from alssl.data import load_dataset
 from alssl.errors import UserError
-from alssl.labeling.studio import export_kind, labeling_config, read_export
-from alssl.rounds import label_any, label_from_csv
+from alssl.labeling.files import export_kind, read_export
+from alssl.labeling.studio import labeling_config
+from alssl.rounds import import_labels
 from alssl.runs import Run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "label_studio"
@@ -48,7 +49,7 @@ def _labels(run: Run, digits, idx) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", EXPORTS)
 def test_real_exports_import(run, digits, expected, name):
-    assert label_from_csv(run, digits, FIXTURES / name) == len(expected["labels"])
+    assert import_labels(run, digits, FIXTURES / name) == len(expected["labels"])
     after = Run.open(run.path)
     assert after.state["open_query"] is None and after.n_rounds == 2
     # the latest non-cancelled annotation wins (the script corrected task 1 and skipped task 2 once)
@@ -110,7 +111,7 @@ def test_malformed_export_imports_nothing(run, digits, tmp_path, change, needles
     change(tasks)
     before = (run.path / "state.json").read_bytes()
     with pytest.raises(UserError) as e:
-        label_from_csv(run, digits, _write(tmp_path, tasks))
+        import_labels(run, digits, _write(tmp_path, tasks))
     assert "nothing imported" in str(e.value)
     for n in needles:
         assert n in str(e.value), (n, str(e.value))
@@ -123,7 +124,7 @@ def test_every_problem_listed_at_once(run, digits, tmp_path):
     tasks[1]["data"]["alssl_index"] = 3
     tasks.append(json.loads(json.dumps(tasks[2])) | {"id": 99})
     with pytest.raises(UserError) as e:
-        label_from_csv(run, digits, _write(tmp_path, tasks))
+        import_labels(run, digits, _write(tmp_path, tasks))
     msg = str(e.value)
     assert "task 1 " in msg and "task 2 " in msg and "task 99 " in msg
 
@@ -133,7 +134,7 @@ def test_skipped_task_is_recorded_as_skipped(run, digits, tmp_path):
     tasks = _tasks_for(run)
     tasks[0]["annotations"] = [{"id": 7, "was_cancelled": True, "result": [], "updated_at": "2026-01-01T00:00:00Z"}]
     i0 = tasks[0]["data"]["alssl_index"]
-    assert label_from_csv(run, digits, _write(tmp_path, tasks)) == len(tasks) - 1
+    assert import_labels(run, digits, _write(tmp_path, tasks)) == len(tasks) - 1
     after = Run.open(run.path)
     assert after.state["open_query"] is None and after.state["rounds"][1]["skipped"] == [i0]
     assert after.labeled_round[i0] == -1 and after.state["rounds"][1]["n"] == len(tasks) - 1
@@ -145,7 +146,7 @@ def test_latest_non_cancelled_annotation_and_image_path_mapping(run, digits, tmp
     for n, i in enumerate(idx):
         data = {"image": f"/data/local-files/?d=some/root/images/train/{i}.png"}  # no alssl_index: mapped by path
         tasks.append(_full_task(n + 1, data, ("1", False), ("2", False), ("7", True)))  # 2 is latest non-cancelled
-    assert label_from_csv(run, digits, _write(tmp_path, tasks)) == len(idx)
+    assert import_labels(run, digits, _write(tmp_path, tasks)) == len(idx)
     assert set(Run.open(run.path).labels[idx].tolist()) == {2}
 
 
@@ -153,7 +154,7 @@ def test_tasks_of_earlier_rounds_are_skipped(run, digits, expected, tmp_path, ca
     tasks = _tasks_for(run)
     i0 = expected["round0"][0]
     tasks.append(_full_task(50, {"image": "x", "alssl_index": i0}, ("3", False)))  # a reused project: round 0's task
-    assert label_from_csv(run, digits, _write(tmp_path, tasks)) == len(tasks) - 1
+    assert import_labels(run, digits, _write(tmp_path, tasks)) == len(tasks) - 1
     assert "skipped 1 Label Studio task(s)" in capsys.readouterr().err
 
 
@@ -179,7 +180,7 @@ def test_min_and_csv_records(digits, run):
 def test_any_accepts_an_export(tmp_path, digits):
     r = Run.create(tmp_path / "any", n_pool=digits.n_pool, config={"data": {"spec": "digits"}})
     tasks = [_full_task(n + 1, {"image": "x", "alssl_index": i}, (str(digits.y_train[i]), False)) for n, i in enumerate([4, 8, 15])]
-    assert label_any(r, digits, _write(tmp_path, tasks)) == 3
+    assert import_labels(r, digits, _write(tmp_path, tasks), any_images=True) == 3
     assert Run.open(r.path).labels[[4, 8, 15]].tolist() == digits.y_train[[4, 8, 15]].tolist()
 
 
@@ -200,4 +201,4 @@ def test_not_an_export(digits, run, tmp_path, text, needle):
     f = tmp_path / "export.json"
     f.write_text(text)
     with pytest.raises(UserError, match=needle):
-        label_from_csv(run, digits, f)
+        import_labels(run, digits, f)

@@ -182,11 +182,11 @@ def test_api_token_traversal_kill9_409_submit_once_next(run_dir, tmp_path):
         assert _state(run_dir)["open_query"]["strategy"] == "random" and not set(idx) & {it["index"] for it in nq["items"]}
         # another process closes the round meanwhile: the page can no longer label or import it
         from alssl.data import load_dataset
-        from alssl.rounds import label_oracle
+        from alssl.rounds import ORACLE, import_labels
         from alssl.runs import Run, run_lock
 
         with run_lock(run_dir):
-            label_oracle(Run.open(run_dir), load_dataset("digits"))
+            import_labels(Run.open(run_dir), load_dataset("digits"), ORACLE)
         first = nq["items"][0]["index"]
         assert s.json("/api/label", {"index": first, "label": "1"})[0] == 409
         status, res = s.json("/api/submit", {})
@@ -201,7 +201,8 @@ def test_class_list_given_on_the_page_is_stored_with_the_import(tmp_path):
     import tomllib
 
     from alssl.data import load_dataset
-    from alssl.labeling.session import LabelSession, resolve_classes
+    from alssl.labeling.session import LabelSession
+    from alssl.rounds import resolve_classes
     from alssl.runs import Run
 
     ds = load_dataset("digits")
@@ -211,8 +212,8 @@ def test_class_list_given_on_the_page_is_stored_with_the_import(tmp_path):
                                "file": "queries/round-0.csv", "indices": [3, 5]}
     run.save_state()
     with pytest.raises(Exception, match="no class list"):
-        resolve_classes(ds, None)
-    names, store = resolve_classes(ds, ["odd", "even"])
+        resolve_classes(run, ds, None)
+    names, store = resolve_classes(run, ds, ["odd", "even"])
     s = LabelSession(run.path, ds, classes=names, store=store)
     s.load(Run.open(run.path))
     assert s.set_label(3, "odd")[0] == 200 and s.set_label(5, "seven")[0] == 400
@@ -223,6 +224,29 @@ def test_class_list_given_on_the_page_is_stored_with_the_import(tmp_path):
     after = Run.open(run.path)
     assert after.config["data"]["classes"] == ["odd", "even"] and after.labels[[3, 5]].tolist() == [0, 0]
     assert tomllib.loads((run.path / "run.toml").read_text())["data"]["classes"] == ["odd", "even"]
+
+
+def test_submit_while_another_command_holds_the_run_answers_503(tmp_path, monkeypatch):
+    """The page waits for the run lock (`run_lock(wait=...)`), then answers 503 and imports nothing."""
+    import alssl.labeling.session as session
+    from alssl.data import load_dataset
+    from alssl.runs import Run, run_lock
+
+    ds = load_dataset("digits")
+    run = Run.create(tmp_path / "r", n_pool=ds.n_pool, config={"data": {"spec": "digits"}})
+    run.state["open_query"] = {"round": 0, "budget": "1", "strategy": "random", "seed": 0, "probe": "linear",
+                               "file": "queries/round-0.csv", "indices": [3]}
+    run.save_state()
+    s = session.LabelSession(run.path, ds, classes=ds.classes)
+    s.load(Run.open(run.path))
+    assert s.set_label(3, "1")[0] == 200
+    monkeypatch.setattr(session, "LOCK_WAIT_S", 0.2)
+    with run_lock(run.path):  # another command (a second lock of this process conflicts just the same)
+        status, res = s.submit()
+    assert status == 503 and "in use by another alssl process" in res["error"]
+    assert "nothing was imported" in res["error"]
+    assert Run.open(run.path).state["open_query"] is not None
+    assert s.submit()[0] == 200
 
 
 def test_image_folder_pools_serve_downscaled_originals(tmp_path):

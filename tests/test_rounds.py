@@ -8,7 +8,8 @@ import pytest
 
 from alssl.data import load_dataset
 from alssl.errors import UserError
-from alssl.rounds import label_from_csv, label_oracle, parse_label_csv
+from alssl.labeling.files import read_label_csv
+from alssl.rounds import ORACLE, check_rows, import_labels
 from alssl.runs import Run
 
 
@@ -28,7 +29,7 @@ def run_with_query(tmp_path, digits):
 
 
 def _parse(text, digits, run):
-    return parse_label_csv(text, dataset=digits, open_indices=run.state["open_query"]["indices"], labeled=run.labeled_mask)
+    return check_rows(run, digits, read_label_csv(text))
 
 
 def test_good_file_by_index_and_by_id(digits, run_with_query):
@@ -58,7 +59,7 @@ def test_bad_rows_reject_the_whole_file(digits, run_with_query, tmp_path, text, 
     f.write_text(text)
     before = (run_with_query.path / "state.json").read_bytes()
     with pytest.raises(UserError, match="nothing imported|header") as e:
-        label_from_csv(run_with_query, digits, f)
+        import_labels(run_with_query, digits, f)
     assert needle in str(e.value)
     assert (run_with_query.path / "state.json").read_bytes() == before
 
@@ -72,17 +73,17 @@ def test_errors_list_several_rows(digits, run_with_query):
 def test_import_closes_round(digits, run_with_query, tmp_path):
     f = tmp_path / "labels.csv"
     f.write_text("index,label\n5,3\n9,7\n12,0\n")
-    assert label_from_csv(run_with_query, digits, f) == 3
+    assert import_labels(run_with_query, digits, f) == 3
     run = Run.open(run_with_query.path)
     assert run.state["open_query"] is None
     assert run.labeled_round[[0, 5, 9, 12]].tolist() == [0, 1, 1, 1]
     assert run.labels[[5, 9, 12]].tolist() == [3, 7, 0]
     with pytest.raises(UserError, match="no open query"):
-        label_oracle(run, digits)
+        import_labels(run, digits, ORACLE)
 
 
 def test_oracle_uses_ground_truth(digits, run_with_query):
-    label_oracle(run_with_query, digits)
+    import_labels(run_with_query, digits, ORACLE)
     assert run_with_query.labels[[5, 9, 12]].tolist() == digits.y_train[[5, 9, 12]].tolist()
 
 
@@ -104,7 +105,7 @@ def test_every_problem_in_one_pass(digits, run_with_query, tmp_path):
     f.write_text("index,id,label\n5,train/5,kat\n5,train/5,3\n13,train/13,1\n")  # 9 and 12 have no row
     before = (run_with_query.path / "state.json").read_bytes()
     with pytest.raises(UserError) as e:
-        label_from_csv(run_with_query, digits, f)
+        import_labels(run_with_query, digits, f)
     msg = str(e.value)
     for needle in ("line 2: unknown class 'kat'", "line 3: duplicate row for 'train/5'",
                    "line 4: 'train/13' (index 13) is not in the open query",
@@ -121,9 +122,9 @@ def test_skip_value_marks_images_skipped(digits, run_with_query, tmp_path, monke
     f = tmp_path / "labels.csv"
     f.write_text(f"index,label\n5,3\n9,{SKIP}\n12,\n")
     with pytest.raises(UserError, match=f"line 4: empty label \\(write {SKIP}"):
-        label_from_csv(run_with_query, digits, f)
+        import_labels(run_with_query, digits, f)
     f.write_text(f"index,label\n5,3\n9,{SKIP}\n12,{SKIP}\n")
-    assert label_from_csv(run_with_query, digits, f) == 1
+    assert import_labels(run_with_query, digits, f) == 1
     run = Run.open(run_with_query.path)
     assert run.state["rounds"][1]["n"] == 1 and run.state["rounds"][1]["skipped"] == [9, 12]
     assert run.labeled_round[[5, 9, 12]].tolist() == [1, -1, -1] and run.skipped_mask.sum() == 2
@@ -142,3 +143,43 @@ def test_skip_value_marks_images_skipped(digits, run_with_query, tmp_path, monke
     query(run, digits, budget=str(len(free)), strategy="random", seed=0)
     picked = Run.open(run.path).state["open_query"]["indices"]
     assert sorted(picked) == free.tolist() and not {9, 12} & set(picked)
+
+
+def test_labels_from_a_python_mapping(digits, run_with_query):
+    """{pool index or image id: class name, class id or SKIP} goes through the same checks as a file."""
+    from alssl.rounds import SKIP
+
+    before = (run_with_query.path / "state.json").read_bytes()
+    with pytest.raises(UserError) as e:
+        import_labels(run_with_query, digits, {5: 3, 9: 99, "train/77": "1", 2.5: "1"})
+    msg = str(e.value)
+    for needle in ("labels rejected, nothing imported", "labels[9]: class id 99 is not one of 0..9",
+                   "labels['train/77']: 'train/77' (index 77) is not in the open query",
+                   "labels[2.5]: index '2.5' is not an integer", "1 queried images have no label ('train/12')"):
+        assert needle in msg, (needle, msg)
+    with pytest.raises(UserError, match="labels rejected, nothing imported: 3 queried images have no label"):
+        import_labels(run_with_query, digits, {})
+    assert (run_with_query.path / "state.json").read_bytes() == before
+    assert import_labels(run_with_query, digits, {5: "3", "train/9": 7, np.int64(12): SKIP}) == 2
+    run = Run.open(run_with_query.path)
+    assert run.labels[[5, 9]].tolist() == [3, 7] and run.state["rounds"][1]["skipped"] == [12]
+    assert run.state["rounds"][1]["source"] == "python" and run.state["open_query"] is None
+
+
+def test_pick_hides_skipped_images_and_starts_model_strategies_at_random(digits):
+    """`pick` is the step query and curve share: skipped images are never picked, and with start_random a strategy
+    that needs labels draws exactly random's first round."""
+    from alssl.rounds import pick
+
+    n = len(digits.y_train)
+    emb = digits.x_train.reshape(n, -1).astype(np.float32)
+    none, labels = np.zeros(n, bool), np.full(n, -1)
+    skipped = np.zeros(n, bool)
+    skipped[::2] = True
+    args = dict(embeddings=emb, labels=labels, num_classes=10, seed=1, round_k=0)
+    picked, _ = pick("kcenter", 20, labeled=none, skipped=skipped, **args)
+    assert len(set(picked.tolist())) == 20 and not skipped[picked].any()
+    first, _ = pick("entropy", 15, labeled=none, start_random=True, **args)
+    assert first.tolist() == pick("random", 15, labeled=none, **args)[0].tolist()
+    with pytest.raises(UserError, match="needs labeled samples"):
+        pick("entropy", 15, labeled=none, **args)

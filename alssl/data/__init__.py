@@ -259,3 +259,17 @@ def _load_pool(root: Path, *, test, classes, image_size, strict, pool_dir, worke
     return Dataset(x_train=pool.pixels, y_train=None, x_test=x_test, y_test=y_test, classes=names, ids=pool.ids,
                    mean=pool.mean, std=pool.std, name=str(root), skipped=skipped, fresh=fresh,
                    pool_identity=pool.identity)
+
+
+def run_dataset(run, *, quiet: bool = True) -> Dataset:
+    """A run's dataset (`alssl.runs.Run`) exactly as it was when the run was made (an image folder's RUN/pool,
+    rebuilt from the folder if it was deleted: call it under `run_lock(run.path)`)."""
+    cfg = run.data_config
+    dataset = load_dataset(cfg["spec"], imbalance=cfg.get("imbalance"), seed=cfg.get("seed", 0), test=cfg.get("test"),
+                           classes=cfg.get("classes"), image_size=cfg.get("image_size"), strict=cfg.get("strict", False),
+                           pool_dir=run.path / "pool", quiet=quiet, expect=cfg.get("pool"),
+                           jpeg_draft=cfg.get("jpeg_draft", True))
+    if dataset.n_pool != run.n_pool:
+        raise UserError(f"the data {cfg['spec']} no longer matches {run.path} ({dataset.n_pool} vs {run.n_pool} "
+                        f"samples); restore the data or start a new run")
+    return dataset

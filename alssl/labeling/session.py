@@ -7,10 +7,12 @@ How the server shares the run with other alssl commands (docs/labeling.md):
 - Every label is written at once to `RUN/queries/round-K.partial.csv` (header `index,id,label`, the same format
   `alssl label --from` reads) by an atomic replace, under an exclusive `flock` on `RUN/queries/`: two servers, or
   two tabs, never lose each other's labels, and a crash or `kill -9` loses nothing that was acknowledged.
-- Submit, and opening the next query, take the run lock (waiting a few seconds for a command that holds it, then
-  answering 503), re-read `state.json` under it, and import through `rounds.label_from_csv`: exactly the validation
-  and code path of `alssl label RUN --from round-K.partial.csv`. A round that is no longer open is never imported
-  again (a second Submit, or another tab, gets the first import's summary).
+- Submit, and opening the next query, take the run lock (`run_lock(wait=...)`: a few seconds for a command that holds
+  it, then answering 503), re-read `state.json` under it, and import through `rounds.import_labels`: exactly the
+  validation and code path of `alssl label RUN --from round-K.partial.csv` (`rounds.close_round`). A round that is no
+  longer open is never imported again (a second Submit, or another tab, gets the first import's summary).
+- The run lock is not held while labels are saved (a long command would stall every click): the partial file has its
+  own short lock, `queries_lock`, a `flock` on `RUN/queries/` itself.
 """
 
 from __future__ import annotations
@@ -22,17 +24,18 @@ import io
 import json
 import os
 import threading
-import time
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from alssl.errors import UserError, warn
-from alssl.rounds import SKIP
+from alssl.labeling.files import SKIP
+from alssl.labeling.images import downscaled, png
 
 KEYS = "123456789abcdefghijklmnopqrstuvwxyz"
 SKIP_KEYS = "x0."  # the page's "none of these" key: the first one no class uses
+LOCK_WAIT_S = 10.0  # how long a submit waits for another command's run lock before answering 503
 # A suggestion is pre-selected (Enter accepts it; Label Studio pre-fills it) only when the model is at least this
 # confident AND its measured accuracy (test split, or cross-validation on the labels) is at least this: a weak early
 # model's softmax is over-confident (measured: a 40-label CIFAR model, 18 % accurate, was right on 24 % of its
@@ -44,12 +47,6 @@ def preselected(score: float | None, model: dict | None) -> bool:
     """Whether a suggestion of this confidence, from a model with this record, is pre-selected."""
     acc = (model or {}).get("accuracy")
     return score is not None and score >= SUGGEST_MIN and acc is not None and acc >= SUGGEST_MIN
-MAX_SIDE = 512  # image-folder pools: originals are shown downscaled to at most this many pixels per side
-LOCK_WAIT_S = 10.0  # how long a submit waits for another command's run lock before answering 503
-
-
-class Busy(Exception):
-    """The run lock is held by another alssl process (a submit answers 503 with this message)."""
 
 
 def class_keys(classes: list[str]) -> list[str | None]:
@@ -118,78 +115,10 @@ def queries_lock(run_dir: Path):
         os.close(fd)  # closing the descriptor releases the flock
 
 
-@contextlib.contextmanager
-def wait_run_lock(run_dir: Path, wait: float = LOCK_WAIT_S):
-    """The run lock, retried for `wait` seconds while another alssl process holds it; then `Busy`."""
-    from alssl.runs import run_lock
-
-    deadline = time.monotonic() + wait
-    while True:
-        cm = run_lock(run_dir)
-        try:
-            cm.__enter__()
-            break
-        except UserError as exc:
-            if time.monotonic() >= deadline:
-                raise Busy(str(exc)) from None
-            time.sleep(0.2)
-    try:
-        yield
-    finally:
-        cm.__exit__(None, None, None)
-
-
-def resolve_classes(dataset, given: list[str] | None) -> tuple[list[str], bool]:
-    """(class list to label with, whether it must be stored in the run on import). Same rules as `alssl label`."""
-    if given is not None:
-        if dataset.classes and given != dataset.classes:
-            raise UserError(f"this run already has classes {', '.join(dataset.classes)}; drop --classes (the class "
-                            f"list of a run cannot change once set)")
-        return list(given), not dataset.classes
-    if not dataset.classes:
-        raise UserError("this run has no class list yet; give one with --classes a,b,c (or --classes @classes.txt), "
-                        "in the order you want the model's outputs")
-    return list(dataset.classes), False
-
-
-def store_classes(run, dataset, names: list[str]) -> None:
-    """Make `names` the run's class list (in memory; `write_run_toml` after the import persists run.toml)."""
-    dataset.classes = list(names)
-    run.config["data"]["classes"] = list(names)
-
-
-def write_run_toml(run) -> None:
-    from alssl.runs import atomic_write_text, toml_dumps
-
-    atomic_write_text(run.path / "run.toml", toml_dumps({"alssl_format": run.state["format_version"], **run.config}))
-
-
 def source_of(round_rec: dict, run_dir: Path) -> Path | None:
     """The label file a round was imported from, as an absolute path (sources inside the run are kept relative)."""
     src = round_rec.get("source")
     return None if not src or src == "oracle" else (Path(run_dir) / src).resolve()
-
-
-def suggestions(run, dataset, indices: list[int]) -> dict[int, tuple[str, float]]:
-    """The run's best classifier's (class, confidence) for each queried image; {} when the run has no labels yet
-    (or no model can be built: a warning says why)."""
-    return model_suggestions(run, dataset, indices)[0]
-
-
-def model_suggestions(run, dataset, indices: list[int]) -> tuple[dict[int, tuple[str, float]], dict | None]:
-    """(suggestions as `suggestions` gives them, the model's record: its accuracy and what it was measured on)."""
-    if not indices or not run.labeled_mask.any():
-        return {}, None
-    from alssl.models import best_classifier, predict_rows
-
-    try:
-        model, record = best_classifier(run, dataset)
-        ks, conf = predict_rows(model, dataset.x_train[np.asarray(indices, dtype=np.int64)])
-    except UserError as exc:
-        warn(f"no suggestions: {exc}")
-        return {}, None
-    out = {i: (dataset.classes[int(k)], round(float(c), 4)) for i, k, c in zip(indices, ks.tolist(), conf.tolist())}
-    return out, {k: record.get(k) for k in ("classifier", "n_labeled", "accuracy", "accuracy_on")}
 
 
 class LabelSession:
@@ -215,17 +144,20 @@ class LabelSession:
     # ------------------------------------------------------------ loading
     def load(self, run) -> None:
         """Adopt the run's open query (call under the run lock, with a freshly opened Run)."""
-        open_q = run.state["open_query"]
-        if open_q is None:
-            raise UserError(f"no open query in {run.path}; ask for one with `alssl query {run.path} --budget 2%`, "
-                            f"then rerun `alssl label-ui {run.path}`")
-        cfg = run.config["data"]
+        from alssl.rounds import require_open_query
+
+        open_q = require_open_query(run, then=f"alssl label-ui {run.path}")
+        cfg = run.data_config
         # an image folder's originals when the folder is still there (a moved run shows its pool pixels)
         self.pool_root = Path(cfg["spec"]) if cfg.get("pool") and Path(cfg["spec"]).is_dir() else None
         self.pixelated = self.pool_root is None  # array datasets: pool pixels, tiny, shown nearest-neighbour
         self.query = dict(open_q)
         self.position = {int(i): j for j, i in enumerate(open_q["indices"])}
-        self.suggested, self.model = model_suggestions(run, self.dataset, [int(i) for i in open_q["indices"]])
+        self.suggested, self.model = {}, None
+        if run.labeled_mask.any():  # (torch only for a run with labels: a model to suggest)
+            from alssl.models import model_suggestions
+
+            self.suggested, self.model = model_suggestions(run, self.dataset, [int(i) for i in open_q["indices"]])
         self.result = None
         self._images.clear()
 
@@ -319,14 +251,14 @@ class LabelSession:
 
     def submit(self) -> tuple[int, dict]:
         """POST /api/submit: import the round through `alssl label --from`'s validation, exactly once."""
-        from alssl.rounds import label_from_csv
-        from alssl.runs import Run
+        from alssl.rounds import import_labels
+        from alssl.runs import Run, RunBusy, run_lock
 
         with self.mutex:
             try:
-                with wait_run_lock(self.run_dir):
+                with run_lock(self.run_dir, wait=LOCK_WAIT_S):
                     run = Run.open(self.run_dir)  # state re-read under the lock
-                    oq = run.state["open_query"]
+                    oq = run.open_query
                     if oq is None or int(oq["round"]) != self.round:
                         done = self._already_imported(run)
                         if done is not None:
@@ -345,32 +277,27 @@ class LabelSession:
                                          "missing": [{"index": i, "id": self.dataset.ids[i]} for i in missing],
                                          "invalid": [{"index": i, "id": self.dataset.ids[i], "label": labels[i]}
                                                      for i in invalid]}
-                        old = list(self.dataset.classes)
-                        if self.store:
-                            store_classes(run, self.dataset, self.classes)
                         try:
-                            n = label_from_csv(run, self.dataset, self.partial)
+                            n = import_labels(run, self.dataset, self.partial,
+                                              classes=self.classes if self.store else None)
                         except UserError as exc:
-                            self.dataset.classes = old
                             return 409, {"error": str(exc), "missing": [], "invalid": []}
-                        if self.store:
-                            write_run_toml(run)
-                            self.store = False
+                        self.store = False
                     self.result = self._summary(run, n, already=False)
                     return 200, self.result
-            except Busy as exc:
+            except RunBusy as exc:
                 return 503, {"error": f"{exc}; nothing was imported, submit again when it is done"}
 
     def next_query(self, image_url) -> tuple[int, dict]:
         """POST /api/next: open the next query with this round's strategy, budget, seed and probe."""
         from alssl.rounds import query
-        from alssl.runs import Run
+        from alssl.runs import Run, RunBusy, run_lock
 
         with self.mutex:
             try:
-                with wait_run_lock(self.run_dir):
+                with run_lock(self.run_dir, wait=LOCK_WAIT_S):
                     run = Run.open(self.run_dir)
-                    oq = run.state["open_query"]
+                    oq = run.open_query
                     if oq is not None and int(oq["round"]) == self.round:
                         return 409, {"error": f"round {self.round} is still open; submit it first"}
                     if oq is None:
@@ -381,7 +308,7 @@ class LabelSession:
                         except UserError as exc:
                             return 409, {"error": str(exc)}
                     self.load(run)  # the new open query (or one another process opened meanwhile)
-            except Busy as exc:
+            except RunBusy as exc:
                 return 503, {"error": f"{exc}; try again when it is done"}
         return 200, self.payload(image_url)
 
@@ -389,7 +316,7 @@ class LabelSession:
         """The summary of this round if it was imported from its partial file (a second Submit, another tab or
         server); None otherwise (e.g. `alssl label --oracle` closed it)."""
         lr = run.labeled_round
-        rec = run.state["rounds"][self.round] if run.n_rounds > self.round else {}
+        rec = run.rounds[self.round] if run.n_rounds > self.round else {}
         skipped = set(rec.get("skipped", []))
         if (rec and source_of(rec, run.path) == self.partial.resolve()
                 and all(lr[i] == self.round or i in skipped for i in self.indices)):
@@ -397,7 +324,7 @@ class LabelSession:
         return None
 
     def _summary(self, run, n: int, *, already: bool) -> dict:
-        rec = run.state["rounds"][self.round]
+        rec = run.rounds[self.round]
         return {"round": self.round, "imported": n, "already_imported": already, "round_labels": rec["n"],
                 "skipped": len(rec.get("skipped", [])),
                 "labeled": int(run.labeled_mask.sum()), "rounds": run.n_rounds, "source": rec.get("source"),
@@ -416,7 +343,7 @@ class LabelSession:
                 return hit
         out = self._original(index) if self.pool_root is not None else None
         if out is None:
-            out = _png(np.asarray(self.dataset.x_train[index])), "image/png"
+            out = png(np.asarray(self.dataset.x_train[index])), "image/png"
         with self.mutex:
             self._images[index] = out
             while len(self._images) > 256:
@@ -429,39 +356,7 @@ class LabelSession:
         if Path(rel).is_absolute() or ".." in parts:  # ids come from the pool's own scan; never leave its root
             return None
         try:
-            return _downscaled(self.pool_root / rel)
+            return downscaled(self.pool_root / rel)
         except Exception:  # noqa: BLE001 - moved or unreadable since the pool was built: show the pool pixels
             return None
 
-
-def _png(a: np.ndarray) -> bytes:
-    from PIL import Image
-
-    im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _downscaled(path: Path) -> tuple[bytes, str]:
-    """An original image file as the page shows it: EXIF-oriented, RGB or grayscale, at most 512 px a side."""
-    import warnings
-
-    from PIL import Image, ImageOps
-
-    from alssl.data.images import _to_mode, image_mode_is_gray
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with Image.open(path) as im:
-            if im.format == "JPEG":
-                im.draft(im.mode if im.mode in ("L", "RGB") else "RGB", (MAX_SIDE, MAX_SIDE))
-            im = ImageOps.exif_transpose(im)
-            im = _to_mode(im, 1 if image_mode_is_gray(im.mode) else 3)
-            im.thumbnail((MAX_SIDE, MAX_SIDE), Image.LANCZOS)
-            buf = io.BytesIO()
-            if max(im.size) <= 128:  # small files: lossless
-                im.save(buf, format="PNG")
-                return buf.getvalue(), "image/png"
-            im.save(buf, format="JPEG", quality=88)
-            return buf.getvalue(), "image/jpeg"
