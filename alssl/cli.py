@@ -70,7 +70,7 @@ def _run_dataset(run, *, quiet: bool = True):
     dataset = load_dataset(cfg["spec"], imbalance=cfg.get("imbalance"), seed=cfg.get("seed", 0), test=cfg.get("test"),
                            classes=cfg.get("classes"), image_size=cfg.get("image_size"), strict=cfg.get("strict", False),
                            pool_dir=run.path / "pool", quiet=quiet, expect=cfg.get("pool"),
-                           jpeg_draft=cfg.get("jpeg_draft", True))
+                           jpeg_draft=cfg.get("jpeg_draft", True), pool_format=cfg.get("pool_format"))
     if dataset.n_pool != run.state["n_pool"]:
         raise UserError(f"the data {cfg['spec']} no longer matches {run.path} ({dataset.n_pool} vs {run.state['n_pool']} samples); restore the data or start a new run")
     return dataset
@@ -114,6 +114,7 @@ def pretrain(
     strict: bool = typer.Option(False, help="Image folders only: stop at the first unreadable file instead of skipping it"),
     jpeg_draft: bool = typer.Option(True, "--jpeg-draft/--no-jpeg-draft", help="Image folders only: decode big JPEGs at reduced scale (fast); --no-jpeg-draft decodes them whole, so the pool's pixels are exactly torchvision's Resize+CenterCrop (for a model.ts fed by a standard pipeline: docs/export.md)"),
     workers: Optional[int] = typer.Option(None, min=1, help="Processes that decode an image folder (default: CPU count, at most 8)"),
+    pool_format: str = typer.Option("auto", help="Image folders only: how RUN/pool stores the decoded images: raw uint8 rows | jpeg (quality 90, ~8-20x smaller, decoded on read, slightly lossy) | auto = raw up to 64 px, jpeg above (docs/data.md)"),
     method: str = typer.Option("simsiam", help="simsiam | moco | byol"),
     backbone: str = typer.Option("cnn", help="cnn | resnet18 (CIFAR stem) | wrn28_2 | torchvision:NAME | timm:NAME"),
     init: Optional[str] = typer.Option(None, help="Start from these weights: a state dict .pt/.pth/.safetensors, or hub (torchvision's / timm's published weights)"),
@@ -166,12 +167,15 @@ def pretrain(
         init = str(Path(init).expanduser().resolve())
     if image_size is not None and image_size < 1:
         raise UserError(f"--image-size must be at least 1 pixel (got {image_size}); e.g. --image-size 64")
+    if pool_format not in ("auto", "raw", "jpeg"):
+        raise unknown("--pool-format", pool_format, ("auto", "raw", "jpeg"))
     names = _classes_option(classes)
     folder = is_pool_spec(data)  # an in-memory SPEC is checked whole before anything heavy (folders: while decoding)
     # a resumed run reads its own data (an image folder's RUN/pool works with the folder moved away)
     preloaded = None if folder or Run.exists(out) else load_dataset(data, imbalance=imbalance, seed=seed, test=test,
                                                                     classes=names, image_size=image_size,
-                                                                    jpeg_draft=jpeg_draft)
+                                                                    jpeg_draft=jpeg_draft,
+                                                                    pool_format=None if pool_format == "auto" else pool_format)
     from alssl.backbones import check_backbone_name
     from alssl.pretrain import check_args, pretrain as run_pretrain
 
@@ -180,7 +184,8 @@ def pretrain(
     check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
                accelerator=accelerator, devices=dev, strategy=strategy, precision=precision, seed=seed)
     given = {"test": None if test is None else str(test.expanduser().resolve()), "classes": names,
-             "image_size": image_size, "strict": strict or None, "jpeg_draft": None if jpeg_draft else False}
+             "image_size": image_size, "strict": strict or None, "jpeg_draft": None if jpeg_draft else False,
+             "pool_format": None if pool_format == "auto" else pool_format}
     args = {"method": method, "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "eman": eman, "seed": seed, "hflip": hflip, "momentum": momentum,
             "momentum_schedule": momentum_schedule, "queue_size": queue_size, "temperature": temperature, "init": init}
@@ -200,6 +205,7 @@ def pretrain(
                     if folder:
                         data_cfg |= _source(data) | {
                             "classes": dataset.classes or None, "image_size": dataset.image_size,
+                            "pool_format": dataset.pool_identity["pool_format"],
                             "pool": {"n": dataset.n_pool, "image_size": dataset.image_size,
                                      "channels": dataset.channels, **(dataset.pool_identity or {})}}
                     _prepare_backbone(backbone, init, dataset.channels, dataset.image_size)
@@ -250,7 +256,8 @@ def _check_same_run(run, out: Path, args: dict, data_cfg: dict) -> None:
         if old_data.get(key) != data_cfg.get(key):
             flag = "--data" if key == "spec" else f"--{key}"
             diff.append(f"{flag} {old_data.get(key)} (not {data_cfg.get(key)})")
-    for key in ("classes", "image_size"):  # resolved at creation: compare only when given again
+    old_data = old_data | {"pool_format": old_data.get("pool_format", "raw")}  # runs made before: raw rows
+    for key in ("classes", "image_size", "pool_format"):  # resolved at creation: compare only when given again
         if data_cfg.get(key) is not None and old_data.get(key) != data_cfg[key]:
             diff.append(f"--{key.replace('_', '-')} {old_data.get(key)} (not {data_cfg[key]})")
     if diff:
