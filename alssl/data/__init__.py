@@ -214,7 +214,7 @@ def load_dataset(spec: str, *, imbalance: float | None = None, seed: int = 0, te
         given.append("no_jpeg_draft")
     if given:
         flag = "--" + given[0].replace("_", "-")
-        if not root.exists() and not spec.startswith("cifar10:") and not spec.endswith(".npz"):
+        if not root.exists() and spec != "digits" and not spec.startswith("cifar10:") and not spec.endswith(".npz"):
             raise UserError(f"no such folder: {spec}; {flag} goes with an image folder, so give --data the folder "
                             f"that holds your images")
         raise UserError(f"{flag} applies to an unlabeled image folder; {spec} is a labeled benchmark with its own test "
