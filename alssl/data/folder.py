@@ -7,8 +7,9 @@ unreadable subfolders) are skipped and listed. `ids_sha256` (of the pool's paths
 `content_sha256` (those paths with the SHA-256 of each file's bytes) are the pool's identity: a run records them,
 and `open_pool` refuses a pool, reused or rebuilt, whose identity differs (a same-count change to the folder would
 otherwise move labels onto other photos). `open_pool` also refuses a reused pool whose folder changed since it was
-built, and a damaged manifest or pixel file. `DiskPool` reads rows with `os.pread`, not a memory map, so a process's
-resident memory holds a batch, never the pool.
+built, and a damaged manifest or pixel file. The pixels are stored as raw uint8 rows (`DiskPool`) or, for images
+above 64 px by default, as one JPEG each (`JpegPool`, decoded on read: `--pool-format`, `pool_format_for`). Both read
+with `os.pread`, not a memory map, so a process's resident memory holds a batch, never the pool.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ FORMAT = 1
 CHUNK = 64  # files per worker task
 POOL_FORMATS = ("auto", "raw", "jpeg")
 JPEG_ABOVE = 64  # auto: raw rows up to 64 px, JPEG above (FFCV's "raw for small, JPEG for large")
-JPEG_QUALITY = 90  # FFCV's default; ~8x (64 px) to ~20x (224 px) smaller than raw rows (docs/scale.md)
+JPEG_QUALITY = 90  # FFCV's default; ~7.5x (64 px) to ~23x (224 px) smaller than raw rows (docs/scale.md)
 DECODE_INLINE = 16  # a read of fewer JPEGs than this decodes them on the calling thread
 
 
@@ -254,6 +255,8 @@ def _decoders(threads: int) -> cf.ThreadPoolExecutor:
     global _DECODERS
     with _DECODERS_LOCK:
         if _DECODERS is None or _DECODERS[:2] != (os.getpid(), threads):
+            if _DECODERS is not None and _DECODERS[0] == os.getpid():
+                _DECODERS[2].shutdown(wait=False)  # another thread count asked for: its idle threads end
             _DECODERS = (os.getpid(), threads, cf.ThreadPoolExecutor(threads, thread_name_prefix="alssl-jpeg"))
         return _DECODERS[2]
 
