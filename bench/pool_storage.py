@@ -9,10 +9,13 @@ from ../shared/data/cifar10_10k.npz upscaled to 256×192 .. 640×480: bench/inge
   calling thread (`threads=1`) and by the pool's decode threads (`threads=--threads`, default alssl's: the CPU
   count up to 8), --rounds rounds each, median;
 - peak RSS of reading one batch: a fresh process opens the pool and reads one batch; VmHWM before and after;
-- mean |JPEG - raw|: the mean absolute difference of the JPEG pool's pixels from the raw pool's (0..255 levels).
+- mean |JPEG - raw|: the mean absolute difference of the JPEG pool's pixels from the raw pool's (0..255 levels);
+- with --embed: end to end, img/s of `alssl.features.embed_to_file` (what query / probe / export run: the next batch
+  read, and decoded, by a background thread while the model runs) with the `cnn` backbone on one torch thread,
+  raw and JPEG alternating for --rounds rounds, median: whether decoding shows behind the model.
 Upscaled 32 px images are smoother than photos, so the JPEG sizes are a lower bound for real photos at the same S.
 
-    python bench/pool_storage.py [--n 1000] [--sizes 64,224] [--batch 256] [--rounds 3] [--threads 0]
+    python bench/pool_storage.py [--n 1000] [--sizes 64,224] [--batch 256] [--rounds 3] [--threads 0] [--embed]
 """
 
 from __future__ import annotations
@@ -66,6 +69,24 @@ def read_rate(pool, batch: int, seed: int) -> float:
     return len(order) / (time.perf_counter() - t)
 
 
+def embed_rate(pool, out: Path, mean, std, batch: int) -> float:
+    """img/s of alssl's embedding of the pool (`cnn`, seeded random init, CPU, one torch thread)."""
+    import torch
+
+    from alssl import devices as dev
+    from alssl.backbones import build_backbone
+    from alssl.features import embed_to_file
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_backbone("cnn", pool.shape[3]).eval()
+    t = time.perf_counter()
+    embed_to_file(model, pool, out, mean=mean, std=std, batch_size=batch, setting=dev.Devices("cpu", 1, "32-true"))
+    rate = len(pool) / (time.perf_counter() - t)
+    out.unlink()
+    return rate
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000)
@@ -75,6 +96,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="decode threads (0: alssl's default)")
     ap.add_argument("--folder", default="/tmp/alssl-bench-photos-jpeg")
     ap.add_argument("--keep", action="store_true", help="keep the built pools")
+    ap.add_argument("--embed", action="store_true", help="also embed each pool (cnn, CPU): end-to-end img/s")
     a = ap.parse_args()
     threads = a.threads or default_workers()
     folder = Path(a.folder)
@@ -115,6 +137,17 @@ def main() -> None:
                       f"{per_image / raw_bytes:.3f} | {diff:.2f} | {build_s:.1f} | {rates[1]:,.0f} | {rates[threads]:,.0f} | "
                       f"{rss['before']:.0f} MB / +{rss['after'] - rss['before']:.0f} MB (batch {rss['batch_mb']:.0f} MB) "
                       f"| {per_image * 1e7 / 1e9:,.0f} GB |", flush=True)
+            if a.embed:
+                pools = {fmt: (open_pixels(work / f"{fmt}-{s}", m), m) for fmt in ("raw", "jpeg")
+                         for m in [json.loads((work / f"{fmt}-{s}" / "manifest.json").read_text())]}
+                rates = {"raw": [], "jpeg": []}
+                for r in range(a.rounds):
+                    for fmt, (pool, m) in pools.items():
+                        rates[fmt].append(embed_rate(pool, work / "features.npy", m["mean"], m["std"], a.batch))
+                print(f"# embed, {s} px, cnn, 1 torch thread, batch {a.batch}: raw "
+                      f"{statistics.median(rates['raw']):,.0f} img/s, jpeg {statistics.median(rates['jpeg']):,.0f} "
+                      f"img/s (rounds: raw {[round(v) for v in rates['raw']]}, jpeg {[round(v) for v in rates['jpeg']]})",
+                      flush=True)
             if not a.keep:
                 shutil.rmtree(work / f"raw-{s}")
                 shutil.rmtree(work / f"jpeg-{s}")
