@@ -107,7 +107,8 @@ def _abs_init(init: str | os.PathLike | None) -> str | None:
 # ---------------------------------------------------------------- stage 1
 def pretrain(data: str, out: str | os.PathLike, *, test: str | os.PathLike | None = None,
              classes: str | Sequence[str] | None = None, image_size: int | None = None, strict: bool = False,
-             jpeg_draft: bool = True, workers: int | None = None, method: str = "simsiam", backbone: str = "cnn",
+             jpeg_draft: bool = True, workers: int | None = None, pool_format: str = "auto", method: str = "simsiam",
+             backbone: str = "cnn",
              init: str | None = None, epochs: int = 20, batch_size: int = 256, lr: float | None = None,
              eman: bool = False, devices: str | int = "1", accelerator: str = "auto", precision: str = "32-true",
              strategy: str = "auto", imbalance: float | None = None, ckpt_every_steps: int = 0, momentum: float = 0.99,
@@ -128,12 +129,15 @@ def pretrain(data: str, out: str | os.PathLike, *, test: str | os.PathLike | Non
         check_positive(minutes, "--minutes", "--minutes 15")
     if image_size is not None and image_size < 1:
         raise UserError(f"--image-size must be at least 1 pixel (got {image_size}); e.g. --image-size 64")
+    if pool_format not in ("auto", "raw", "jpeg"):
+        raise unknown("--pool-format", pool_format, ("auto", "raw", "jpeg"))
+    fmt = None if pool_format == "auto" else pool_format
     names = class_list(classes)
     folder = is_pool_spec(data)  # an in-memory SPEC is checked whole before anything heavy (folders: while decoding)
     # a resumed run reads its own data (an image folder's RUN/pool works with the folder moved away)
     preloaded = None if folder or Run.exists(out) else load_dataset(data, imbalance=imbalance, seed=seed, test=test,
                                                                     classes=names, image_size=image_size,
-                                                                    jpeg_draft=jpeg_draft)
+                                                                    jpeg_draft=jpeg_draft, pool_format=fmt)
     from alssl.backbones import check_backbone_name
     from alssl.pretraining import check_args, pretrain as run_pretrain
 
@@ -142,7 +146,8 @@ def pretrain(data: str, out: str | os.PathLike, *, test: str | os.PathLike | Non
     check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
                accelerator=accelerator, devices=dev, strategy=strategy, precision=precision, seed=seed)
     given = {"test": None if test is None else str(Path(test).expanduser().resolve()), "classes": names,
-             "image_size": image_size, "strict": strict or None, "jpeg_draft": None if jpeg_draft else False}
+             "image_size": image_size, "strict": strict or None, "jpeg_draft": None if jpeg_draft else False,
+             "pool_format": fmt}
     created = not out.exists()
     check_writable(out)
     try:
@@ -179,6 +184,7 @@ def _create_run(out: Path, data: str, preloaded, args, *, imbalance, seed: int, 
         if is_pool_spec(data):
             cfg |= ({"source": data} if spec_path(data) != data else {}) | {
                 "classes": dataset.classes or None, "image_size": dataset.image_size,
+                "pool_format": dataset.pool_identity["pool_format"],
                 "pool": {"n": dataset.n_pool, "image_size": dataset.image_size, "channels": dataset.channels,
                          **(dataset.pool_identity or {})}}
         _prepare_backbone(args.backbone, args.init, dataset.channels, dataset.image_size)

@@ -75,6 +75,7 @@ def pretrain(
     strict: bool = typer.Option(False, help="Image folders only: stop at the first unreadable file instead of skipping it"),
     jpeg_draft: bool = typer.Option(True, "--jpeg-draft/--no-jpeg-draft", help="Image folders only: decode big JPEGs at reduced scale (fast); --no-jpeg-draft decodes them whole, so the pool's pixels are exactly torchvision's Resize+CenterCrop (for a model.ts fed by a standard pipeline: docs/export.md)"),
     workers: Optional[int] = typer.Option(None, min=1, help="Processes that decode an image folder (default: CPU count, at most 8)"),
+    pool_format: str = typer.Option("auto", help="Image folders only: how RUN/pool stores the decoded images: raw uint8 rows | jpeg (quality 90, ~8-20x smaller, decoded on read, slightly lossy) | auto = raw up to 64 px, jpeg above (docs/data.md)"),
     method: str = typer.Option("simsiam", help="simsiam | moco | byol"),
     backbone: str = typer.Option("cnn", help="cnn | resnet18 (CIFAR stem) | wrn28_2 | torchvision:NAME | timm:NAME"),
     init: Optional[str] = typer.Option(None, help="Start from these weights: a state dict .pt/.pth/.safetensors, or hub (torchvision's / timm's published weights)"),
@@ -108,8 +109,8 @@ def pretrain(
     from alssl import api
 
     summary = api.pretrain(data, out, test=test, classes=classes, image_size=image_size, strict=strict,
-                           jpeg_draft=jpeg_draft, workers=workers, method=method, backbone=backbone, init=init,
-                           epochs=epochs, batch_size=batch_size, lr=lr, eman=eman, devices=devices,
+                           jpeg_draft=jpeg_draft, workers=workers, pool_format=pool_format, method=method,
+                           backbone=backbone, init=init, epochs=epochs, batch_size=batch_size, lr=lr, eman=eman, devices=devices,
                            accelerator=accelerator, precision=precision, strategy=strategy, imbalance=imbalance,
                            ckpt_every_steps=ckpt_every_steps, momentum=momentum, momentum_schedule=momentum_schedule,
                            queue_size=queue_size, temperature=temperature, knn_every=knn_every, hflip=hflip,

@@ -181,7 +181,8 @@ class PretrainArgs:
         for key in ("spec", "imbalance", "test", "strict", "jpeg_draft"):
             if old_data.get(key) != data_cfg.get(key):
                 diff.append(f"{'--data' if key == 'spec' else '--' + key} {old_data.get(key)} (not {data_cfg.get(key)})")
-        for key in ("classes", "image_size"):
+        old_data = old_data | {"pool_format": old_data.get("pool_format", "raw")}  # runs made before: raw rows
+        for key in ("classes", "image_size", "pool_format"):  # resolved at creation: compare only when given again
             if data_cfg.get(key) is not None and old_data.get(key) != data_cfg[key]:
                 diff.append(f"--{key.replace('_', '-')} {old_data.get(key)} (not {data_cfg[key]})")
         if diff:

@@ -106,6 +106,13 @@ def test_unknown_pretrain_method_and_backbone(tmp_path):
     check(tmp_path, ["pretrain", "--data", "digits", "--out", str(tmp_path / "r"), "--backbone", "resnet19"], 'did you mean "resnet18"')
 
 
+def test_bad_pool_format(tmp_path):
+    check(tmp_path, ["pretrain", "--data", "digits", "--out", str(tmp_path / "r"), "--pool-format", "jpg"],
+          'did you mean "jpeg"', "auto, jpeg, raw")
+    check(tmp_path, ["pretrain", "--data", "digits", "--out", str(tmp_path / "r"), "--pool-format", "jpeg"],
+          "--pool-format applies to an unlabeled image folder")
+
+
 def test_pretrain_rerun_with_other_arguments(run_dir):
     check(run_dir, ["pretrain", "--data", "digits", "--out", str(run_dir), "--epochs", "3"], "same arguments")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +188,146 @@ def test_decode_files_keeps_order_and_reports_bad_files(tmp_path):
     res = decode_files(tmp_path / "p", rels, dest=tmp_path / "x.npy", image_size=8, workers=1, label="t", quiet=True)
     assert res["kept"] == [r for r in rels if r != "trunc.png"] and res["skipped"][0][0] == "trunc.png"
     assert np.load(tmp_path / "x.npy").shape == (5, 8, 8, 3)
+
+
+# ---------------------------------------------------------------- JPEG pool storage (issue 28)
+def make_photos(root: Path, n: int, gray_every: int = 0) -> None:
+    """Smooth photo-like images 100×80 (noise upscaled), PNG and JPEG, some grayscale."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        im = Image.fromarray(rgb(12, 16, i)).resize((100 + i, 80), Image.BICUBIC)
+        im = im.convert("L") if gray_every and i % gray_every == 0 else im
+        im.save(root / f"{i:02d}.{'png' if i % 2 else 'jpg'}", quality=95)
+
+
+def test_jpeg_pool_above_64px_reads_back_close_to_raw(tmp_path):
+    from alssl.data.folder import JpegPool
+
+    make_photos(tmp_path / "p", 40, gray_every=5)
+    (tmp_path / "p" / "bad.png").write_bytes(b"not a png")
+    m = build_pool(tmp_path / "p", tmp_path / "pool", image_size=72, strict=False, workers=1, quiet=True)  # auto
+    raw = build_pool(tmp_path / "p", tmp_path / "raw", image_size=72, strict=False, workers=1, quiet=True,
+                     pool_format="raw")
+    assert (m["pool_format"], m["jpeg_quality"], raw["pool_format"]) == ("jpeg", 90, "raw")
+    assert m["pool"] == raw["pool"] and len(m["pool"]) == 40 and [s[0] for s in m["skipped"]] == ["bad.png"]
+    assert m["content_sha256"] == raw["content_sha256"] and not (tmp_path / "pool" / "pixels.npy").exists()
+    pool, ref = JpegPool(tmp_path / "pool", 40, 72, 3), np.load(tmp_path / "raw" / "pixels.npy")
+    x = pool[:]
+    assert pool.shape == x.shape == (40, 72, 72, 3) and x.dtype == np.uint8
+    diff = np.abs(x.astype(int) - ref.astype(int))
+    assert 0 < diff.mean() < 5  # lossy: ~3.4 grey levels on these colour-noise images (another image: ~80)
+    assert (x[::5, ..., 0] == x[::5, ..., 2]).all()  # the gray files stay gray (1-channel JPEGs repeated to RGB)
+    idx = np.array([5, 3, 4, 39, 3, 0, -1])
+    assert np.array_equal(pool[idx], x[idx]) and np.array_equal(pool[10:20], x[10:20])
+    assert np.array_equal(pool[7], x[7]) and np.array_equal(pool[-1], x[39]) and np.array_equal(pool[::7], x[::7])
+    threaded, inline = JpegPool(tmp_path / "pool", 40, 72, 3, threads=2), JpegPool(tmp_path / "pool", 40, 72, 3, threads=1)
+    assert np.array_equal(threaded[:], x) and np.array_equal(inline[:], x)  # decoding is deterministic
+    assert tuple(PoolReader(pool)(np.array([2, 1])).shape) == (2, 3, 72, 72)
+    import pickle
+
+    assert np.array_equal(pickle.loads(pickle.dumps(pool))[idx], x[idx])  # for worker processes
+
+
+def test_pool_format_override_and_gray_jpeg(tmp_path):
+    make_photos(tmp_path / "p", 6, gray_every=1)  # every image grayscale
+    for size, fmt, want in ((72, "raw", "raw"), (32, "jpeg", "jpeg"), (32, None, "raw"), (None, "jpeg", "jpeg")):
+        ds = load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / f"pool{size}{fmt}", image_size=size,
+                          pool_format=fmt)
+        assert ds.pool_identity["pool_format"] == want and ds.x_train[:].shape == (6, size or 64, size or 64, 1)
+        assert json.loads((tmp_path / f"pool{size}{fmt}" / "manifest.json").read_text())["pool_format"] == want
+    with pytest.raises(UserError, match='unknown pool format "jpg".*did you mean "jpeg"'):
+        load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "bad", pool_format="jpg")
+    with pytest.raises(UserError, match="--pool-format applies to an unlabeled image folder; digits is a labeled"):
+        load_dataset("digits", pool_format="jpeg")
+
+
+def test_pool_format_change_is_detected_and_a_rebuild_keeps_the_runs_format(tmp_path):
+    import shutil
+
+    make_photos(tmp_path / "p", 8)
+    ds = load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool", image_size=72)
+    expect = {"n": 8, "image_size": 72, "channels": 3, **ds.pool_identity}
+    assert expect["pool_format"] == "jpeg"
+    jpegs = (tmp_path / "pool" / "pixels.jpegs").read_bytes()
+    with pytest.raises(UserError, match=r"stored as jpeg \(not raw\); rerun with --pool-format jpeg"):
+        load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool", image_size=72, pool_format="raw")
+    build_pool(tmp_path / "p", tmp_path / "pool", image_size=72, strict=False, workers=1, quiet=True, pool_format="raw")
+    with pytest.raises(UserError, match=r"not this run's pool \(its pixels are stored as raw, the run's as jpeg\)"):
+        load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool", image_size=72, expect=expect)
+    shutil.rmtree(tmp_path / "pool")  # the rebuild takes the run's format (not auto's), and the same bytes
+    again = load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool", image_size=72, expect=expect, pool_format="raw")
+    assert again.fresh and (tmp_path / "pool" / "pixels.jpegs").read_bytes() == jpegs
+    old_run = {k: v for k, v in expect.items() if k != "pool_format"}  # a run made before formats: raw rows
+    shutil.rmtree(tmp_path / "pool")
+    old = load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool", image_size=72, expect=old_run)
+    assert old.pool_identity["pool_format"] == "raw" and (tmp_path / "pool" / "pixels.npy").is_file()
+
+
+def test_interrupted_jpeg_build_leaves_no_pool_and_reruns(tmp_path, monkeypatch):
+    from alssl.data import folder
+
+    make_photos(tmp_path / "p", 8)
+    (tmp_path / "pool.partial" / "pixels.jpegs.staging").mkdir(parents=True)  # what a kill -9 mid-build leaves
+    (tmp_path / "pool.partial" / "pixels.jpegs.staging" / "000000000").write_bytes(b"half a chunk")
+
+    def interrupted(parts, dest):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(folder, "_join_files", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_pool(tmp_path / "p", tmp_path / "pool", image_size=72, strict=False, workers=1, quiet=True)
+    assert not (tmp_path / "pool").exists() and not (tmp_path / "pool.partial").exists()
+    monkeypatch.undo()
+    (tmp_path / "pool.partial").mkdir()
+    (tmp_path / "pool.partial" / "pixels.jpegs").write_bytes(b"stale")
+    m = build_pool(tmp_path / "p", tmp_path / "pool", image_size=72, strict=False, workers=1, quiet=True)
+    assert m["pool_format"] == "jpeg" and not (tmp_path / "pool.partial").exists()
+    assert sorted(p.name for p in (tmp_path / "pool").iterdir()) == ["manifest.json", "pixels-offsets.npy", "pixels.jpegs"]
+    assert load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool").x_train[:].shape == (8, 72, 72, 3)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda d: (d / "pixels.jpegs").write_bytes((d / "pixels.jpegs").read_bytes()[:-10]), "truncated"),
+    (lambda d: np.save(d / "pixels-offsets.npy", np.zeros(3, np.int64)), "int64 [9] offsets"),
+    (lambda d: (d / "pixels-offsets.npy").write_bytes(b"garbage"), "no .npy header"),
+    (lambda d: (d / "pixels-offsets.npy").unlink(), "cannot read"),
+])
+def test_damaged_jpeg_pool_is_refused(tmp_path, damage, needle):
+    make_photos(tmp_path / "p", 8)
+    load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool", image_size=72)
+    damage(tmp_path / "pool")
+    with pytest.raises(UserError, match=f"{re.escape(needle)}.*delete {re.escape(str(tmp_path / 'pool'))} and rerun"):
+        load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool", image_size=72)
+
+
+def test_corrupt_jpeg_bytes_are_refused_on_read(tmp_path):
+    make_photos(tmp_path / "p", 8)
+    ds = load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool", image_size=72)
+    with open(tmp_path / "pool" / "pixels.jpegs", "r+b") as f:
+        f.write(b"\x00" * 64)  # image 0's header
+    with pytest.raises(UserError, match=r"is damaged \(image 0 cannot be decoded.*and rerun to rebuild"):
+        ds.x_train[0:3]
+    assert ds.x_train[5].shape == (72, 72, 3)
+
+
+def test_a_run_on_a_jpeg_pool_through_the_cli(tmp_path):
+    """pretrain at 72 px (auto: JPEG) → the run records the format; another --pool-format is refused; a query embeds
+    the JPEG pool, writes its contact sheet, and rebuilds a deleted pool in the run's format with the same bytes."""
+    import shutil
+
+    from conftest import run_cli_inprocess as run_cli
+    from test_bad_inputs import assert_user_error
+
+    make_photos(tmp_path / "p", 12)
+    run = tmp_path / "run"
+    r = run_cli("pretrain", "--data", str(tmp_path / "p"), "--out", str(run), "--image-size", "72", "--epochs", "0", "-q")
+    assert r.returncode == 0, r.stderr
+    data = json.loads((run / "state.json").read_text())["config"]["data"]
+    assert data["pool_format"] == data["pool"]["pool_format"] == "jpeg" and 'pool_format = "jpeg"' in (run / "run.toml").read_text()
+    jpegs = (run / "pool" / "pixels.jpegs").read_bytes()
+    assert_user_error(run_cli("pretrain", "--data", str(tmp_path / "p"), "--out", str(run), "--image-size", "72",
+                              "--epochs", "0", "-q", "--pool-format", "raw"), "--pool-format jpeg (not raw)")
+    shutil.rmtree(run / "pool")
+    r = run_cli("query", str(run), "--budget", "3", "--strategy", "kcenter", "--thumbnails")
+    assert r.returncode == 0, r.stderr
+    assert (run / "pool" / "pixels.jpegs").read_bytes() == jpegs and list((run / "queries").glob("round-*.png"))

@@ -4,7 +4,7 @@ SPECs (docs/data.md): the labeled benchmarks `digits`, `FILE.npz`, `DIR/` with `
 `DIR/test/<class>/`, and `cifar10:DIR` are read into memory (`alssl.data.specs`); **any other folder is an unlabeled
 pool** of images of any size and format, decoded once to an on-disk uint8 pool (`alssl.data.folder`), with an
 optional labeled `--test` folder and `--classes`. Stages read pixels only through `Dataset.x_train[indices]` (an
-array or a `DiskPool`, both uint8 [N, S, S, C]) and `pool_reader`, so they never care which it is.
+array, a `DiskPool` or a `JpegPool`, all uint8 [N, S, S, C]) and `pool_reader`, so they never care which it is.
 `imbalance=G` turns a labeled training split into a CIFAR-10-LT style long tail (Cao et al., LDAM,
 arXiv:1906.07413; Cui et al., arXiv:1901.05555). Every bad input is a one-line `UserError`.
 """
@@ -31,7 +31,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 @dataclass
 class Dataset:
-    """Training pool uint8 [N, H, W, C] (C = 1 or 3; an array or an on-disk `DiskPool`), optional labels.
+    """Training pool uint8 [N, H, W, C] (C = 1 or 3; an array or an on-disk `DiskPool` / `JpegPool`), optional labels.
 
     `y_train` is None for an unlabeled pool (no ground truth: no oracle, no curves); `x_test`/`y_test` are None
     when there is no labeled test set. `ids[i]` names pool sample i (the file path relative to the pool folder,
@@ -180,21 +180,24 @@ def is_pool_spec(spec: str) -> bool:
 def load_dataset(spec: str, *, imbalance: float | None = None, seed: int = 0, test: str | Path | None = None,
                  classes: list[str] | None = None, image_size: int | None = None, strict: bool = False,
                  pool_dir: Path | None = None, workers: int | None = None, quiet: bool = True,
-                 expect: dict | None = None, jpeg_draft: bool = True) -> Dataset:
+                 expect: dict | None = None, jpeg_draft: bool = True, pool_format: str | None = None) -> Dataset:
     """Load a dataset SPEC (see module doc).
 
-    Folder pools also take `test` (a labeled ImageFolder), `classes`, `image_size`, `strict` and `pool_dir` (where the
-    decoded pool lives: `RUN/pool`); `imbalance=G` makes a labeled training split long-tailed (test untouched)."""
+    Folder pools also take `test` (a labeled ImageFolder), `classes`, `image_size`, `strict`, `pool_dir` (where the
+    decoded pool lives: `RUN/pool`) and `pool_format` (how it stores the pixels: "raw", "jpeg" or "auto"/None: JPEG
+    above 64 px); `imbalance=G` makes a labeled training split long-tailed (test untouched)."""
     from alssl.data import specs
 
     spec = str(spec)
     jpeg_draft = jpeg_draft is not False  # None (not given) = the default, draft decoding on
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise UserError(f"--image-size must be a whole number of pixels >= 1 (got {image_size}); e.g. --image-size 64")
+    if pool_format == "auto":
+        pool_format = None
     root = Path(spec).expanduser()
     if expect is not None:  # a run's image-folder pool: read from RUN/pool, the folder itself only to (re)build it
         return _load_pool(root, test=test, classes=classes, image_size=image_size, strict=strict, pool_dir=pool_dir,
-                          workers=workers, quiet=quiet, expect=expect, draft=jpeg_draft)
+                          workers=workers, quiet=quiet, expect=expect, draft=jpeg_draft, pool_format=pool_format)
     if is_pool_spec(spec):
         if imbalance is not None:
             raise UserError("--imbalance needs ground-truth labels to cut a long tail; it only applies to the labeled "
@@ -204,13 +207,14 @@ def load_dataset(spec: str, *, imbalance: float | None = None, seed: int = 0, te
             warn(f"{root} has no {half}/ folder, so it is read as an unlabeled pool (every image under it); for the "
                  f"labeled benchmark layout give both {root}/train/<class>/ and {root}/test/<class>/")
         return _load_pool(root, test=test, classes=classes, image_size=image_size, strict=strict, pool_dir=pool_dir,
-                          workers=workers, quiet=quiet, expect=expect, draft=jpeg_draft)
-    given = [k for k, v in (("test", test), ("classes", classes), ("image_size", image_size)) if v is not None]
+                          workers=workers, quiet=quiet, expect=expect, draft=jpeg_draft, pool_format=pool_format)
+    given = [k for k, v in (("test", test), ("classes", classes), ("image_size", image_size),
+                            ("pool_format", pool_format)) if v is not None]
     if not jpeg_draft:
         given.append("no_jpeg_draft")
     if given:
         flag = "--" + given[0].replace("_", "-")
-        if not root.exists() and not spec.startswith("cifar10:") and not spec.endswith(".npz"):
+        if not root.exists() and spec != "digits" and not spec.startswith("cifar10:") and not spec.endswith(".npz"):
             raise UserError(f"no such folder: {spec}; {flag} goes with an image folder, so give --data the folder "
                             f"that holds your images")
         raise UserError(f"{flag} applies to an unlabeled image folder; {spec} is a labeled benchmark with its own test "
@@ -237,7 +241,7 @@ def load_dataset(spec: str, *, imbalance: float | None = None, seed: int = 0, te
 
 
 def _load_pool(root: Path, *, test, classes, image_size, strict, pool_dir, workers, quiet, expect,
-               draft: bool = True) -> Dataset:
+               draft: bool = True, pool_format: str | None = None) -> Dataset:
     from alssl.data import folder
 
     if pool_dir is None:
@@ -247,7 +251,7 @@ def _load_pool(root: Path, *, test, classes, image_size, strict, pool_dir, worke
     gone = test_dir is not None and expect is not None and not test_dir.is_dir()  # a run's test folder moved away
     names = folder.resolve_classes(classes, None if gone else test_dir)  # --classes against --test before decoding
     pool, fresh = folder.open_pool(root, Path(pool_dir), image_size=image_size, strict=strict, workers=workers,
-                                   quiet=quiet, expect=expect, draft=draft)
+                                   quiet=quiet, expect=expect, draft=draft, pool_format=pool_format)
     x_test = y_test = None
     skipped = list(pool.skipped)
     if test_dir is not None:
@@ -268,7 +272,7 @@ def run_dataset(run, *, quiet: bool = True) -> Dataset:
     dataset = load_dataset(cfg["spec"], imbalance=cfg.get("imbalance"), seed=cfg.get("seed", 0), test=cfg.get("test"),
                            classes=cfg.get("classes"), image_size=cfg.get("image_size"), strict=cfg.get("strict", False),
                            pool_dir=run.path / "pool", quiet=quiet, expect=cfg.get("pool"),
-                           jpeg_draft=cfg.get("jpeg_draft", True))
+                           jpeg_draft=cfg.get("jpeg_draft", True), pool_format=cfg.get("pool_format"))
     if dataset.n_pool != run.n_pool:
         raise UserError(f"the data {cfg['spec']} no longer matches {run.path} ({dataset.n_pool} vs {run.n_pool} "
                         f"samples); restore the data or start a new run")

@@ -7,8 +7,9 @@ unreadable subfolders) are skipped and listed. `ids_sha256` (of the pool's paths
 `content_sha256` (those paths with the SHA-256 of each file's bytes) are the pool's identity: a run records them,
 and `open_pool` refuses a pool, reused or rebuilt, whose identity differs (a same-count change to the folder would
 otherwise move labels onto other photos). `open_pool` also refuses a reused pool whose folder changed since it was
-built, and a damaged manifest or pixel file. `DiskPool` reads rows with `os.pread`, not a memory map, so a process's
-resident memory holds a batch, never the pool.
+built, and a damaged manifest or pixel file. The pixels are stored as raw uint8 rows (`DiskPool`) or, for images
+above 64 px by default, as one JPEG each (`JpegPool`, decoded on read: `--pool-format`, `pool_format_for`). Both read
+with `os.pread`, not a memory map, so a process's resident memory holds a batch, never the pool.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +33,16 @@ from alssl.data.images import IMAGE_EXTS, decode_chunk, image_mode_is_gray, is_i
 from alssl.errors import UserError, suggest
 
 MANIFEST = "manifest.json"
-PIXELS = "pixels.npy"
+PIXELS = "pixels.npy"  # raw pools: uint8 [N, S, S, C]
+JPEGS = "pixels.jpegs"  # JPEG pools: every image's JPEG bytes, back to back in index order
+OFFSETS = "pixels-offsets.npy"  # JPEG pools: int64 [N + 1], image i = bytes offsets[i]:offsets[i + 1] of JPEGS
 TEST = "test.npz"
 FORMAT = 1
 CHUNK = 64  # files per worker task
+POOL_FORMATS = ("auto", "raw", "jpeg")
+JPEG_ABOVE = 64  # auto: raw rows up to 64 px, JPEG above (FFCV's "raw for small, JPEG for large")
+JPEG_QUALITY = 90  # FFCV's default; ~7.5x (64 px) to ~23x (224 px) smaller than raw rows (docs/scale.md)
+DECODE_INLINE = 16  # a read of fewer JPEGs than this decodes them on the calling thread
 
 
 # ---------------------------------------------------------------- reading a built pool
@@ -119,6 +127,156 @@ class DiskPool:
             out[order[start:stop]] = rows[sorted_idx[start:stop] - first]
             start = stop
         return out
+
+
+class JpegPool:
+    """uint8 [N, S, S, C] images kept as one JPEG each (`JPEGS` + `OFFSETS`), indexed like an array (int, slice, int
+    array) and decoded on read: a batch is read with one `os.pread` per run of consecutive images and decoded by a
+    pool of threads (Pillow's libjpeg runs with the GIL released), into one uint8 array. Decoding the same bytes
+    gives the same pixels every time, so reads are deterministic; the pixels are JPEG's, close to the raw ones."""
+
+    def __init__(self, pool_dir: str | Path, n: int, image_size: int, channels: int, threads: int | None = None):
+        self.path, self.offsets_path = Path(pool_dir) / JPEGS, Path(pool_dir) / OFFSETS
+        fix = f"delete {self.path.parent} and rerun to rebuild the pool"
+        try:
+            offsets = np.load(self.offsets_path, mmap_mode="r", allow_pickle=False)
+            size = os.path.getsize(self.path)
+        except OSError as exc:
+            raise UserError(f"cannot read {exc.filename or self.path} ({exc.strerror}); {fix}") from None
+        except ValueError:  # not an .npy
+            raise UserError(f"{self.offsets_path} is not an alssl pool file (no .npy header); {fix}") from None
+        if offsets.dtype != np.int64 or offsets.shape != (n + 1,):
+            raise UserError(f"{self.offsets_path} holds {offsets.dtype} {list(offsets.shape)}, not the int64 [{n + 1}] "
+                            f"offsets of the manifest's {n} images; {fix}")
+        if offsets[0] != 0 or offsets[-1] != size:
+            raise UserError(f"{self.path} is truncated or does not match its offsets ({size} bytes, the offsets end "
+                            f"at {int(offsets[-1])}); {fix}")
+        for i in range(0, n, 1 << 20):  # in blocks: memory flat in N
+            if np.any(np.diff(offsets[i : i + (1 << 20) + 1]) <= 0):
+                raise UserError(f"{self.offsets_path} is damaged (offsets not increasing); {fix}")
+        self.shape: tuple[int, ...] = (n, image_size, image_size, channels)
+        self.dtype, self.ndim = np.dtype(np.uint8), 4
+        self.threads = threads or default_workers()
+        self._offsets: np.ndarray | None = offsets
+        self._fd: int | None = None
+
+    def __getstate__(self) -> dict:  # picklable for worker processes: the file and the offsets are reopened there
+        return {**self.__dict__, "_fd": None, "_offsets": None}
+
+    def _file(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def _offs(self) -> np.ndarray:
+        if self._offsets is None:
+            self._offsets = np.load(self.offsets_path, mmap_mode="r", allow_pickle=False)
+        return self._offsets
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        n = len(self)
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (n if key < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"index {key} out of range for a pool of {n}")
+            return self._rows(np.array([i]))[0]
+        if isinstance(key, slice):
+            return self._rows(np.arange(*key.indices(n)))
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64).reshape(-1)
+        if len(idx) and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"index out of range for a pool of {n}")
+        return self._rows(np.where(idx < 0, idx + n, idx))
+
+    def _rows(self, idx: np.ndarray) -> np.ndarray:
+        """Decoded images `idx` (valid, non-negative) as uint8 [len(idx), S, S, C], in the order given."""
+        out = np.empty((len(idx), *self.shape[1:]), np.uint8)
+        offs = self._offs()
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        blobs: list[tuple[int, int, memoryview]] = []  # (row of out, image index, JPEG bytes)
+        start = 0
+        while start < len(sorted_idx):  # one pread per run of consecutive images
+            stop = start + 1
+            while stop < len(sorted_idx) and sorted_idx[stop] - sorted_idx[stop - 1] <= 1:
+                stop += 1
+            first, last = int(sorted_idx[start]), int(sorted_idx[stop - 1])
+            base = int(offs[first])
+            span = np.asarray(offs[first : last + 2]) - base
+            data = os.pread(self._file(), int(span[-1]), base)
+            if len(data) != span[-1]:
+                raise UserError(f"{self.path} is truncated; delete {self.path.parent} and rerun to rebuild the pool")
+            view = memoryview(data)
+            for k in range(start, stop):
+                j = int(sorted_idx[k]) - first
+                blobs.append((int(order[k]), int(sorted_idx[k]), view[span[j] : span[j + 1]]))
+            start = stop
+        if len(blobs) < DECODE_INLINE or self.threads <= 1:
+            self._decode(blobs, out)
+        else:
+            parts = [blobs[i :: self.threads] for i in range(self.threads)]
+            list(_decoders(self.threads).map(lambda part: self._decode(part, out), parts))
+        return out
+
+    def _decode(self, blobs: list[tuple[int, int, memoryview]], out: np.ndarray) -> None:
+        from PIL import Image
+
+        mode = "L" if self.shape[3] == 1 else "RGB"
+        for row, i, blob in blobs:
+            try:
+                with Image.open(io.BytesIO(blob), formats=["JPEG"]) as im:
+                    im = im if im.mode == mode else im.convert(mode)  # a gray image in an RGB pool: repeated
+                    a = np.asarray(im)
+            except Exception as exc:  # noqa: BLE001 - damaged bytes
+                raise UserError(f"{self.path} is damaged (image {i} cannot be decoded: {type(exc).__name__}); delete "
+                                f"{self.path.parent} and rerun to rebuild the pool") from None
+            if a.shape[:2] != self.shape[1:3]:
+                raise UserError(f"{self.path} is damaged (image {i} is {a.shape[1]}x{a.shape[0]}, not "
+                                f"{self.shape[2]}x{self.shape[1]}); delete {self.path.parent} and rerun to rebuild "
+                                f"the pool")
+            out[row] = a.reshape(self.shape[1:])
+
+
+_DECODERS: tuple[int, int, cf.ThreadPoolExecutor] | None = None  # (pid, threads, pool) shared by every JpegPool
+_DECODERS_LOCK = threading.Lock()
+
+
+def _decoders(threads: int) -> cf.ThreadPoolExecutor:
+    """The threads that decode JPEG pools in this process (made again after a fork: threads do not survive it)."""
+    global _DECODERS
+    with _DECODERS_LOCK:
+        if _DECODERS is None or _DECODERS[:2] != (os.getpid(), threads):
+            if _DECODERS is not None and _DECODERS[0] == os.getpid():
+                _DECODERS[2].shutdown(wait=False)  # another thread count asked for: its idle threads end
+            _DECODERS = (os.getpid(), threads, cf.ThreadPoolExecutor(threads, thread_name_prefix="alssl-jpeg"))
+        return _DECODERS[2]
+
+
+def pool_format_for(pool_format: str | None, image_size: int | None) -> str:
+    """The storage a new pool gets: `raw` or `jpeg` as asked, or for `auto` (None) raw rows up to JPEG_ABOVE px and
+    JPEG above (without --image-size the size is 32 or 64 px: raw)."""
+    if pool_format not in (None, *POOL_FORMATS):
+        raise UserError(f'unknown pool format "{pool_format}"{suggest(str(pool_format), POOL_FORMATS)}; choose one '
+                        f'of: {", ".join(POOL_FORMATS)} (e.g. --pool-format jpeg)')
+    if pool_format in ("raw", "jpeg"):
+        return pool_format
+    return "jpeg" if image_size is not None and image_size > JPEG_ABOVE else "raw"
+
+
+def open_pixels(pool_dir: Path, m: dict) -> "DiskPool | JpegPool":
+    """The pixels of a built pool, as its manifest says they are stored."""
+    if m.get("pool_format", "raw") == "jpeg":
+        return JpegPool(pool_dir, len(m["pool"]), m["image_size"], m["channels"])
+    return DiskPool(pool_dir / PIXELS)
 
 
 # ---------------------------------------------------------------- scanning
@@ -237,7 +395,7 @@ def set_parent_death_signal(parent_pid: int) -> None:
 # ---------------------------------------------------------------- building
 @dataclass
 class BuiltPool:
-    pixels: DiskPool
+    pixels: "DiskPool | JpegPool"
     ids: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -268,14 +426,15 @@ def default_workers() -> int:
 
 
 def decode_files(root: Path, rels: list[str], *, dest: Path, image_size: int | None, channels: int | None = None,
-                 workers: int, label: str, quiet: bool, draft: bool = True) -> dict:
-    """Pixels of `rels` (relative to root) into `dest` (.npy uint8 [n_ok, S, S, C]), in `workers` processes.
+                 workers: int, label: str, quiet: bool, draft: bool = True, jpeg_quality: int | None = None) -> dict:
+    """Pixels of `rels` (relative to root) into `dest` (.npy uint8 [n_ok, S, S, C]), in `workers` processes; with
+    `jpeg_quality`, `dest` gets each kept image as JPEG bytes, back to back, in pool order (`encode_jpeg`).
 
     Without `image_size` a header pass first reads every file's size (and mode): S = 32 when every image is at most
     32 px, else 64. C = 1 when every image is grayscale, else 3 (found by the header pass, or while decoding into a
     3-channel staging file that is then cut to its first channel). Unreadable files are skipped.
     Returns {"kept": [rel...], "skipped": [(rel, reason)...], "image_size", "channels", "mean", "std",
-    "sha256": [SHA-256 of each kept file's bytes]}."""
+    "sha256": [SHA-256 of each kept file's bytes], "jpeg_sizes": [bytes of each kept image's JPEG] (JPEG only)}."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -300,9 +459,14 @@ def decode_files(root: Path, rels: list[str], *, dest: Path, image_size: int | N
             names = [rel for rel, _ in good]
         staged = channels or 3
         staging = dest.with_name(dest.name + ".staging")
-        offset = _write_npy_header(staging, (len(names), image_size, image_size, staged))
+        if jpeg_quality is None:
+            offset = _write_npy_header(staging, (len(names), image_size, image_size, staged))
+            outs = [str(staging)] * len(range(0, len(names), CHUNK))
+        else:  # one file of JPEGs per task, joined in order below
+            staging.mkdir()
+            offset, outs = 0, [str(staging / f"{i:09d}") for i in range(0, len(names), CHUNK)]
         tasks = [(str(root), names[i : i + CHUNK], list(range(i, min(i + CHUNK, len(names)))), image_size, staged,
-                  str(staging), offset, draft) for i in range(0, len(names), CHUNK)]
+                  out, offset, draft, jpeg_quality) for i, out in zip(range(0, len(names), CHUNK), outs)]
         task2 = bar.add_task(f"decoding {label} to {image_size}px", total=len(names))
         results = pool.map(decode_chunk, tasks, lambda n: bar.advance(task2, n), [len(t[1]) for t in tasks])
     hist = sum(r[1] for r in results)
@@ -314,14 +478,27 @@ def decode_files(root: Path, rels: list[str], *, dest: Path, image_size: int | N
     if channels is None:  # decoded without a header pass: 1 channel only if every kept file is grayscale
         channels = 1 if kept_pos and all(grays[p] for p in kept_pos) else 3
         hist = hist[:channels]
-    if failed or channels != staged:  # copy the rows that decoded (and their first channel only, for gray) to dest
+    jpeg_sizes = [b for r in results for b in r[4]]
+    if jpeg_quality is not None:  # a failed file wrote no bytes; a gray file is a 1-channel JPEG (no cut needed)
+        _join_files([Path(o) for o in outs], dest)
+        shutil.rmtree(staging)
+    elif failed or channels != staged:  # copy the rows that decoded (and their first channel only, for gray) to dest
         _copy_rows(staging, offset, dest, kept_pos, image_size, staged, channels)
         staging.unlink()
     else:
         os.replace(staging, dest)
     mean, std = _mean_std(hist) if kept_pos else ((), ())
-    return {"kept": [names[p] for p in kept_pos], "skipped": skipped, "image_size": image_size, "channels": channels,
-            "mean": mean, "std": std, "sha256": [hashes[p] for p in kept_pos]}
+    out = {"kept": [names[p] for p in kept_pos], "skipped": skipped, "image_size": image_size, "channels": channels,
+           "mean": mean, "std": std, "sha256": [hashes[p] for p in kept_pos]}
+    return out | ({"jpeg_sizes": [jpeg_sizes[p] for p in kept_pos]} if jpeg_quality is not None else {})
+
+
+def _join_files(parts: list[Path], dest: Path) -> None:
+    """The files `parts`, in order, as one file `dest`."""
+    with open(dest, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
 
 
 def _copy_rows(src_path: Path, src_offset: int, dest: Path, rows: list[int], size: int, src_c: int, c: int) -> None:
@@ -360,11 +537,13 @@ def pool_identity(ids: list[str], hashes: list[str] | None) -> dict:
 
 
 def build_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: bool, workers: int,
-               quiet: bool, expect: dict | None = None, draft: bool = True) -> dict:
+               quiet: bool, expect: dict | None = None, draft: bool = True, pool_format: str | None = None) -> dict:
     """Decode the folder into `pool_dir` (built in `pool_dir.partial`, then renamed: a kill leaves no half pool).
 
-    With `expect` (a run's record of its pool) a pool whose identity differs is refused and discarded, never put
-    in place."""
+    `pool_format`: raw uint8 rows, JPEG bytes, or auto (None: `pool_format_for`); a run's rebuild (`expect`) uses the
+    format the run recorded (raw for runs made before formats existed). With `expect` (a run's record of its pool) a
+    pool whose identity differs is refused and discarded, never put in place."""
+    fmt = expect.get("pool_format", "raw") if expect is not None else pool_format_for(pool_format, image_size)
     unreadable: list[tuple[str, str]] = []
     files = scan_folder(root, unreadable)
     if not files:
@@ -375,8 +554,9 @@ def build_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: bo
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        res = decode_files(root, [f[0] for f in files], dest=partial / PIXELS, image_size=image_size,
-                           workers=workers, label="pool", quiet=quiet, draft=draft)
+        res = decode_files(root, [f[0] for f in files], dest=partial / (JPEGS if fmt == "jpeg" else PIXELS),
+                           image_size=image_size, workers=workers, label="pool", quiet=quiet, draft=draft,
+                           jpeg_quality=JPEG_QUALITY if fmt == "jpeg" else None)
         if not res["kept"]:
             rel, why = res["skipped"][0]
             raise UserError(f"none of the {len(files)} images under {root} could be read (e.g. {rel}: {why}); "
@@ -388,7 +568,11 @@ def build_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: bo
                             f"({len(skipped)} unreadable in all), or drop --strict to skip unreadable files")
         manifest = {"format": FORMAT, "root": str(root), "image_size": res["image_size"], "channels": res["channels"],
                     "files": files, "pool": res["kept"], "skipped": skipped, "mean": res["mean"],
-                    "std": res["std"], "content_sha256": pool_identity(res["kept"], res["sha256"])["content_sha256"]}
+                    "std": res["std"], "content_sha256": pool_identity(res["kept"], res["sha256"])["content_sha256"],
+                    "pool_format": fmt}
+        if fmt == "jpeg":
+            manifest["jpeg_quality"] = JPEG_QUALITY
+            np.save(partial / OFFSETS, np.concatenate([[0], np.cumsum(res["jpeg_sizes"], dtype=np.int64)]))
         if expect and (problem := identity_problem(manifest, expect)):
             raise UserError(f"the pool rebuilt from {root} is not the one this run was made from ({problem}): its "
                             f"index space would shift and labels would land on other photos; restore the folder's "
@@ -443,6 +627,8 @@ def manifest_problem(m) -> str | None:
         return "std must be positive"
     if not isinstance(m.get("content_sha256"), (str, type(None))):
         return "content_sha256 must be a string"
+    if m.get("pool_format", "raw") not in ("raw", "jpeg"):
+        return f"pool_format must be raw or jpeg, got {str(m['pool_format'])[:40]!r}"
     return None
 
 
@@ -458,6 +644,8 @@ def identity_problem(m: dict, expect: dict) -> str | None:
         return "its file names in index order differ from the run's"
     if expect.get("content_sha256") and m.get("content_sha256") != expect["content_sha256"]:
         return "the same number of files, but their names or contents differ from the run's"
+    if m.get("pool_format", "raw") != expect.get("pool_format", "raw"):
+        return f"its pixels are stored as {m.get('pool_format', 'raw')}, the run's as {expect.get('pool_format', 'raw')}"
     return None
 
 
@@ -477,21 +665,24 @@ def read_manifest(pool_dir: Path) -> dict:
 
 
 def open_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: bool, workers: int | None = None,
-              quiet: bool = True, expect: dict | None = None, draft: bool = True) -> tuple[BuiltPool, bool]:
-    """The pool of folder `root` kept in `pool_dir`: reused when the folder is unchanged, built when absent.
+              quiet: bool = True, expect: dict | None = None, draft: bool = True,
+              pool_format: str | None = None) -> tuple[BuiltPool, bool]:
+    """The pool of folder `root` kept in `pool_dir`: reused when the folder is unchanged, built when absent
+    (`pool_format`: raw | jpeg | auto (None), see `pool_format_for`).
 
     `expect` (the run's record: n, image_size, channels, ids_sha256, content_sha256) makes a reused or rebuilt pool
     prove it has the run's index space: the same files, in the same order, with the same bytes.
     Returns (pool, built_now)."""
     fix = f"delete {pool_dir} and rerun to rebuild it (the rebuild is checked against the run's record of its photos)"
-    built = not (pool_dir / MANIFEST).is_file() or not (pool_dir / PIXELS).is_file()
+    pool_format_for(pool_format, image_size)  # a bad value is refused before anything is decoded
+    built = not (pool_dir / MANIFEST).is_file() or not ((pool_dir / PIXELS).is_file() or (pool_dir / JPEGS).is_file())
     if built and expect is not None and not root.is_dir():
         raise UserError(f"{pool_dir} (the run's decoded pool) is missing, and rebuilding it needs the source folder "
                         f"{root}, which is not there; put the folder back at {root}, or restore {pool_dir} from a copy "
                         f"of the run")
     if built:
         m = build_pool(root, pool_dir, image_size=image_size, strict=strict, workers=workers or default_workers(),
-                       quiet=quiet, expect=expect, draft=draft)
+                       quiet=quiet, expect=expect, draft=draft, pool_format=pool_format)
     else:
         m = read_manifest(pool_dir)
         if expect and (problem := identity_problem(m, expect)):
@@ -499,20 +690,25 @@ def open_pool(root: Path, pool_dir: Path, *, image_size: int | None, strict: boo
         if image_size is not None and image_size != m["image_size"]:
             raise UserError(f"this run's pool was built at --image-size {m['image_size']} (not {image_size}); "
                             f"rerun with --image-size {m['image_size']} or pick a new --out")
+        stored = m.get("pool_format", "raw")
+        if pool_format in ("raw", "jpeg") and pool_format != stored:
+            raise UserError(f"this run's pool is stored as {stored} (not {pool_format}); rerun with --pool-format "
+                            f"{stored} (or auto) or pick a new --out")
         # a run works from its own pool: a folder that moved or is gone is not needed (nor checked); one that is
         # there but changed may no longer match the pool's ids (originals on the page, Label Studio's image paths)
         changed = folder_changes(m["files"], scan_folder(root)) if root.is_dir() else None
         if changed:
             raise UserError(f"{root} changed since this run's pool was built: {changed}; a run's pool index space "
                             f"must not shift, so restore the folder as it was or start a new run with another --out")
-    pixels = DiskPool(pool_dir / PIXELS)
+    pixels = open_pixels(pool_dir, m)
     want = (len(m["pool"]), m["image_size"], m["image_size"], m["channels"])
     if pixels.shape != want:
         raise UserError(f"{pool_dir / PIXELS} holds images {list(pixels.shape)} but its manifest says "
                         f"{list(want)}; {fix}")
     return BuiltPool(pixels=pixels, ids=list(m["pool"]), mean=tuple(m["mean"]), std=tuple(m["std"]),
                      image_size=int(m["image_size"]), skipped=[tuple(s) for s in m["skipped"]],
-                     identity=pool_identity(m["pool"], None) | {"content_sha256": m.get("content_sha256")}), built
+                     identity=pool_identity(m["pool"], None) | {"content_sha256": m.get("content_sha256"),
+                                                                "pool_format": m.get("pool_format", "raw")}), built
 
 
 # ---------------------------------------------------------------- classes and the labeled test folder

@@ -125,17 +125,19 @@ def peek_chunk(args: tuple[str, list[str]]) -> list[tuple[int, int, str] | str]:
     return out
 
 
-def decode_chunk(args: tuple[str, list[str], list[int], int, int, str, int, bool]
-                 ) -> tuple[list[tuple[int, str]], np.ndarray, list[bool], list[str]]:
-    """Decode files into rows `positions` of the staging file (`draft`: JPEG draft decoding, see decode_image).
+def decode_chunk(args: tuple[str, list[str], list[int], int, int, str, int, bool, int | None]
+                 ) -> tuple[list[tuple[int, str]], np.ndarray, list[bool], list[str], list[int]]:
+    """Decode files into rows `positions` of the staging file (`draft`: JPEG draft decoding, see decode_image), or,
+    with a JPEG `quality`, encode each decoded image as a JPEG appended to the chunk file `dest` (`encode_jpeg`).
 
-    Returns (failures (position, reason), per-channel histograms [C, 256], grayscale flag of each file, SHA-256 of
-    each file's bytes ("" for a failure)). Each file is read once: the bytes hashed are the bytes decoded."""
-    root, rels, positions, size, channels, dest, offset, draft = args
+    Returns (failures (position, reason), per-channel histograms [C, 256] of the decoded pixels, grayscale flag of
+    each file, SHA-256 of each file's bytes ("" for a failure), JPEG bytes written for each file (0 for a failure;
+    [] for raw rows)). Each file is read once: the bytes hashed are the bytes decoded."""
+    root, rels, positions, size, channels, dest, offset, draft, quality = args
     row = size * size * channels
     hist = np.zeros((channels, 256), np.int64)
-    failed, grays, hashes = [], [], []
-    fd = os.open(dest, os.O_WRONLY)
+    failed, grays, hashes, sizes = [], [], [], []
+    fd = os.open(dest, os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if quality is not None else 0))
     try:
         for rel, pos in zip(rels, positions):
             path = os.path.join(root, rel)
@@ -149,15 +151,35 @@ def decode_chunk(args: tuple[str, list[str], list[int], int, int, str, int, bool
                 failed.append((pos, _reason(exc)))
                 grays.append(True)  # (not counted: the file is skipped)
                 hashes.append("")
+                sizes.append(0)
                 continue
             grays.append(gray)
             hashes.append(hashlib.sha256(data).hexdigest())
-            os.pwrite(fd, np.ascontiguousarray(a).tobytes(), offset + pos * row)
+            if quality is None:
+                os.pwrite(fd, np.ascontiguousarray(a).tobytes(), offset + pos * row)
+            else:
+                blob = encode_jpeg(a[..., :1] if gray else a, quality)
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view):]
+                sizes.append(len(blob))
             for c in range(channels):
                 hist[c] += np.bincount(a[..., c].reshape(-1), minlength=256)
     finally:
         os.close(fd)
-    return failed, hist, grays, hashes
+    return failed, hist, grays, hashes, sizes
+
+
+def encode_jpeg(a: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes of uint8 [S, S, 1] (stored grayscale) or [S, S, 3] pixels (Pillow's libjpeg, 4:2:0 chroma).
+
+    A grayscale file in a 3-channel pool is stored as a 1-channel JPEG ([S, S, 1]: its three channels are equal) and
+    repeated to RGB when read back, as `Image.convert("RGB")` does on decoding."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def _reason(exc: BaseException) -> str:
