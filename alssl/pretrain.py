@@ -229,7 +229,8 @@ def _setup(fabric, dataset: Dataset, run: Run, *, method: SSLMethod, backbone: s
     per_rank = n_pool // world
     bs = min(batch_size, per_rank)
     if bs < 2:
-        raise UserError(f"the pool has {n_pool} images: too few for {world} device(s); use more data or fewer --devices")
+        raise UserError(f"the pool has {n_pool} images: too few for {world} device(s); use more data or fewer "
+                        "--devices")
     steps_per_epoch = per_rank // bs
     total = epochs * steps_per_epoch
 
@@ -449,9 +450,9 @@ def pretrain(
 
 def _train(s: _Setup, p: _Progress, run: Run, monitor: _Monitor, *, seed: int, ckpt_every_steps: int,
            prefetch: bool, deadline: float | None, quiet: bool, title: str) -> tuple[int, bool]:
-    """The training loop, from step `p.step` to the end (or the deadline). Per step: two views → the method's loss
-    → finite check → backward → SGD + cosine lr → teacher update; checkpoints every `ckpt_every_steps` and at each
-    epoch's end, with the epoch's monitor line. Returns (steps done in this call, stopped by the deadline)."""
+    """The training loop, from step `p.step` to the end (or the deadline). Per step: two views → the method's
+    loss → finite check → backward → SGD + cosine lr → teacher update; checkpoints every `ckpt_every_steps` and at
+    each epoch's end, with the epoch's monitor line. Returns (steps done in this call, stopped by the deadline)."""
     fabric, method, rank, spe = s.fabric, s.method, s.rank, s.steps_per_epoch
     progress, task = progress_bar(title, s.total, p.step, quiet=quiet or rank != 0, fields={"loss": "-", "kNN": "-"})
     projection = Projection(f"pretrain {title}", s.total, p.step, per_step=s.bs * fabric.world_size,
