@@ -1,15 +1,9 @@
 """Stage 1: self-supervised pretraining (SimSiam, MoCo v2, BYOL; EMAN teacher option) in one visible loop.
 
-Built from lightly's heads, losses and momentum utilities; Lightning Fabric supplies devices, precision and DDP.
-
-- SimSiam (Chen & He 2021, arXiv 2011.10566): projection + prediction heads, symmetric negative cosine similarity
-  with stop-gradient on the target branch; SGD lr 0.05·bs/256, wd 5e-4 (lightly's CIFAR recipe).
-- MoCo v2 (Chen et al. 2020, arXiv 2003.04297): key encoder = momentum copy (m = 0.99, optional cosine schedule to 1),
-  a queue of keys (default min(4096, N/2)) and InfoNCE with T = 0.2 (lightly's NTXentLoss with a memory bank).
-- BYOL (Grill et al. 2020, arXiv 2006.07733): online network with predictor, target = momentum copy with m
-  cosine-scheduled 0.99 → 1, symmetric loss.
-- EMAN (Cai et al. 2021, arXiv 2103.16436), `eman=True` for MoCo / BYOL: the teacher is the EMA of the student's
-  whole state, BatchNorm running statistics included, and always runs in eval mode.
+The methods are objects (alssl/pretrain_methods.py: `METHODS = {"simsiam": SimSiam, "moco": MoCoV2, "byol": BYOL}`)
+built from lightly's heads, losses and momentum utilities; Lightning Fabric supplies devices, precision and DDP;
+checkpoint checks, metrics truncation, the non-finite message and the --minutes deadline come from alssl/loop.py,
+fault injection from alssl/faults.py. `pretrain()` reads setup → resume → loop (`_train`) → finish.
 
 Pixels come through `alssl.data.PoolReader`: a pool that fits (the array SPECs) lives on the training device as one
 uint8 tensor, an on-disk pool (an image folder) is read batch by batch; every step takes a batch and draws two kornia
@@ -21,93 +15,37 @@ model, teacher, queue, optimizer, scheduler, step) are written atomically every 
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
-import os
-import signal
 import sys
 import time
 import warnings
 import zlib
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
-from lightly.loss import NegativeCosineSimilarity, NTXentLoss
-from lightly.models.modules.heads import (
-    BYOLPredictionHead,
-    BYOLProjectionHead,
-    MoCoProjectionHead,
-    SimSiamPredictionHead,
-    SimSiamProjectionHead,
-)
-from lightly.models.utils import update_momentum
 from lightly.utils.debug import std_of_l2_normalized
-from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
 from alssl.augment import SSLView, normalise
 from alssl.backbones import backbone_checkpoint, build_backbone, load_init_weights
 from alssl.data import Dataset, PoolReader
 from alssl.errors import UserError, check_positive, check_seed, warn
+from alssl.faults import fault_after_steps
 from alssl.feature_sets import rankme
+from alssl.loop import (fitting, load_checkpoint, non_finite_error, past_deadline, ranks_in_sync, state_problem,
+                        truncate_metrics)
 from alssl.prefetch import ahead
+from alssl.pretrain_methods import METHODS, SSLMethod, SSLNet, momentum_update  # noqa: F401 (re-exported)
 from alssl.progress import Projection, progress_bar
-from alssl.runs import Run, atomic_torch_save, read_jsonl, torch_load, write_jsonl
+from alssl.runs import Run, atomic_torch_save, torch_load
 
-METHODS = ("simsiam", "moco", "byol")
-BASE_LR = {"simsiam": 0.05, "moco": 0.06, "byol": 0.06}  # per 256 images (lightly's CIFAR-10 benchmark recipes)
 STATE_FILE = "pretrain-state.pt"
-
-
-# ---------------------------------------------------------------- models
-class Encoder(nn.Module):
-    """backbone → projection head; the part a momentum teacher copies."""
-
-    def __init__(self, backbone: nn.Module, projection: nn.Module):
-        super().__init__()
-        self.backbone, self.projection = backbone, projection
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, P]
-        return self.projection(self.backbone(x))
-
-
-class SSLNet(nn.Module):
-    """The student: encoder (+ predictor for SimSiam / BYOL). forward -> (z projection, p prediction or z)."""
-
-    def __init__(self, method: str, backbone: nn.Module):
-        super().__init__()
-        d = backbone.dim
-        if method == "simsiam":  # lightly's CIFAR benchmark sizes, input scaled to the backbone
-            proj, self.prediction = SimSiamProjectionHead(d, 512, 128), SimSiamPredictionHead(128, 64, 128)
-        elif method == "moco":
-            proj, self.prediction = MoCoProjectionHead(d, 512, 128), None
-        else:
-            proj, self.prediction = BYOLProjectionHead(d, 1024, 256), BYOLPredictionHead(256, 1024, 256)
-        self.encoder = Encoder(backbone, proj)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.encoder(x)
-        return z, (self.prediction(z) if self.prediction is not None else z)
-
-
-@torch.no_grad()
-def momentum_update(student: nn.Module, teacher: nn.Module, m: float, *, eman: bool) -> None:
-    """θ_t ← m·θ_t + (1−m)·θ_s (lightly's update_momentum); with EMAN also the BN running statistics.
-
-    EMAN averages every floating-point buffer (running mean / var) and copies integer counters; the plain momentum
-    encoder keeps its own buffers, as in MoCo's and lightly's code.
-    """
-    update_momentum(student, teacher, m)
-    if eman:
-        for tb, sb in zip(teacher.buffers(), student.buffers()):
-            if tb.is_floating_point():
-                tb.mul_(m).add_(sb, alpha=1.0 - m)
-            else:
-                tb.copy_(sb)
 
 
 # ---------------------------------------------------------------- kNN monitor
@@ -219,8 +157,9 @@ def check_args(*, method: str, eman: bool, momentum: float, momentum_schedule: s
     check_positive(temperature, "--temperature")
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if eman and method == "simsiam":
-        raise UserError("--eman needs a momentum teacher; use it with --method moco or --method byol")
+    if eman and not METHODS[method].has_teacher:
+        with_teacher = " or ".join(f"--method {name}" for name, cls in METHODS.items() if cls.has_teacher)
+        raise UserError(f"--eman needs a momentum teacher; use it with {with_teacher}")
     if momentum_schedule not in (None, "cosine"):
         raise UserError(f"unknown momentum schedule {momentum_schedule!r}; use cosine or leave it out")
     if not 0.0 <= momentum < 1.0:
@@ -228,19 +167,107 @@ def check_args(*, method: str, eman: bool, momentum: float, momentum_schedule: s
     return _fabric(accelerator, devices, strategy, precision)
 
 
-def _saved_problem(saved, method: str) -> str | None:
+
+# ---------------------------------------------------------------- setup, checkpoint, monitor
+@dataclass
+class _Setup:
+    """What one call trains, built the same way on every rank (weights, heads and MoCo queue from `seed`)."""
+
+    fabric: object
+    method: SSLMethod
+    net: SSLNet  # the student (its state dict, the teacher update, the kNN monitor)
+    net_d: nn.Module  # the same network as Fabric runs it (the DDP wrapper under --devices N)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    rows: PoolReader  # uint8 [B, C, H, W] batches of the pool on the device
+    view: SSLView
+    bs: int  # images per step on each rank
+    steps_per_epoch: int
+    total: int
+    data_key: list  # [pool size, channels, image size]: what a checkpoint must have been trained on
+    state_path: Path
+
+    @property
+    def rank(self) -> int:
+        return self.fabric.global_rank
+
+    @property
+    def n_pool(self) -> int:
+        return self.data_key[0]
+
+
+@dataclass
+class _Progress:
+    """What a checkpoint carries besides weights: the step, the epoch lines, the open epoch's sums."""
+
+    step: int
+    loss_sum: torch.Tensor  # [] sum of this epoch's losses so far (on the device: no sync per step)
+    std_sum: torch.Tensor  # [] sum of this epoch's collapse std
+    n_steps: int = 0
+    history: list = field(default_factory=list)
+    carry: dict | None = None  # the partial-epoch sums of a mid-epoch checkpoint, for the first resumed step
+
+    def open_epoch(self, it: int) -> None:
+        """Zero the sums at an epoch's start, or continue the checkpoint's sums when resuming at step `it` of it."""
+        device = self.loss_sum.device
+        self.loss_sum, self.std_sum, self.n_steps = torch.zeros((), device=device), torch.zeros((), device=device), 0
+        if it and self.carry is not None and self.carry.get("n") == it:  # the epoch's loss covers all its steps
+            self.loss_sum, self.n_steps = self.carry["loss"].to(device), it
+            self.std_sum = torch.tensor(float(self.carry["std"]), device=device)
+        self.carry = None
+
+
+def _setup(fabric, dataset: Dataset, run: Run, *, method: SSLMethod, backbone: str, epochs: int, batch_size: int,
+           lr: float | None, weight_decay: float, seed: int, init: str | None, hflip: bool | None,
+           compile: bool) -> _Setup:
+    """Sizes, student, teacher, criterion, optimizer and views; writes `start.pt` on a fresh run."""
+    world, state_path = fabric.world_size, run.checkpoints / STATE_FILE
+    n_pool = dataset.n_pool
+    if run.state.get("n_pool", n_pool) != n_pool:
+        raise UserError(f"{run.path} was made from a pool of {run.state['n_pool']} images but this data has {n_pool}; "
+                        "resume with the original data (see run.toml) or pick a new --out")
+    per_rank = n_pool // world
+    bs = min(batch_size, per_rank)
+    if bs < 2:
+        raise UserError(f"the pool has {n_pool} images: too few for {world} device(s); use more data or fewer "
+                        "--devices")
+    steps_per_epoch = per_rank // bs
+    total = epochs * steps_per_epoch
+
+    torch.manual_seed(seed)  # same initial weights (and MoCo queue) on every rank
+    net = method.student(build_backbone(backbone, dataset.channels))
+    if init is not None:  # after the heads: they draw the same random numbers with or without --init
+        load_init_weights(net.encoder.backbone, backbone, init)
+    rows = PoolReader(dataset.x_train, fabric.device)
+    view = SSLView(dataset.image_size, dataset.channels, dataset.mean, dataset.std, hflip=hflip)
+    if method.eman and not state_path.exists():
+        _calibrate_bn(net.encoder, rows, view, bs)
+    if fabric.global_rank == 0 and total > 0 and not state_path.exists():  # the start, kept as a feature set
+        atomic_torch_save(backbone_checkpoint(net.encoder.backbone, name=backbone, in_channels=dataset.channels,
+                                              init=init, epochs=0, seed=seed), run.checkpoints / "start.pt")
+    method.setup(net, n_pool)  # teacher (after the BN calibration) and criterion (MoCo's queue draws RNG)
+    base_lr = lr if lr is not None else method.base_lr * bs * world / 256
+    optimizer = torch.optim.SGD(net.parameters(), lr=base_lr, momentum=0.9, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+
+    net = net.to(memory_format=torch.channels_last)  # NHWC convolutions: 1.48x faster per step on this CPU
+    if compile:
+        net.compile()  # in place: the state dict keeps its keys; the kNN monitor's backbone calls stay eager
+    net_d, optimizer = fabric.setup(net, optimizer)
+    method.to(fabric.device)
+    return _Setup(fabric, method, net, net_d, optimizer, scheduler, rows, view.to(fabric.device), bs, steps_per_epoch,
+                  total, [n_pool, dataset.channels, dataset.image_size], state_path)
+
+
+def _saved_problem(saved, method: SSLMethod) -> str | None:
     """What is wrong with a loaded pretrain-state.pt (kind, keys, types), or None."""
-    if not isinstance(saved, dict) or saved.get("kind") != "alssl-pretrain-state":
-        return "not an alssl pretraining state"
     need = {"method": str, "total": int, "step": int, "model": dict, "optimizer": dict, "scheduler": dict,
             "teacher": dict, "history": list}
-    if method == "moco" and saved.get("method") == "moco":
-        need |= {"queue": torch.Tensor, "queue_ptr": torch.Tensor}
-    for key, kind in need.items():
-        if key not in saved:
-            return f"key {key!r} is missing"
-        if not isinstance(saved[key], kind) or (kind is int and isinstance(saved[key], bool)):
-            return f"{key} is a {type(saved[key]).__name__}, not a {kind.__name__}"
+    if isinstance(saved, dict) and saved.get("method") == method.name:
+        need |= method.state_types()  # MoCo: its queue
+    problem = state_problem(saved, kind="alssl-pretrain-state", what="an alssl pretraining state", need=need)
+    if problem:
+        return problem
     if not 0 <= saved["step"] <= saved["total"]:
         return f"step {saved['step']} is outside 0..{saved['total']}"
     if not all(isinstance(h, dict) for h in saved["history"]):
@@ -252,11 +279,102 @@ def _saved_problem(saved, method: str) -> str | None:
     return None
 
 
-def _fault_after_steps(done_here: int) -> None:
-    """Fault injection for the kill -9 tests: ALSSL_FAULT_AFTER_STEPS=k kills this process after k steps."""
-    k = os.environ.get("ALSSL_FAULT_AFTER_STEPS")
-    if k is not None and done_here >= int(k):
-        os.kill(os.getpid(), signal.SIGKILL)
+def _resume(s: _Setup, run: Run) -> _Progress:
+    """Load `pretrain-state.pt` when it exists (checked: kind, setup, data, shapes) and forget the metrics lines of the
+    steps after it, which are redone."""
+    device = s.fabric.device
+    p = _Progress(0, torch.zeros((), device=device), torch.zeros((), device=device))
+    if s.state_path.exists():
+        saved = load_checkpoint(s.state_path, functools.partial(_saved_problem, method=s.method),
+                                "delete it to pretrain from scratch, or pick a new --out")
+        if saved["method"] != s.method.name or saved["total"] != s.total:
+            raise UserError(f"{s.state_path} belongs to another pretraining setup; rerun with the arguments in "
+                            f"{run.path / 'run.toml'} or pick a new --out")
+        if saved.get("data", s.data_key) != s.data_key:
+            raise UserError(f"{s.state_path} was trained on other data (pool, channels, size {saved['data']}, not "
+                            f"{s.data_key}); resume with the original data (see run.toml) or pick a new --out")
+        with fitting(s.state_path, "this model and data",
+                     "resume with the original data and arguments (see run.toml) or pick a new --out"):
+            s.net.load_state_dict(saved["model"])
+            s.optimizer.load_state_dict(saved["optimizer"])
+            s.scheduler.load_state_dict(saved["scheduler"])
+            s.method.load_state_dict(saved)
+        p.step, p.history, p.carry = saved["step"], list(saved["history"]), saved.get("epoch_sums")
+    if s.rank == 0:  # no epoch line is doubled; a run with no history keeps none
+        truncate_metrics(run.metrics_file, p.step if p.history else -1, stage="pretrain")
+    return p
+
+
+def _save(s: _Setup, p: _Progress) -> None:
+    """Write `pretrain-state.pt` atomically (rank 0): weights, optimizer, the method's state, progress."""
+    if s.rank != 0:
+        return
+    extra = s.method.state_dict()  # the teacher first, the method's other keys (MoCo's queue) last, as ever
+    state = {"kind": "alssl-pretrain-state", "method": s.method.name, "total": s.total, "step": p.step,
+             "data": s.data_key, "model": s.net.state_dict(), "optimizer": s.optimizer.state_dict(),
+             "scheduler": s.scheduler.state_dict(), "teacher": extra.pop("teacher"), "history": p.history,
+             "epoch_sums": {"loss": p.loss_sum.detach().cpu(), "std": float(p.std_sum), "n": p.n_steps}, **extra}
+    atomic_torch_save(state, s.state_path)
+
+
+class _Monitor:
+    """The epoch line: kNN accuracy and RankMe of the student backbone (every `every` epochs and at the end; see
+    `score_source`), mean loss, collapse std (with a warning below 0.1/√d), learning rate."""
+
+    def __init__(self, s: _Setup, dataset: Dataset, *, every: int, k: int, t: float):
+        self.s, self.dataset, self.every, self.k, self.t = s, dataset, every, k, t
+        self.source = score_source(dataset) if every > 0 else None
+        device, n_pool = s.fabric.device, dataset.n_pool
+        self.test_rows = PoolReader(dataset.x_test, device) if self.source not in (None, RANKME_ONLY) else None
+        self.few_rows = None  # a pool without labels is embedded only on 1,024 evenly spaced images, for RankMe
+        if self.source not in (None, KNN_POOL):
+            self.few_rows = PoolReader(dataset.x_train[np.linspace(0, n_pool - 1, min(n_pool, 1024)).astype(np.int64)],
+                                       device)
+
+    def __call__(self, epoch: int, step: int, loss: float | None, collapse: float | None) -> dict:
+        ds, acc, rank_me = self.dataset, None, None
+        if self.source is not None and (epoch % self.every == 0 or step == self.s.total):
+            bb = self.s.net.encoder.backbone
+            pool = _embed(bb, self.s.rows if self.source == KNN_POOL else self.few_rows, ds.mean, ds.std)
+            rank_me = round(rankme(pool), 2)
+            if self.source == KNN_POOL:  # a labeled benchmark: the pool votes for the test images
+                acc = knn_accuracy(pool, ds.y_train, _embed(bb, self.test_rows, ds.mean, ds.std), ds.y_test,
+                                   num_classes=ds.num_classes, k=self.k, t=self.t)
+            elif self.source == KNN_TEST_CV:  # an image folder with --test: folds of the test set vote for each other
+                acc = knn_cv_accuracy(_embed(bb, self.test_rows, ds.mean, ds.std), ds.y_test,
+                                      num_classes=ds.num_classes, k=min(self.k, 20), t=self.t)
+            acc = None if acc is None else round(acc, 4)
+        rec = {"stage": "pretrain", "epoch": epoch, "step": step, "loss": loss, "knn_accuracy": acc,
+               "rankme": rank_me, "collapse_std": collapse, "lr": self.s.optimizer.param_groups[0]["lr"]}
+        if collapse is not None and collapse < 0.1 / math.sqrt(self.s.method.out_dim):  # 1/√d healthy
+            warnings.warn(f"epoch {epoch}: representation collapse (std of l2-normalised outputs {collapse:.4f})")
+        return rec
+
+
+def _step_views(s: _Setup, seed: int) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """Step k -> its two views [bs, C, H, W]: a function of (seed, k, rank) only, so a resumed run redraws them."""
+    rank, world, bs = s.rank, s.fabric.world_size, s.bs
+
+    @functools.lru_cache(maxsize=2)
+    def shard_of(epoch: int) -> torch.Tensor:  # [steps_per_epoch·bs] this rank's image order in `epoch`
+        perm = torch.randperm(s.n_pool, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        return perm[rank::world][: s.steps_per_epoch * bs].to(s.fabric.device)
+
+    def views(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, it = divmod(k, s.steps_per_epoch)
+        torch.manual_seed(_step_seed(seed, k, rank))
+        x = s.rows(shard_of(epoch)[it * bs: (it + 1) * bs]).float().div_(255)
+        cl = torch.channels_last
+        return s.view(x).contiguous(memory_format=cl), s.view(x).contiguous(memory_format=cl)
+
+    return views
+
+
+def _check_finite(finite: torch.Tensor, method: str, step: int, every: int, ckpt_dir: Path) -> None:
+    """Raise (before the next checkpoint could keep bad weights) if a loss since the last check was NaN or inf."""
+    if not bool(finite):
+        where = f"at step {step}" if every == 1 else f"within the {every} steps up to step {step}"
+        raise non_finite_error(f"the {method} loss", where, ckpt_dir, fix="lower --lr and rerun with a new --out")
 
 
 # ---------------------------------------------------------------- the loop
@@ -304,277 +422,121 @@ def pretrain(
     fabric = check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
                         accelerator=accelerator, devices=devices, strategy=strategy, precision=precision, seed=seed,
                         lr=lr, temperature=temperature)
-    if method == "byol":
-        momentum_schedule = momentum_schedule or "cosine"  # BYOL: τ from 0.99 to 1 with a cosine schedule
     fabric.launch()
-    rank, world = fabric.global_rank, fabric.world_size
-    ckpt_dir = run.checkpoints
-    state_path = ckpt_dir / STATE_FILE
+    ssl = METHODS[method](eman=eman, momentum=momentum, momentum_schedule=momentum_schedule, temperature=temperature,
+                          queue_size=queue_size)
+    s = _setup(fabric, dataset, run, method=ssl, backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr,
+               weight_decay=weight_decay, seed=seed, init=init, hflip=hflip, compile=compile)
+    p = _resume(s, run)
+    monitor = _Monitor(s, dataset, every=knn_every, k=knn_k, t=knn_t)
+    if s.rank == 0 and not p.history:
+        p.history.append(monitor(0, p.step, None, None))
+        run.log_metrics(p.history[-1])
+    t0 = time.perf_counter()
+    done_here, stopped = _train(s, p, run, monitor, seed=seed, ckpt_every_steps=ckpt_every_steps, prefetch=prefetch,
+                                deadline=None if minutes is None else t0 + 60.0 * minutes,
+                                quiet=quiet, title=f"{method} {backbone}")
+    seconds = time.perf_counter() - t0
+    in_sync = ranks_in_sync(fabric, s.net) if fabric.world_size > 1 else None  # every rank takes part
+    if s.rank != 0:
+        return None
+    if stopped:
+        print(f"# pretrain: the --minutes {minutes:g} budget is spent at step {p.step} of {s.total}; the checkpoint is "
+              f"kept and backbone.pt holds the weights so far: rerun the same command to go on", file=sys.stderr,
+              flush=True)
+    return _finish(s, p, dataset, backbone=backbone, epochs=epochs, seed=seed, in_sync=in_sync, stopped=stopped,
+                   knn_on=monitor.source, seconds=seconds, done_here=done_here)
 
-    n_pool = dataset.n_pool
-    data_key = [n_pool, dataset.channels, dataset.image_size]  # what a checkpoint must have been trained on
-    if run.state.get("n_pool", n_pool) != n_pool:
-        raise UserError(f"{run.path} was made from a pool of {run.state['n_pool']} images but this data has {n_pool}; "
-                        "resume with the original data (see run.toml) or pick a new --out")
-    per_rank = n_pool // world
-    bs = min(batch_size, per_rank)
-    if bs < 2:
-        raise UserError(f"the pool has {n_pool} images: too few for {world} device(s); use more data or fewer --devices")
-    steps_per_epoch = per_rank // bs
-    total = epochs * steps_per_epoch
-    base_lr = (lr if lr is not None else BASE_LR[method] * bs * world / 256)
 
-    torch.manual_seed(seed)  # same initial weights (and MoCo queue) on every rank
-    net = SSLNet(method, build_backbone(backbone, dataset.channels))
-    if init is not None:  # after SSLNet: the heads draw the same random numbers with or without --init
-        load_init_weights(net.encoder.backbone, backbone, init)
-    rows = PoolReader(dataset.x_train, fabric.device)  # uint8 [B, C, H, W] batches on the device
-    view = SSLView(dataset.image_size, dataset.channels, dataset.mean, dataset.std, hflip=hflip)
-    if eman and not state_path.exists():
-        _calibrate_bn(net.encoder, rows, view, bs)
-    if rank == 0 and total > 0 and not state_path.exists():  # the start, kept as a feature set of its own
-        atomic_torch_save(backbone_checkpoint(net.encoder.backbone, name=backbone, in_channels=dataset.channels,
-                                              init=init, epochs=0, seed=seed), ckpt_dir / "start.pt")
-    teacher = copy.deepcopy(net.encoder).requires_grad_(False) if method in ("moco", "byol") else None
-    if method == "moco":
-        q = queue_size if queue_size is not None else min(4096, n_pool // 2)
-        criterion: nn.Module = NTXentLoss(temperature=temperature, memory_bank_size=(q, 128))
-    else:
-        criterion = NegativeCosineSimilarity()
-    optimizer = torch.optim.SGD(net.parameters(), lr=base_lr, momentum=0.9, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
-
-    net = net.to(memory_format=torch.channels_last)  # NHWC convolutions: 1.48x faster per step on this CPU
-    if compile:
-        net.compile()  # in place: the state dict keeps its keys; the kNN monitor's backbone calls stay eager
-    net_d, optimizer = fabric.setup(net, optimizer)
-    criterion = criterion.to(fabric.device)
-    if teacher is not None:
-        teacher = teacher.to(fabric.device, memory_format=torch.channels_last)
-
-    step, history, carry = 0, [], None  # carry: the partial-epoch loss sums of a mid-epoch checkpoint
-    if state_path.exists():
-        saved = torch_load(state_path)
-        problem = _saved_problem(saved, method)
-        if problem:
-            raise UserError(f"{state_path} is damaged ({problem}); delete it to pretrain from scratch, or pick a new --out")
-        if saved["method"] != method or saved["total"] != total:
-            raise UserError(f"{state_path} belongs to another pretraining setup; rerun with the arguments in "
-                            f"{run.path / 'run.toml'} or pick a new --out")
-        if saved.get("data", data_key) != data_key:
-            raise UserError(f"{state_path} was trained on other data (pool, channels, size {saved['data']}, not {data_key}); "
-                            "resume with the original data (see run.toml) or pick a new --out")
-        try:
-            net.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            if teacher is not None:
-                teacher.load_state_dict(saved["teacher"])
-            if method == "moco":
-                criterion.memory_bank.bank.copy_(saved["queue"])
-                criterion.memory_bank.bank_ptr.copy_(saved["queue_ptr"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{state_path} does not fit this model and data ({str(exc).strip().splitlines()[0][:120]}); "
-                            "resume with the original data and arguments (see run.toml) or pick a new --out") from None
-        step, history, carry = saved["step"], list(saved["history"]), saved.get("epoch_sums")
-    if rank == 0:  # steps after the checkpoint are redone: forget what they logged, so no epoch line is doubled
-        start, records = (step if history else -1), read_jsonl(run.metrics_file)
-        kept = [r for r in records if r.get("stage") != "pretrain" or (type(r.get("step")) is int and r["step"] <= start)]
-        if len(kept) != len(records):
-            write_jsonl(run.metrics_file, kept)
-    loss_sum, std_sum, n_steps = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device), 0
-
-    def save() -> None:
-        if rank != 0:
-            return
-        state = {"kind": "alssl-pretrain-state", "method": method, "total": total, "step": step, "data": data_key,
-                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "teacher": teacher.state_dict() if teacher is not None else {}, "history": history,
-                 "epoch_sums": {"loss": loss_sum.detach().cpu(), "std": float(std_sum), "n": n_steps}}
-        if method == "moco":
-            state["queue"] = criterion.memory_bank.bank.detach().cpu()
-            state["queue_ptr"] = criterion.memory_bank.bank_ptr.detach().cpu()
-        atomic_torch_save(state, state_path)
-
-    view = view.to(fabric.device)
-    knn_on = score_source(dataset) if knn_every > 0 else None
-    test_rows = PoolReader(dataset.x_test, fabric.device) if knn_on not in (None, RANKME_ONLY) else None
-    few_rows = None  # a pool without labels is embedded only on 1,024 evenly spaced images, for RankMe
-    if knn_on not in (None, KNN_POOL):
-        few_rows = PoolReader(dataset.x_train[np.linspace(0, n_pool - 1, min(n_pool, 1024)).astype(np.int64)],
-                              fabric.device)
-
-    def monitor(epoch: int, loss: float | None, collapse: float | None) -> dict:
-        acc = rank_me = None
-        if knn_on is not None and (epoch % knn_every == 0 or step == total):
-            bb = net.encoder.backbone
-            pool = _embed(bb, rows if knn_on == KNN_POOL else few_rows, dataset.mean, dataset.std)
-            rank_me = round(rankme(pool), 2)
-            if knn_on == KNN_POOL:  # a labeled benchmark: the pool votes for the test images
-                acc = knn_accuracy(pool, dataset.y_train, _embed(bb, test_rows, dataset.mean, dataset.std),
-                                   dataset.y_test, num_classes=dataset.num_classes, k=knn_k, t=knn_t)
-            elif knn_on == KNN_TEST_CV:  # an image folder with --test: folds of the test set vote for each other
-                acc = knn_cv_accuracy(_embed(bb, test_rows, dataset.mean, dataset.std), dataset.y_test,
-                                      num_classes=dataset.num_classes, k=min(knn_k, 20), t=knn_t)
-            acc = None if acc is None else round(acc, 4)
-        rec = {"stage": "pretrain", "epoch": epoch, "step": step, "loss": loss, "knn_accuracy": acc, "rankme": rank_me,
-               "collapse_std": collapse, "lr": optimizer.param_groups[0]["lr"]}
-        if collapse is not None and collapse < 0.1 / math.sqrt(256 if method == "byol" else 128):  # 1/√d healthy
-            warnings.warn(f"epoch {epoch}: representation collapse (std of l2-normalised outputs {collapse:.4f})")
-        return rec
-
-    if rank == 0 and not history:
-        history.append(monitor(0, None, None))
-        run.log_metrics(history[-1])
-
-    progress, task = progress_bar(f"{method} {backbone}", total, step, quiet=quiet or rank != 0,
-                                  fields={"loss": "-", "kNN": "-"})
-    projection = Projection(f"pretrain {method} {backbone}", total, step, per_step=bs * world,
+def _train(s: _Setup, p: _Progress, run: Run, monitor: _Monitor, *, seed: int, ckpt_every_steps: int,
+           prefetch: bool, deadline: float | None, quiet: bool, title: str) -> tuple[int, bool]:
+    """The training loop, from step `p.step` to the end (or the deadline). Per step: two views → the method's
+    loss → finite check → backward → SGD + cosine lr → teacher update; checkpoints every `ckpt_every_steps` and at
+    each epoch's end, with the epoch's monitor line. Returns (steps done in this call, stopped by the deadline)."""
+    fabric, method, rank, spe = s.fabric, s.method, s.rank, s.steps_per_epoch
+    progress, task = progress_bar(title, s.total, p.step, quiet=quiet or rank != 0, fields={"loss": "-", "kNN": "-"})
+    projection = Projection(f"pretrain {title}", s.total, p.step, per_step=s.bs * fabric.world_size,
                             hint="; Ctrl-C and rerun the same command to resume") if rank == 0 else None
-    t0, done_here = time.perf_counter(), 0
-    deadline = None if minutes is None else t0 + 60.0 * minutes
-    stopped = False
-    net_d.train()
-    if teacher is not None:
-        teacher.train(not eman)  # EMAN's teacher always runs in eval mode
+    done_here, stopped, first = 0, False, True
+    s.net_d.train()
+    method.train()
     # CPU: the loss is checked every step (no cost); GPU: every 20 steps, so no step waits for the device to finish
     check_every = 1 if fabric.device.type == "cpu" else 20
     finite = torch.ones((), dtype=torch.bool, device=fabric.device)
-    cl = torch.channels_last
-
-    @functools.lru_cache(maxsize=2)
-    def shard_of(epoch: int) -> torch.Tensor:  # [steps_per_epoch·bs] this rank's image order in `epoch`
-        perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        return perm[rank::world][: steps_per_epoch * bs].to(fabric.device)
-
-    def views(k: int) -> tuple[torch.Tensor, torch.Tensor]:  # step k's two views: a function of (seed, k, rank) only
-        epoch, it = divmod(k, steps_per_epoch)
-        torch.manual_seed(_step_seed(seed, k, rank))
-        x = rows(shard_of(epoch)[it * bs: (it + 1) * bs]).float().div_(255)
-        return view(x).contiguous(memory_format=cl), view(x).contiguous(memory_format=cl)
-
-    first = True
     with progress or nullcontext():
         # the next step's views are drawn on a worker thread while this step trains (alssl/prefetch.py)
-        for _, (x0, x1) in ahead(views, range(step, total), enabled=prefetch, device=fabric.device):
-            epoch, it = divmod(step, steps_per_epoch)
+        for _, (x0, x1) in ahead(_step_views(s, seed), range(p.step, s.total), enabled=prefetch, device=fabric.device):
+            epoch, it = divmod(p.step, spe)
             if it == 0 or first:  # a new epoch, or the first step of a resumed one
-                loss_sum, std_sum, n_steps = torch.zeros((), device=fabric.device), torch.zeros((), device=fabric.device), 0
-                if it and carry is not None and carry.get("n") == it:  # resumed mid-epoch: the epoch's loss covers all its steps
-                    loss_sum, n_steps = carry["loss"].to(fabric.device), it
-                    std_sum = torch.tensor(float(carry["std"]), device=fabric.device)
-                carry, first = None, False
-            m = cosine_schedule(step, total, momentum, 1.0) if momentum_schedule == "cosine" else momentum
-            loss, z = _loss(method, net_d, teacher, criterion, x0, x1, fabric)
+                p.open_epoch(it)
+                first = False
+            loss, z = method.loss(s.net_d, x0, x1, fabric.autocast)
             finite = finite & torch.isfinite(loss.detach())  # no GPU sync per step: checked every `check_every`
-            if (step + 1) % check_every == 0 or it + 1 == steps_per_epoch or \
-                    (ckpt_every_steps and (step + 1) % ckpt_every_steps == 0):
-                _check_finite(finite, method, step, check_every, ckpt_dir)
-            optimizer.zero_grad(set_to_none=True)
+            if (p.step + 1) % check_every == 0 or it + 1 == spe or \
+                    (ckpt_every_steps and (p.step + 1) % ckpt_every_steps == 0):
+                _check_finite(finite, method.name, p.step, check_every, s.state_path.parent)
+            s.optimizer.zero_grad(set_to_none=True)
             fabric.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            if teacher is not None:
-                momentum_update(net.encoder, teacher, m, eman=eman)
-            step += 1
+            s.optimizer.step()
+            s.scheduler.step()
+            method.update_teacher(s.net, p.step, s.total)
+            p.step += 1
             done_here += 1
-            loss_sum += loss.detach()
-            std_sum += std_of_l2_normalized(z.detach().float())
-            n_steps += 1
-            if ckpt_every_steps and step % ckpt_every_steps == 0 and it + 1 < steps_per_epoch:
-                save()
+            p.loss_sum += loss.detach()
+            p.std_sum += std_of_l2_normalized(z.detach().float())
+            p.n_steps += 1
+            if ckpt_every_steps and p.step % ckpt_every_steps == 0 and it + 1 < spe:
+                _save(s, p)
             if progress is not None:  # the count every step (the ETA), the loss every 5 (`.item()` waits for a GPU)
-                progress.update(task, completed=step, **({"loss": f"{loss.item():.3f}"}
-                                                         if step % 5 == 0 or step == total else {}))
+                progress.update(task, completed=p.step, **({"loss": f"{loss.item():.3f}"}
+                                                           if p.step % 5 == 0 or p.step == s.total else {}))
             if projection is not None:
-                projection.step(step)
-            _fault_after_steps(done_here)
-            if it + 1 == steps_per_epoch:  # end of an epoch: monitor line, checkpoint
+                projection.step(p.step)
+            fault_after_steps(done_here)
+            if it + 1 == spe:  # end of an epoch: monitor line, checkpoint
                 if rank == 0:
-                    history.append(monitor(epoch + 1, round(float(loss_sum) / n_steps, 4), round(float(std_sum) / n_steps, 4)))
-                    run.log_metrics(history[-1])
-                    if progress is not None and history[-1]["knn_accuracy"] is not None:
-                        progress.update(task, kNN=f"{history[-1]['knn_accuracy']:.3f}")
-                save()
+                    p.history.append(monitor(epoch + 1, p.step, round(float(p.loss_sum) / p.n_steps, 4),
+                                             round(float(p.std_sum) / p.n_steps, 4)))
+                    run.log_metrics(p.history[-1])
+                    if progress is not None and p.history[-1]["knn_accuracy"] is not None:
+                        progress.update(task, kNN=f"{p.history[-1]['knn_accuracy']:.3f}")
+                _save(s, p)
                 fabric.barrier()
-            if deadline is not None and step < total and _past(deadline, fabric):  # --minutes spent: stop resumably
-                if it + 1 < steps_per_epoch:
-                    save()
+            if p.step < s.total and past_deadline(deadline, time.perf_counter(), fabric):  # stop resumably
+                if it + 1 < spe:
+                    _save(s, p)
                 stopped = True
                 break
-    seconds = time.perf_counter() - t0
-    in_sync = _ranks_in_sync(fabric, net) if world > 1 else None
+    return done_here, stopped
 
-    if rank != 0:
-        return None
+
+def _finish(s: _Setup, p: _Progress, dataset: Dataset, *, backbone: str, epochs: int, seed: int, in_sync: bool | None,
+            stopped: bool, knn_on: str | None, seconds: float, done_here: int) -> dict:
+    """Rank 0: write `backbone.pt` (and the state of an `epochs=0` run) and return the summary."""
+    history = p.history
     knn = [h["knn_accuracy"] for h in history if h["knn_accuracy"] is not None]  # empty with knn_every=0
     ranks = [h.get("rankme") for h in history if h.get("rankme") is not None]
-    meta = {"method": method, "epochs": epochs, "steps": total, "knn_accuracy": knn[-1] if knn else None,
-            "eman": eman, "seed": seed, "world_size": world}
+    meta = {"method": s.method.name, "epochs": epochs, "steps": s.total, "knn_accuracy": knn[-1] if knn else None,
+            "eman": s.method.eman, "seed": seed, "world_size": s.fabric.world_size}
     if in_sync is not None:
         meta["ranks_in_sync"] = in_sync
     if stopped:
-        meta["stopped_at"] = step
-        print(f"# pretrain: the --minutes {minutes:g} budget is spent at step {step} of {total}; the checkpoint is kept "
-              f"and backbone.pt holds the weights so far: rerun the same command to go on", file=sys.stderr, flush=True)
-    atomic_torch_save(backbone_checkpoint(net.encoder.backbone, name=backbone, in_channels=dataset.channels, **meta),
-                      ckpt_dir / "backbone.pt")
-    if total == 0:
-        save()
+        meta["stopped_at"] = p.step
+    atomic_torch_save(backbone_checkpoint(s.net.encoder.backbone, name=backbone, in_channels=dataset.channels, **meta),
+                      s.state_path.parent / "backbone.pt")
+    if s.total == 0:
+        _save(s, p)
     summary = {**meta, "backbone": backbone, "knn_accuracy_init": history[0]["knn_accuracy"], "knn_on": knn_on,
                "rankme": ranks[-1] if ranks else None, "rankme_init": history[0].get("rankme"),
                "loss": history[-1]["loss"], "seconds": round(seconds, 2),
-               "images_per_s": round(done_here * bs * world / seconds, 1) if done_here else None}
-    if total > 0 and summary["knn_accuracy"] is not None and summary["knn_accuracy_init"] is not None \
+               "images_per_s": round(done_here * s.bs * s.fabric.world_size / seconds, 1) if done_here else None}
+    if s.total > 0 and summary["knn_accuracy"] is not None and summary["knn_accuracy_init"] is not None \
             and summary["knn_accuracy"] < summary["knn_accuracy_init"]:
         warn(f"the trained features score {summary['knn_accuracy']:.3f}, below their start "
              f"({summary['knn_accuracy_init']:.3f}; {knn_on}): stage 1 made them worse. Try starting from pretrained "
              f"weights (--init), more --epochs, or the start itself (--epochs 0); `alssl probe`, `query` and `export` "
              f"compare both on your labels and use the stronger")
     return summary
-
-
-def _past(deadline: float, fabric) -> bool:
-    """Whether the wall-clock deadline has passed, decided by rank 0 for every rank (so all ranks stop together)."""
-    late = time.perf_counter() > deadline
-    if fabric.world_size == 1:
-        return late
-    return bool(fabric.broadcast(torch.tensor(float(late), device=fabric.device), src=0).item())
-
-
-def _check_finite(finite: torch.Tensor, method: str, step: int, every: int, ckpt_dir: Path) -> None:
-    """Raise (before the next checkpoint could keep bad weights) if a loss since the last check was NaN or inf."""
-    if not bool(finite):
-        where = f"at step {step}" if every == 1 else f"within the {every} steps up to step {step}"
-        raise UserError(f"the {method} loss became NaN or inf {where}; the last good checkpoint is kept in {ckpt_dir}; "
-                        f"lower --lr and rerun with a new --out")
-
-
-@torch.no_grad()
-def _ranks_in_sync(fabric, net: nn.Module) -> bool:
-    """DDP check: every rank holds bit-identical student weights (all_gather of the flat parameter vector)."""
-    flat = torch.cat([p.detach().flatten() for p in net.parameters()])
-    gathered = fabric.all_gather(flat)  # [world, P]
-    return bool((gathered - gathered[0]).abs().max().item() == 0.0)
-
-
-def _loss(method: str, net: nn.Module, teacher: nn.Module | None, criterion: nn.Module,
-          x0: torch.Tensor, x1: torch.Tensor, fabric) -> tuple[torch.Tensor, torch.Tensor]:
-    """The method's loss on two views; also returns the student projections (for the collapse monitor)."""
-    if method == "simsiam":  # D(p0, sg(z1))/2 + D(p1, sg(z0))/2
-        z0, p0 = net(x0)
-        z1, p1 = net(x1)
-        return 0.5 * (criterion(p0, z1.detach()) + criterion(p1, z0.detach())), z0
-    if method == "moco":  # query from view 0, key from view 1 (momentum encoder), queue of past keys
-        q, _ = net(x0)
-        with torch.no_grad(), fabric.autocast():
-            k = teacher(x1)
-        return criterion(q, k), q
-    with torch.no_grad(), fabric.autocast():  # BYOL: symmetric, online predictions vs target projections
-        k0, k1 = teacher(x0), teacher(x1)
-    z0, p0 = net(x0)
-    z1, p1 = net(x1)
-    return 0.5 * (criterion(p0, k1) + criterion(p1, k0)), z0
 
 
 def load_state(run_path: Path) -> dict:

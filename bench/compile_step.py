@@ -21,7 +21,7 @@ import time
 import torch
 
 from alssl.backbones import build_backbone
-from alssl.pretraining import SSLNet
+from alssl.pretrain_methods import SimSiam
 from alssl.semi.common import Net
 from report import load_average, print_ratio  # bench/report.py
 
@@ -55,7 +55,7 @@ def main() -> None:
     torch.manual_seed(0)
     if a.stage == 1:
         name, bs = a.backbone or "cnn", a.batch_size or 256
-        model = SSLNet("simsiam", build_backbone(name, 3))
+        model = SimSiam().student(build_backbone(name, 3))
         n = 2 * bs  # the two views, as one batch here
     else:
         name, bs = a.backbone or "wrn28_2", a.batch_size or 8

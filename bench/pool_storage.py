@@ -10,7 +10,7 @@ from ../shared/data/cifar10_10k.npz upscaled to 256×192 .. 640×480: bench/inge
   count up to 8), --rounds rounds each, median;
 - peak RSS of reading one batch: a fresh process opens the pool and reads one batch; VmHWM before and after;
 - mean |JPEG - raw|: the mean absolute difference of the JPEG pool's pixels from the raw pool's (0..255 levels);
-- with --embed: end to end, img/s of `alssl.features.embed_to_file` (what query / probe / export run: the next batch
+- with --embed: end to end, img/s of `alssl.feature_sets.embed_to_file` (what query / probe / export run: the next batch
   read, and decoded, by a background thread while the model runs) with the `cnn` backbone on one torch thread,
   raw and JPEG alternating for --rounds rounds, median: whether decoding shows behind the model.
 Upscaled 32 px images are smoother than photos, so the JPEG sizes are a lower bound for real photos at the same S.

@@ -1,9 +1,11 @@
 """Stage-1 throughput: alssl's SimSiam loop vs lightly's documented SimSiam example loop, in one run.
 
 Same backbone (alssl `cnn` by default), heads (lightly SimSiam projection/prediction), loss, optimizer, batch size and
-images (`../shared/data/cifar10_10k.npz`, 32 px). The peer is lightly's example (docs "SimSiam" /
-examples/pytorch/simsiam.py): a map-style dataset of PIL images + `SimSiamTransform(input_size=32)` +
-`DataLoader(shuffle, drop_last)`; it is timed with each `--workers` value and the fastest is the reference. alssl is
+images (`../shared/data/cifar10_10k.npz`, 32 px): both sides train the network and loss of alssl's `SimSiam` method
+object (alssl/pretrain_methods.py), so they differ only in how the views are made and fed. The peer is lightly's
+example loop (docs "SimSiam" / examples/pytorch/simsiam.py): a map-style dataset of PIL images +
+`SimSiamTransform(input_size=32)` + `DataLoader(shuffle, drop_last)`; it is timed with each `--workers` value and the
+fastest is the reference. alssl is
 timed through `alssl.pretraining.pretrain` (kNN monitor off, checkpoints on) as it ships (the next step's views drawn on
 a worker thread while the step trains, alssl/prefetch.py), and once more with that thread off (`alssl inline`), so the
 lever is measured alone. The sides alternate for `--rounds` rounds (A B C A B C ...), so a change in background load
@@ -17,6 +19,7 @@ hits all; the last line is `ratio=X.XX`, the median over rounds of alssl images/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -24,17 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightly.loss import NegativeCosineSimilarity
-from lightly.models.modules.heads import SimSiamPredictionHead, SimSiamProjectionHead
 from lightly.transforms import SimSiamTransform
 from PIL import Image
-from torch import nn
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
 from alssl.backbones import build_backbone
 from alssl.data import load_dataset
 from alssl.runs import Run
 from alssl.pretraining import pretrain
+from alssl.pretrain_methods import SimSiam
 from report import load_average, print_ratio, spread  # bench/report.py
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_10k.npz"
@@ -53,25 +54,15 @@ class PILDataset(TorchDataset):
         return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
 
 
-class LightlySimSiam(nn.Module):
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.projection_head = SimSiamProjectionHead(backbone.dim, 512, 128)
-        self.prediction_head = SimSiamPredictionHead(128, 64, 128)
-
-    def forward(self, x):
-        z = self.projection_head(self.backbone(x))
-        return z.detach(), self.prediction_head(z)
-
-
 def lightly_loop(x: np.ndarray, y: np.ndarray, *, steps: int, batch_size: int, workers: int, backbone: str = "cnn",
                  device: str = "cpu", precision: str = "32-true") -> float:
     """Images/s of lightly's example loop over `steps` batches (after one warm-up batch)."""
     torch.manual_seed(0)
-    model = LightlySimSiam(build_backbone(backbone, 3)).to(device)
+    method = SimSiam()  # alssl's SimSiam: lightly's heads and loss, the network and loss the alssl side trains
+    model = method.student(build_backbone(backbone, 3)).to(device)
+    method.setup(model, n_pool=len(x))
+    method.to(device)
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-    criterion = NegativeCosineSimilarity()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05 * batch_size / 256, momentum=0.9, weight_decay=5e-4)
     loader = DataLoader(PILDataset(x, y, SimSiamTransform(input_size=32)), batch_size=batch_size, shuffle=True,
                         drop_last=True, num_workers=workers, persistent_workers=workers > 0)
@@ -85,9 +76,7 @@ def lightly_loop(x: np.ndarray, y: np.ndarray, *, steps: int, batch_size: int, w
             continue
         x0, x1 = x0.to(device, non_blocking=True), x1.to(device, non_blocking=True)
         with autocast:
-            z0, p0 = model(x0)
-            z1, p1 = model(x1)
-            loss = 0.5 * (criterion(z0, p1) + criterion(z1, p0))
+            loss, _ = method.loss(model, x0, x1, contextlib.nullcontext)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

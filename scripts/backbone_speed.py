@@ -13,6 +13,7 @@ the table in docs/pretrain.md, which backbone and size a machine can afford.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -25,35 +26,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from alssl.augment import SSLView  # noqa: E402
 from alssl.backbones import build_backbone  # noqa: E402
-from alssl.pretraining import SSLNet, _loss  # noqa: E402
+from alssl.pretrain_methods import SimSiam  # noqa: E402
 
 DEFAULT = "cnn,resnet18,wrn28_2,torchvision:resnet18,torchvision:resnet50,torchvision:convnext_tiny,timm:resnet18"
-
-
-class _NoFabric:
-    @staticmethod
-    def autocast():
-        import contextlib
-
-        return contextlib.nullcontext()
 
 
 def step_time(name: str, size: int, batch: int, steps: int) -> float:
     """Seconds per SimSiam step (after one warm-up step)."""
     torch.manual_seed(0)
-    net = SSLNet("simsiam", build_backbone(name, 3)).to(memory_format=torch.channels_last)
+    method = SimSiam()
+    net = method.student(build_backbone(name, 3)).to(memory_format=torch.channels_last)
+    method.setup(net, n_pool=batch)
     view = SSLView(size, 3, (0.5,) * 3, (0.25,) * 3)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    from lightly.loss import NegativeCosineSimilarity
-
-    crit = NegativeCosineSimilarity()
     x = torch.rand(batch, 3, size, size)
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
         x0 = view(x).contiguous(memory_format=torch.channels_last)
         x1 = view(x).contiguous(memory_format=torch.channels_last)
-        loss, _ = _loss("simsiam", net, None, crit, x0, x1, _NoFabric)
+        loss, _ = method.loss(net, x0, x1, contextlib.nullcontext)
         opt.zero_grad()
         loss.backward()
         opt.step()

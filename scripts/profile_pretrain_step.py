@@ -9,6 +9,7 @@ self CPU time (and self CUDA time on a GPU). Used for docs/pretrain.md's speed n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from alssl.augment import SSLView  # noqa: E402
 from alssl.backbones import build_backbone  # noqa: E402
-from alssl.pretraining import SSLNet  # noqa: E402
+from alssl.pretrain_methods import SimSiam  # noqa: E402
 
 
 def main() -> None:
@@ -32,11 +33,11 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     a = p.parse_args()
     dev = torch.device(a.device)
-    from lightly.loss import NegativeCosineSimilarity
-
-    net = SSLNet("simsiam", build_backbone(a.backbone, 3)).to(dev, memory_format=torch.channels_last)
+    method = SimSiam()
+    net = method.student(build_backbone(a.backbone, 3)).to(dev, memory_format=torch.channels_last)
+    method.setup(net, n_pool=a.batch_size)
+    method.to(dev)
     view = SSLView(a.size, 3, (0.5,) * 3, (0.25,) * 3).to(dev)
-    crit = NegativeCosineSimilarity()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     x = torch.randint(0, 256, (a.batch_size, 3, a.size, a.size), dtype=torch.uint8, device=dev)
 
@@ -52,9 +53,7 @@ def main() -> None:
         sync()
         t1 = time.perf_counter()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
-            z0, p0 = net(x0)
-            z1, p1 = net(x1)
-            loss = 0.5 * (crit(p0, z1.detach()) + crit(p1, z0.detach()))
+            loss, _ = method.loss(net, x0, x1, contextlib.nullcontext)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
