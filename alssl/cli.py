@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -31,16 +30,9 @@ app = typer.Typer(
 )
 
 
-def _accelerator_option():
-    return typer.Option(None, "--accelerator", help="Where the network runs (Fabric's meaning): auto (the GPU when present) | cpu | cuda | gpu | mps; default $ALSSL_ACCELERATOR or auto")
-
-
-def _devices_option():
-    return typer.Option(None, "--devices", help="Devices to embed/predict on; > 1 shards the pool over that many processes (docs/scale.md); default $ALSSL_DEVICES or 1")
-
-
-def _precision_option():
-    return typer.Option(None, "--precision", help="32-true | bf16-mixed | 16-mixed (autocast); default $ALSSL_PRECISION or 32-true")
+ACCELERATOR = typer.Option(None, "--accelerator", help="Where the network runs (Fabric's meaning): auto (the GPU when present) | cpu | cuda | gpu | mps; default $ALSSL_ACCELERATOR or auto")
+DEVICES = typer.Option(None, "--devices", help="Devices to embed/predict on; > 1 shards the pool over that many processes (docs/scale.md); default $ALSSL_DEVICES or 1")
+PRECISION = typer.Option(None, "--precision", help="32-true | bf16-mixed | 16-mixed (autocast); default $ALSSL_PRECISION or 32-true")
 
 
 def _use_devices(accelerator: Optional[str], devices: Optional[str], precision: Optional[str]) -> None:
@@ -54,10 +46,10 @@ def _quiet(quiet: bool) -> bool:
     return quiet or not sys.stderr.isatty()
 
 
-def _classes_option(text: Optional[str]) -> Optional[list[str]]:
-    from alssl.api import class_list
-
-    return class_list(text)
+def _options(values: dict, *drop: str, **change) -> dict:
+    """A command's options as the api function's keyword arguments: RUN (passed first) and `drop` left out,
+    `change` replacing values."""
+    return {k: v for k, v in values.items() if k != "run_dir" and k not in drop} | change
 
 
 def _echo(record: dict) -> None:
@@ -106,15 +98,10 @@ def pretrain(
       alssl pretrain --data photos/ --test labeled_test/ --out runs/mine --epochs 50
       alssl pretrain --data digits --out runs/d --method simsiam --epochs 20
     """
+    options = dict(locals())  # the command's options: the api function takes the same names
     from alssl import api
 
-    summary = api.pretrain(data, out, test=test, classes=classes, image_size=image_size, strict=strict,
-                           jpeg_draft=jpeg_draft, workers=workers, pool_format=pool_format, method=method,
-                           backbone=backbone, init=init, epochs=epochs, batch_size=batch_size, lr=lr, eman=eman, devices=devices,
-                           accelerator=accelerator, precision=precision, strategy=strategy, imbalance=imbalance,
-                           ckpt_every_steps=ckpt_every_steps, momentum=momentum, momentum_schedule=momentum_schedule,
-                           queue_size=queue_size, temperature=temperature, knn_every=knn_every, hflip=hflip,
-                           compile=compile, minutes=minutes, seed=seed, quiet=_quiet(quiet))
+    summary = api.pretrain(**_options(options, quiet=_quiet(quiet)))
     if summary is not None:
         _echo(summary)
 
@@ -125,9 +112,9 @@ def probe(
     run_dir: Path = typer.Argument(..., metavar="RUN"),
     probe: str = typer.Option("linear", help="linear | svm"),
     kernel: str = typer.Option("linear", help="SVM kernel: linear | rbf"),
-    accelerator: Optional[str] = _accelerator_option(),
-    devices: Optional[str] = _devices_option(),
-    precision: Optional[str] = _precision_option(),
+    accelerator: Optional[str] = ACCELERATOR,
+    devices: Optional[str] = DEVICES,
+    precision: Optional[str] = PRECISION,
     seed: int = typer.Option(0),
 ) -> None:
     """Stage 2: fit a probe on the frozen features of the labeled set; print its accuracy as JSON.
@@ -137,11 +124,10 @@ def probe(
 
     Example: alssl probe runs/d --probe svm
     """
+    options = dict(locals())  # the command's options: the api function takes the same names
     from alssl import api
 
-    _use_devices(accelerator, devices, precision)  # checked first, in force for the command
-    record = api.probe(run_dir, probe=probe, kernel=kernel, seed=seed, accelerator=accelerator, devices=devices,
-                       precision=precision)
+    record = api.probe(run_dir, **_options(options))
     _echo(record)
     if record.get("predictions_stable"):
         from alssl.stopping import stable_message
@@ -156,9 +142,9 @@ def features(
     add: Optional[str] = typer.Option(None, "--add", help="Add a feature extractor: cnn | resnet18 | torchvision:NAME | timm:NAME"),
     init: Optional[str] = typer.Option(None, help="With --add: its weights, a state dict file (.pt/.pth/.safetensors) or hub"),
     name: Optional[str] = typer.Option(None, help="With --add: the feature set's name (default: from the backbone and weights)"),
-    accelerator: Optional[str] = _accelerator_option(),
-    devices: Optional[str] = _devices_option(),
-    precision: Optional[str] = _precision_option(),
+    accelerator: Optional[str] = ACCELERATOR,
+    devices: Optional[str] = DEVICES,
+    precision: Optional[str] = PRECISION,
     use: Optional[str] = typer.Option(None, help="Pin the feature set every command uses (a name), or auto: choose by measurement"),
 ) -> None:
     """The run's feature sets (stage 1, its start, any you add), each scored on the labels; the strongest is used.
@@ -170,11 +156,10 @@ def features(
       alssl features runs/mine --add cnn --init other_run/checkpoints/backbone.pt --name other
       alssl features runs/mine --use start
     """
+    options = dict(locals())  # the command's options: the api function takes the same names
     from alssl import api
 
-    _use_devices(accelerator, devices, precision)  # checked first, in force for the command
-    out = api.features(run_dir, add=add, init=init, name=name, use=use, accelerator=accelerator, devices=devices,
-                       precision=precision)
+    out = api.features(run_dir, **_options(options))
     line = out.pop("line")
     _echo(out)
     typer.echo(f"# {line}", err=True)
@@ -186,9 +171,9 @@ def query(
     run_dir: Path = typer.Argument(..., metavar="RUN"),
     budget: str = typer.Option(..., help="2% of the pool or a count like 500"),
     strategy: str = typer.Option("random", help="random | entropy | margin | svm-margin | kcenter | vaal | typiclust | probcover | badge | cluster-margin"),
-    accelerator: Optional[str] = _accelerator_option(),
-    devices: Optional[str] = _devices_option(),
-    precision: Optional[str] = _precision_option(),
+    accelerator: Optional[str] = ACCELERATOR,
+    devices: Optional[str] = DEVICES,
+    precision: Optional[str] = PRECISION,
     seed: int = typer.Option(0),
     probe: str = typer.Option("linear", help="Probe behind the uncertainty strategies"),
     delta: Optional[float] = typer.Option(None, help="ProbCover ball radius (default: purity heuristic)"),
@@ -204,12 +189,10 @@ def query(
 
     Example: alssl query runs/d --budget 2% --strategy typiclust --thumbnails
     """
+    options = dict(locals())  # the command's options: the api function takes the same names
     from alssl import api
 
-    _use_devices(accelerator, devices, precision)  # checked first, in force for the command
-    res = api.query(run_dir, budget, strategy=strategy, seed=seed, probe=probe, delta=delta, kernel=kernel,
-                    thumbnails=thumbnails, skip_duplicates=skip_duplicates, balance=balance, accelerator=accelerator,
-                    devices=devices, precision=precision)
+    res = api.query(run_dir, **_options(options))
     if res["reshown"]:
         typer.echo(f"# round {res['round']} is still open; label it, then query again", err=True)
     typer.echo(res["file"])
@@ -245,15 +228,13 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
     Example: alssl status runs/d
     """
     from alssl import api
+    from alssl.reports import print_status
 
     info = api.status(run_dir)
-    last_probe = info.pop("last_probe")
     if as_json:
         typer.echo(json.dumps(info))
         return
-    from alssl.reports import print_status
-
-    print_status(info, last_probe)
+    print_status(info)
 
 
 # ------------------------------------------------------------------ stage 4
@@ -287,15 +268,11 @@ def semi_finetune(
 
     Example: alssl semi-finetune runs/d --method simmatch --steps 2000 --option bn_batch=split
     """
+    options = dict(locals())  # the command's options: the api function takes the same names
     from alssl import api
     from alssl.config import key_values
 
-    _echo(api.semi_finetune(run_dir, method=method, steps=steps, batch_size=batch_size, mu=mu, tau=tau,
-                            lambda_u=lambda_u, lr=lr, teacher=teacher, from_scratch=from_scratch, backbone=backbone,
-                            init=init, unlabeled_profile=unlabeled_profile, unlabeled_imbalance=unlabeled_imbalance,
-                            ckpt_every=ckpt_every, hflip=hflip, options=key_values(option), compile=compile,
-                            minutes=minutes, accelerator=accelerator, devices="1", precision=precision, seed=seed,
-                            quiet=_quiet(quiet)))
+    _echo(api.semi_finetune(run_dir, **_options(options, 'option', options=key_values(option), devices="1", quiet=_quiet(quiet))))
 
 
 # ------------------------------------------------------------------ models out
@@ -303,9 +280,9 @@ def semi_finetune(
 def export_model(
     run_dir: Path = typer.Argument(..., metavar="RUN"),
     out: Path = typer.Option(..., help="Folder for model.pt, model.ts and model.json"),
-    accelerator: Optional[str] = _accelerator_option(),
-    devices: Optional[str] = _devices_option(),
-    precision: Optional[str] = _precision_option(),
+    accelerator: Optional[str] = ACCELERATOR,
+    devices: Optional[str] = DEVICES,
+    precision: Optional[str] = PRECISION,
     force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
     classifier: str = typer.Option("auto", help="auto (the fine-tune on the current labels if any, else the linear probe) | semi | probe"),
 ) -> None:
@@ -314,11 +291,10 @@ def export_model(
 
     Example: alssl export runs/mine --out models/mine
     """
+    options = dict(locals())  # the command's options: the api function takes the same names
     from alssl import api
 
-    _use_devices(accelerator, devices, precision)  # checked first, in force for the command
-    _echo(api.export(run_dir, out, classifier=classifier, force=force, accelerator=accelerator, devices=devices,
-                     precision=precision))
+    _echo(api.export(run_dir, **_options(options)))
 
 
 @app.command()
@@ -329,9 +305,9 @@ def predict(
     pool: bool = typer.Option(False, "--pool", help="Predict every unlabeled pool image instead (pre-annotations)"),
     out: Path = typer.Option(..., help="CSV to write: path,label,confidence"),
     workers: Optional[int] = typer.Option(None, min=1, help="Decoding processes (default: CPU count, at most 8)"),
-    accelerator: Optional[str] = _accelerator_option(),
-    devices: Optional[str] = _devices_option(),
-    precision: Optional[str] = _precision_option(),
+    accelerator: Optional[str] = ACCELERATOR,
+    devices: Optional[str] = DEVICES,
+    precision: Optional[str] = PRECISION,
     force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
     classifier: str = typer.Option("auto", help="auto (the fine-tune on the current labels if any, else the linear probe) | semi | probe"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -342,12 +318,10 @@ def predict(
       alssl predict runs/mine --data new_photos/ --out predictions.csv
       alssl predict runs/mine --pool --out pool_predictions.csv
     """
+    options = dict(locals())  # the command's options: the api function takes the same names
     from alssl import api
 
-    _use_devices(accelerator, devices, precision)  # checked first, in force for the command
-    _echo(api.predict(run_dir, out=out, data=[*(data or []), *(paths or [])], pool=pool, classifier=classifier,
-                      workers=workers, force=force, accelerator=accelerator, devices=devices, precision=precision,
-                      quiet=_quiet(quiet)))
+    _echo(api.predict(run_dir, **_options(options, 'paths', data=[*(data or []), *(paths or [])], quiet=_quiet(quiet))))
 
 
 # ------------------------------------------------------------------ curves and pipelines
@@ -369,9 +343,9 @@ def curve(
     epochs: int = typer.Option(20, min=0),
     batch_size: int = typer.Option(256, min=2),
     imbalance: Optional[float] = typer.Option(None),
-    accelerator: Optional[str] = _accelerator_option(),
-    devices: Optional[str] = _devices_option(),
-    precision: Optional[str] = _precision_option(),
+    accelerator: Optional[str] = ACCELERATOR,
+    devices: Optional[str] = DEVICES,
+    precision: Optional[str] = PRECISION,
     jobs: int = typer.Option(1, help="Parallel processes over (probe, strategy, seed) chains"),
     balance: bool = typer.Option(False, "--balance", help="Every strategy with per-class quotas (imbalanced pools; see docs/acquisition.md)"),
     plot_only: Optional[Path] = typer.Option(None, help="Only redraw DIR/curve.png from DIR/curve.csv"),
@@ -382,6 +356,7 @@ def curve(
 
     Example: alssl curve --data digits --strategies random,kcenter,typiclust --budgets 1%,2%,5% --seeds 3 --out curves/d
     """
+    options = dict(locals())  # the command's options: the api function takes the same names
     from alssl import api
 
     if plot_only is not None:
@@ -389,12 +364,7 @@ def curve(
         return
     if out is None:
         raise UserError("give --out DIR for the curve files (or --plot-only DIR to redraw one)")
-    _use_devices(accelerator, devices, precision)  # checked first, in force for the command
-    _echo(api.curve(out, data=data, strategies=strategies, budgets=budgets, seeds=seeds, probe=probe, semi=semi,
-                    semi_steps=semi_steps, semi_batch_size=semi_batch_size, semi_mu=semi_mu, from_run=from_run,
-                    method=method, backbone=backbone, epochs=epochs, batch_size=batch_size, imbalance=imbalance,
-                    jobs=jobs, balance=balance, force=force, accelerator=accelerator, devices=devices,
-                    precision=precision, quiet=_quiet(quiet)))
+    _echo(api.curve(**_options(options, 'plot_only', quiet=_quiet(quiet))))
 
 
 @app.command("run")
@@ -420,9 +390,9 @@ def label_ui(
     host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but 127.0.0.1 lets other machines reach the page (the token still guards it)"),
     port: int = typer.Option(8765, min=0, max=65535, help="Port (0: any free port)"),
     browser: bool = typer.Option(True, "--browser/--no-browser", help="Open the page in your web browser"),
-    accelerator: Optional[str] = _accelerator_option(),
-    devices: Optional[str] = _devices_option(),
-    precision: Optional[str] = _precision_option(),
+    accelerator: Optional[str] = ACCELERATOR,
+    devices: Optional[str] = DEVICES,
+    precision: Optional[str] = PRECISION,
     classes: Optional[str] = typer.Option(None, help="Class list (a,b,c or @classes.txt) for a run that has none yet; stored with the first import"),
 ) -> None:
     """A local labeling page for the open query: a key or a click per image, Submit imports the round.
@@ -433,10 +403,9 @@ def label_ui(
     Example: alssl label-ui runs/mine
     """
     from alssl import api
-    from alssl.errors import warn
-    from alssl.labeling.server import bind, make_app, new_token, serve, url_of
+    from alssl.labeling.server import bind, serve_page
 
-    _classes_option(classes)
+    api.class_list(classes)
     _use_devices(accelerator, devices, precision)  # for the whole session: suggestions embed while it serves
     sock = bind(host, port)  # a taken port answers before anything (torch included) is loaded
     try:
@@ -444,29 +413,8 @@ def label_ui(
     except BaseException:
         sock.close()
         raise
-    token = new_token()
-    url = url_of(sock, host, token)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        warn(f"listening on {host}: other machines that can reach it can open the page with the URL's token")
-    n_done = len(session.labels())
-    typer.echo(url)
-    typer.echo(f"# round {session.round}: {n_done} / {len(session.indices)} labeled; every label is saved at once to "
-               f"{session.partial}; Ctrl-C stops the server", err=True)
-    if browser and (sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        import threading
-        import webbrowser
-
-        threading.Timer(0.5, webbrowser.open, [url]).start()
-    try:
-        serve(make_app(session, token), sock)
-    except (KeyboardInterrupt, Terminated):
-        pass
-    finally:
-        sock.close()
-    left = len(session.indices) - len(session.labels())
-    done = f"round {session.round} is imported" if session.result else (
-        f"{left} image(s) of round {session.round} still to label: rerun `alssl label-ui {run_dir}` to go on")
-    typer.echo(f"# stopped; {done}", err=True)
+    serve_page(session, sock, host, browser=browser, say=lambda text, err: typer.echo(text, err=err),
+               stop=(KeyboardInterrupt, Terminated))
 
 
 @app.command()
@@ -484,17 +432,14 @@ def tasks(
     """
     from alssl import api
     from alssl.errors import unknown
+    from alssl.labeling.studio import how_to_import
 
     if format != "label-studio":
         raise unknown("format", format, ["label-studio"])
     res = api.tasks(run_dir, out, classes=classes, document_root=document_root, force=force)
     has_classes = res.pop("has_classes")
     _echo(res)
-    typer.echo(f"# Label Studio: start it with LOCAL_FILES_SERVING_ENABLED=true LOCAL_FILES_DOCUMENT_ROOT={res['document_root']}; "
-               f"make a project with the labeling config {res['config']}; add a Local files source storage at "
-               f"{res['storage']}; import {res['tasks']}; label; export JSON, JSON-MIN or CSV; then "
-               f"`alssl label {run_dir} --from EXPORT`" + ("" if has_classes else " --classes ...")
-               + " (docs/labeling.md)", err=True)
+    typer.echo(f"# {how_to_import(res, run_dir, has_classes)}", err=True)
 
 
 class Terminated(BaseException):
@@ -516,7 +461,6 @@ INTERRUPTED = "interrupted; the last checkpoint is kept: rerun the same command 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: UserError and usage errors → one `error:` line, exit 2; Ctrl-C → exit 130, SIGTERM → 143."""
     import signal
-
     import warnings
 
     argv = list(sys.argv[1:] if argv is None else argv) or ["--help"]

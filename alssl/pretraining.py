@@ -19,7 +19,6 @@ import functools
 import math
 import sys
 import time
-import warnings
 import zlib
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -347,7 +346,7 @@ class _Monitor:
         rec = {"stage": "pretrain", "epoch": epoch, "step": step, "loss": loss, "knn_accuracy": acc,
                "rankme": rank_me, "collapse_std": collapse, "lr": self.s.optimizer.param_groups[0]["lr"]}
         if collapse is not None and collapse < 0.1 / math.sqrt(self.s.method.out_dim):  # 1/√d healthy
-            warnings.warn(f"epoch {epoch}: representation collapse (std of l2-normalised outputs {collapse:.4f})")
+            warn(f"epoch {epoch}: representation collapse (std of l2-normalised outputs {collapse:.4f})")
         return rec
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def print_status(info: dict, last_probe: dict | None) -> None:
+def print_status(info: dict) -> None:
     """The run at a glance: data, stages (stage 1 against its start, the feature choice), rounds, open query, caches."""
     from rich.console import Console
     from rich.table import Table
@@ -40,6 +40,7 @@ def print_status(info: dict, last_probe: dict | None) -> None:
                   f"{dup['images']} of {dup['pool']} images")
     if info["last_metrics"]:
         con.print(f"  last metrics: {info['last_metrics']}")
+    last_probe = info.get("last_probe")
     if last_probe and last_probe.get("predictions_stable"):
         from alssl.stopping import stable_message
 

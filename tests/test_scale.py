@@ -118,11 +118,11 @@ def test_peak_memory_of_an_embedding_is_flat_in_the_pool_size(tmp_path):
 
 def test_device_options_are_checked_before_anything_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("ALSSL_PRECISION", "bf16-mixed")
-    seen = []
-    monkeypatch.setattr(dev, "use", lambda s: seen.append(s))
+    seen, parse = [], dev.parse
+    monkeypatch.setattr(dev, "parse", lambda *args: seen.append(parse(*args)) or seen[-1])
     r = run_main("query", str(tmp_path / "no-run"), "--budget", "5", "--accelerator", "cpu", "--devices", "2")
     assert r.returncode == 2  # no such run, but the setting was taken first: flags, then the environment
-    assert seen == [dev.Devices("cpu", 2, "bf16-mixed"), None]  # and it ends with the command
+    assert seen == [dev.Devices("cpu", 2, "bf16-mixed")] and dev._current is None  # and it ends with the command
     monkeypatch.undo()
     for args, words in ((["--devices", "0"], "--devices"), (["--accelerator", "tpu9"], "--accelerator"),
                         (["--precision", "8-bit"], "--precision")):

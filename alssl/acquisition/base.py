@@ -7,14 +7,13 @@ and every strategy returns absolute pool indices.
 from __future__ import annotations
 
 import hashlib
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from alssl.errors import UserError
+from alssl.errors import UserError, warn
 
 # Strategy knobs a caller may put in `AcquisitionContext.options` (anything else is refused with a suggestion).
 OPTIONS = {
@@ -129,7 +128,7 @@ def fill_random(picked: list[int], ctx: AcquisitionContext, budget: int, rng: np
         free[picked_arr] = False
         extra = rng.choice(np.flatnonzero(free), size=n_random, replace=False)
         picked_arr = np.concatenate([picked_arr, extra.astype(np.int64)])
-        print(f"warning: {why}; {n_random} of the {budget} picks are random unlabeled samples", file=sys.stderr)
+        warn(f"{why}; {n_random} of the {budget} picks are random unlabeled samples")
     return picked_arr
 
 

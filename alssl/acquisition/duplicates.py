@@ -19,14 +19,13 @@ are left, the rest is random among them, with one `warning:` line.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from alssl.acquisition.base import AcquisitionContext, feature_chunks, features_digest, l2_normalise, option
-from alssl.errors import UserError
+from alssl.errors import UserError, warn
 
 TAU = 0.98
 EXACT_MAX_N = 50_000
@@ -134,7 +133,7 @@ def select_skipping_duplicates(strategy: Callable, ctx: AcquisitionContext, budg
         free = ~ctx.labeled
         free[keep] = False
         extra = rng.choice(np.flatnonzero(free), size=budget - len(keep), replace=False)
-        print(f"warning: only near-duplicates of labeled or picked images are left; {len(extra)} of the {budget} "
-              "picks are random among them", file=sys.stderr)
+        warn(f"only near-duplicates of labeled or picked images are left; {len(extra)} of the {budget} picks are "
+             "random among them")
         keep += extra.tolist()
     return np.asarray(keep, dtype=np.int64)

@@ -79,8 +79,6 @@ def make_app(session: LabelSession, token: str):
         return data if isinstance(data, dict) else None
 
     async def index(request: Request) -> Response:
-        if not ok(request):
-            return forbidden()
         return Response(_static("index.html"), media_type="text/html; charset=utf-8",
                         headers={**HEADERS, "Cache-Control": "no-store"})
 
@@ -91,31 +89,21 @@ def make_app(session: LabelSession, token: str):
         return Response(_static(name), media_type=STATIC[name], headers={**HEADERS, "Cache-Control": "no-cache"})
 
     async def api_query(request: Request) -> Response:
-        if not ok(request):
-            return forbidden()
         return await call(session.payload, image_url)
 
     async def api_label(request: Request) -> Response:
-        if not ok(request):
-            return forbidden()
         data = await body(request)
         if data is None or "index" not in data or "label" not in data:
             return js(400, {"error": 'send JSON {"index": <pool index>, "label": "<class>" or null}'})
         return await call(session.set_label, data["index"], data["label"])
 
     async def api_submit(request: Request) -> Response:
-        if not ok(request):
-            return forbidden()
         return await call(session.submit)
 
     async def api_next(request: Request) -> Response:
-        if not ok(request):
-            return forbidden()
         return await call(session.next_query, image_url)
 
     async def image(request: Request) -> Response:
-        if not ok(request):
-            return forbidden()
         name = request.path_params["index"]
         found = await run_in_threadpool(session.image, int(name)) if _INDEX.fullmatch(name) else None
         if found is None:
@@ -124,18 +112,24 @@ def make_app(session: LabelSession, token: str):
         return Response(data, media_type=media, headers={**HEADERS, "Cache-Control": "private, max-age=3600"})
 
     async def fallback(request: Request) -> Response:
-        return forbidden() if not ok(request) else js(404, {"error": "not found"})
+        return js(404, {"error": "not found"})
+
+    def guarded(handler):
+        """`handler` behind the token: 403 without it."""
+        async def checked(request: Request) -> Response:
+            return await handler(request) if ok(request) else forbidden()
+        return checked
 
     routes = [
-        Route("/", index),
+        Route("/", guarded(index)),
         Route("/static/{name}", static),
-        Route("/api/query", api_query),
-        Route("/api/label", api_label, methods=["POST"]),
-        Route("/api/submit", api_submit, methods=["POST"]),
-        Route("/api/next", api_next, methods=["POST"]),
-        Route("/img/{index}", image),
+        Route("/api/query", guarded(api_query)),
+        Route("/api/label", guarded(api_label), methods=["POST"]),
+        Route("/api/submit", guarded(api_submit), methods=["POST"]),
+        Route("/api/next", guarded(api_next), methods=["POST"]),
+        Route("/img/{index}", guarded(image)),
         Route("/favicon.ico", lambda request: Response(status_code=204)),
-        Route("/{rest:path}", fallback, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]),
+        Route("/{rest:path}", guarded(fallback), methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]),
     ]
     return Starlette(routes=routes)
 
@@ -174,3 +168,37 @@ def serve(app, sock: socket.socket) -> None:
 
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def serve_page(session: LabelSession, sock: socket.socket, host: str, *, browser: bool, say,
+               stop: tuple[type[BaseException], ...] = (KeyboardInterrupt,)) -> None:
+    """`alssl label-ui`: serve `session` on `sock` with a fresh token until Ctrl-C (or an exception in `stop`), telling
+    the person (`say(text, err)`) the URL, the progress and, at the end, what is left; opens a browser when asked and
+    one is there. Closes the socket."""
+    import os
+    import sys
+
+    from alssl.errors import warn
+
+    token = new_token()
+    url = url_of(sock, host, token)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        warn(f"listening on {host}: other machines that can reach it can open the page with the URL's token")
+    say(url, False)
+    say(f"# round {session.round}: {len(session.labels())} / {len(session.indices)} labeled; every label is saved at "
+        f"once to {session.partial}; Ctrl-C stops the server", True)
+    if browser and (sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        import threading
+        import webbrowser
+
+        threading.Timer(0.5, webbrowser.open, [url]).start()
+    try:
+        serve(make_app(session, token), sock)
+    except stop:
+        pass
+    finally:
+        sock.close()
+    left = len(session.indices) - len(session.labels())
+    done = f"round {session.round} is imported" if session.result else (
+        f"{left} image(s) of round {session.round} still to label: rerun `alssl label-ui {session.run_dir}` to go on")
+    say(f"# stopped; {done}", True)

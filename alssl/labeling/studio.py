@@ -107,3 +107,11 @@ def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: P
     return {"tasks": str(out / "tasks.json"), "config": str(out / "config.xml"), "n": len(tasks),
             "round": int(open_q["round"]), "document_root": str(root), "storage": str(storage),
             "predictions": sum("predictions" in t for t in tasks)}
+
+
+def how_to_import(res: dict, run_dir, has_classes: bool) -> str:
+    """What to do with `write_tasks`'s files in Label Studio, and how the export comes back (docs/labeling.md)."""
+    return (f"Label Studio: start it with LOCAL_FILES_SERVING_ENABLED=true LOCAL_FILES_DOCUMENT_ROOT={res['document_root']}; "
+            f"make a project with the labeling config {res['config']}; add a Local files source storage at "
+            f"{res['storage']}; import {res['tasks']}; label; export JSON, JSON-MIN or CSV; then "
+            f"`alssl label {run_dir} --from EXPORT`" + ("" if has_classes else " --classes ...") + " (docs/labeling.md)")
