@@ -634,7 +634,8 @@ def semi_finetune(
     option: list[str] = typer.Option([], "--option", help="Method setting KEY=VALUE, repeatable (see docs/semi.md), e.g. --option bn_batch=split"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the student's backbone (meant for GPUs, not measured there yet; no gain on a CPU: docs/semi.md)"),
     minutes: Optional[float] = typer.Option(None, help="Wall-clock budget for this call: stop when spent with a resumable checkpoint (rerun to go on)"),
-    accelerator: Optional[str] = typer.Option(None, "--accelerator", help="auto (the GPU when present) | cpu | cuda | gpu | mps; default $ALSSL_ACCELERATOR or auto (one device: no DDP in stage 4 yet)"),
+    accelerator: Optional[str] = typer.Option(None, "--accelerator", help="auto (the GPU when present) | cpu | cuda | gpu | mps; default $ALSSL_ACCELERATOR or auto"),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Processes (one per device) for DDP through Fabric; --batch-size is the global batch, split over them (docs/scale.md); default $ALSSL_DEVICES or 1"),
     precision: Optional[str] = typer.Option(None, "--precision", help="32-true | bf16-mixed (forward and loss under bf16 autocast); default $ALSSL_PRECISION or 32-true"),
     seed: int = typer.Option(0),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -654,9 +655,12 @@ def semi_finetune(
     from alssl import devices as dev
     from alssl.semi.trainer import PRECISIONS
 
-    setting = dev.parse(accelerator, "1", precision)
+    setting = dev.parse(accelerator, devices, precision)
     if setting.precision not in PRECISIONS:
         raise UserError(f"--precision {setting.precision} is not offered by semi-finetune; use {' or '.join(PRECISIONS)}")
+    if batch_size % setting.devices:
+        raise UserError(f"--batch-size {batch_size} does not split over {setting.devices} devices (it is the global "
+                        f"batch); use a multiple of {setting.devices}")
     dev.use(setting)  # the probe baseline's embedding (if it is not cached yet) runs there too
     check_seed(seed)
     check_positive(lr, "--lr")
@@ -703,7 +707,10 @@ def semi_finetune(
                        backbone=backbone or run.config["pretrain"]["backbone"], init_weights=init,
                        init_checkpoint=None if fresh else ckpt, ckpt_every=ckpt_every, compile=compile,
                        device={"gpu": "cuda"}.get(setting.accelerator, setting.accelerator), precision=setting.precision,
-                       quiet=_quiet(quiet), options=options, record=record, minutes=minutes, **args)
+                       devices=setting.devices, quiet=_quiet(quiet), options=options, record=record, minutes=minutes,
+                       **args)
+        if res is None:  # a DDP rank > 0: rank 0 reports and logs
+            return
         res = {**res, **record}
         if baseline is not None and res.get("accuracy") is not None:
             res["probe_accuracy"] = baseline
