@@ -6,6 +6,13 @@ for its loss, check it is finite, backward, SGD step (nesterov, momentum 0.9, lr
 as its official code — no weight decay on biases and norm parameters, as FixMatch), EMA/EMAN teacher update. Every `ckpt_every` steps `state.pt` (model, teacher, optimizer, method state, step) is written
 atomically; a rerun with the same arguments resumes from it and ends with the same weights as an uninterrupted run,
 because the torch RNG is re-seeded from (seed, k) at the start of every step (no RNG stream to carry across a kill).
+
+`semi_finetune` reads setup (validate, index sets, fingerprint, launch) → `_build` → `_resume` → `_train` (the loop)
+→ `_finish`. With devices > 1 the same loop runs as DDP through Lightning Fabric: rank r of N takes the slice r of
+the global batch (B/N labeled, μB/N unlabeled; its views seeded from (seed, k, r)), DDP averages the gradients, the
+student's BN buffers are averaged after each step, and the method updates its cross-step state (SimMatch's bank,
+DA's queue, DASO's queues and counts) from every rank's batch (`Method.ranks`), so student, teacher and method state
+stay bit-identical on every rank; rank 0 alone writes files. One device is plain torch, as before (docs/scale.md).
 """
 
 from __future__ import annotations
