@@ -288,9 +288,12 @@ def _launch(device: str, devices: int, precision: str, batch_size: int):
     if batch_size % devices:
         raise UserError(f"--batch-size {batch_size} does not split over {devices} devices (the batch size is the "
                         f"global batch); use a multiple of {devices}")
+    from lightning_fabric.strategies import DDPStrategy
+
     from alssl import devices as dev
 
-    fabric = dev.fabric(dev.Devices(accelerator, devices, precision), strategy="ddp")
+    # no buffer broadcast at every forward (USB's choice too): the trainer averages the BN buffers after each step
+    fabric = dev.fabric(dev.Devices(accelerator, devices, precision), strategy=DDPStrategy(broadcast_buffers=False))
     fabric.launch()
     return fabric, fabric.device, fabric.global_rank, fabric.world_size
 
@@ -299,9 +302,11 @@ def _launch(device: str, devices: int, precision: str, batch_size: int):
 def _average_buffers(net: nn.Module, ranks: Ranks) -> None:
     """DDP: the mean over ranks of the student's float buffers (BN running mean / var), after every optimizer step,
     so the student and the teacher (which copies or averages them) stay identical on every rank."""
-    for b in net.buffers():
-        if b.is_floating_point():
-            b.copy_(ranks.mean(b))
+    bufs = [b for b in net.buffers() if b.is_floating_point()]
+    if bufs:  # one all-reduce for all of them
+        mean = ranks.mean(torch.cat([b.flatten() for b in bufs]))
+        for b, v in zip(bufs, mean.split([b.numel() for b in bufs])):
+            b.copy_(v.view_as(b))
 
 
 def _tensors(x) -> list[torch.Tensor]:
