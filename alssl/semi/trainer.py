@@ -288,12 +288,18 @@ def _launch(device: str, devices: int, precision: str, batch_size: int):
     if batch_size % devices:
         raise UserError(f"--batch-size {batch_size} does not split over {devices} devices (the batch size is the "
                         f"global batch); use a multiple of {devices}")
+    import inspect
+
     from lightning_fabric.strategies import DDPStrategy
+    from torch.nn.parallel import DistributedDataParallel
 
     from alssl import devices as dev
 
     # no buffer broadcast at every forward (USB's choice too): the trainer averages the BN buffers after each step
-    fabric = dev.fabric(dev.Devices(accelerator, devices, precision), strategy=DDPStrategy(broadcast_buffers=False))
+    # (torch 2.14 renamed DDP's `broadcast_buffers` to `forward_sync_buffers` and warns about the old name)
+    flag = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers")
+    fabric = dev.fabric(dev.Devices(accelerator, devices, precision), strategy=DDPStrategy(**{flag: False}))
     fabric.launch()
     return fabric, fabric.device, fabric.global_rank, fabric.world_size
 
