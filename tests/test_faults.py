@@ -9,6 +9,7 @@ the same entry point in-process (`run_main`), which saves a ~4 s torch import ea
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -101,22 +102,32 @@ def test_semi_finetune_on_two_processes_killed_and_rerun_matches(base, tmp_path)
     for run in (ref, cut):
         assert run_main("query", str(run), "--budget", "40", "--seed", "1").returncode == 0
         assert run_main("label", str(run), "--oracle").returncode == 0
-    args = ["semi-finetune", "--method", "simmatch", "--steps", "7", "--batch-size", "8", "--mu", "2", "--ckpt-every",
-            "2", "--accelerator", "cpu", "--devices", "2", "-q"]
+    args = ["--method", "simmatch", "--steps", "7", "--batch-size", "8", "--mu", "2", "--ckpt-every", "2",
+            "--accelerator", "cpu", "--devices", "2", "-q"]
+
+    def start(run: Path, **env) -> subprocess.Popen:  # no MASTER_PORT given: each run's rank 0 picks a free port
+        base_env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+        return subprocess.Popen([sys.executable, "-m", "alssl", "semi-finetune", str(run), *args], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**base_env, **env})
+
     # the uninterrupted run beside the killed one (the ~10 s of imports per process overlap)
-    full = subprocess.Popen([sys.executable, "-m", "alssl", *args[:1], str(ref), *args[1:]], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    full, killed = start(ref), start(cut, ALSSL_FAULT_AFTER_STEPS="5")
     try:
-        killed = run_cli(*args[:1], str(cut), *args[1:], env={"ALSSL_FAULT_AFTER_STEPS": "5"}, timeout=300)
         out, err = full.communicate(timeout=300)
+        _, killed_err = killed.communicate(timeout=300)
     finally:
         full.kill()
+        killed.kill()
     assert full.returncode == 0, err
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert killed.returncode == -signal.SIGKILL, killed_err
     assert _semi_state(cut)["step"] == 4  # rank 0's last checkpoint before the kill
-    again = run_cli(*args[:1], str(cut), *args[1:], timeout=300)
-    assert again.returncode == 0, again.stderr
-    for res in (out, again.stdout):  # one JSON line: rank 1 prints nothing
+    again = start(cut)
+    try:
+        again_out, again_err = again.communicate(timeout=300)
+    finally:
+        again.kill()
+    assert again.returncode == 0, again_err
+    for res in (out, again_out):  # one JSON line: rank 1 prints nothing
         (line,) = res.strip().splitlines()
         assert json.loads(line)["devices"] == 2 and json.loads(line)["ranks_in_sync"] is True
     a, b = _semi_state(ref), _semi_state(cut)
