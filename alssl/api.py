@@ -411,9 +411,10 @@ def semi_finetune(run: RunLike, *, method: str = "fixmatch", steps: int = 1000, 
                   unlabeled_profile: str = "same", unlabeled_imbalance: float | None = None, ckpt_every: int = 100,
                   hflip: bool | None = None, options: Mapping[str, Any] | None = None, compile: bool = False,
                   minutes: float | None = None, accelerator: str | None = None, devices: str | int | None = None,
-                  precision: str | None = None, seed: int = 0, quiet: bool = True) -> dict:
+                  precision: str | None = None, seed: int = 0, quiet: bool = True) -> dict | None:
     """Stage 4: semi-supervised fine-tune on the labels bought, from the feature set measured strongest on them
-    (or `from_scratch`, or `init` weights); its test accuracy beside the linear probe's on the same labels."""
+    (or `from_scratch`, or `init` weights); its test accuracy beside the linear probe's on the same labels. With
+    `devices > 1` (DDP, docs/scale.md) the script is re-run for each rank; ranks > 0 return None."""
     from alssl import devices as dev
     from alssl.semi import METHODS
     from alssl.semi.trainer import PRECISIONS
@@ -424,6 +425,9 @@ def semi_finetune(run: RunLike, *, method: str = "fixmatch", steps: int = 1000, 
     on = dev.using(setting)
     if setting.precision not in PRECISIONS:
         raise UserError(f"--precision {setting.precision} is not offered by semi-finetune; use {' or '.join(PRECISIONS)}")
+    if batch_size % setting.devices:
+        raise UserError(f"--batch-size {batch_size} does not split over {setting.devices} devices (it is the global "
+                        f"batch); use a multiple of {setting.devices}")
     check_seed(seed)
     check_positive(lr, "--lr")
     if minutes is not None:
@@ -449,7 +453,7 @@ def semi_finetune(run: RunLike, *, method: str = "fixmatch", steps: int = 1000, 
 
 
 def _semi_in_run(run, dataset, setting, args: dict, options: dict, *, from_scratch: bool, backbone: str | None,
-                 init: str | None, ckpt_every: int, compile: bool, minutes: float | None, quiet: bool) -> dict:
+                 init: str | None, ckpt_every: int, compile: bool, minutes: float | None, quiet: bool) -> dict | None:
     """The fine-tune in its folder RUN/semi/METHOD-Nlab-TAG (TAG: a digest of everything that defines it, so a rerun
     resumes it), its result beside the probe baseline, logged once to metrics.jsonl."""
     from alssl.runs import read_jsonl
@@ -474,7 +478,9 @@ def _semi_in_run(run, dataset, setting, args: dict, options: dict, *, from_scrat
                    backbone=backbone or run.config["pretrain"]["backbone"], init_weights=init,
                    init_checkpoint=None if fresh else ckpt, ckpt_every=ckpt_every, compile=compile,
                    device={"gpu": "cuda"}.get(setting.accelerator, setting.accelerator), precision=setting.precision,
-                   quiet=quiet, options=options, record=record, minutes=minutes, **args)
+                   devices=setting.devices, quiet=quiet, options=options, record=record, minutes=minutes, **args)
+    if res is None:  # a DDP rank > 0: rank 0 reports and logs
+        return None
     res = {**res, **record}
     if baseline is not None and res.get("accuracy") is not None:
         res["probe_accuracy"] = baseline

@@ -52,8 +52,10 @@ def _options(values: dict, *drop: str, **change) -> dict:
     return {k: v for k, v in values.items() if k != "run_dir" and k not in drop} | change
 
 
-def _echo(record: dict) -> None:
-    typer.echo(json.dumps(record))
+def _echo(record: dict | None) -> None:
+    """A command's result as one JSON line (nothing on a DDP rank > 0, whose result is None: rank 0 reports)."""
+    if record is not None:
+        typer.echo(json.dumps(record))
 
 
 # ------------------------------------------------------------------ stage 1
@@ -101,12 +103,10 @@ def pretrain(
     options = dict(locals())  # the command's options: the api function takes the same names
     from alssl import api
 
-    summary = api.pretrain(**_options(options, quiet=_quiet(quiet)))
-    if summary is not None:
-        _echo(summary)
+    _echo(api.pretrain(**_options(options, quiet=_quiet(quiet))))
 
 
-# ------------------------------------------------------------------ stage 2
+# ------------------------------------------------------------------ stage 2 and the feature sets
 @app.command()
 def probe(
     run_dir: Path = typer.Argument(..., metavar="RUN"),
@@ -135,7 +135,6 @@ def probe(
         typer.echo(f"# {stable_message(record['kappa'])}", err=True)
 
 
-# ------------------------------------------------------------------ feature sets
 @app.command()
 def features(
     run_dir: Path = typer.Argument(..., metavar="RUN"),
@@ -259,7 +258,8 @@ def semi_finetune(
     option: list[str] = typer.Option([], "--option", help="Method setting KEY=VALUE, repeatable (see docs/semi.md), e.g. --option bn_batch=split"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the student's backbone (meant for GPUs, not measured there yet; no gain on a CPU: docs/semi.md)"),
     minutes: Optional[float] = typer.Option(None, help="Wall-clock budget for this call: stop when spent with a resumable checkpoint (rerun to go on)"),
-    accelerator: Optional[str] = typer.Option(None, "--accelerator", help="auto (the GPU when present) | cpu | cuda | gpu | mps; default $ALSSL_ACCELERATOR or auto (one device: no DDP in stage 4 yet)"),
+    accelerator: Optional[str] = typer.Option(None, "--accelerator", help="auto (the GPU when present) | cpu | cuda | gpu | mps; default $ALSSL_ACCELERATOR or auto"),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Processes (one per device) for DDP through Fabric; --batch-size is the global batch, split over them (docs/scale.md); default $ALSSL_DEVICES or 1"),
     precision: Optional[str] = typer.Option(None, "--precision", help="32-true | bf16-mixed (forward and loss under bf16 autocast); default $ALSSL_PRECISION or 32-true"),
     seed: int = typer.Option(0),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -272,7 +272,7 @@ def semi_finetune(
     from alssl import api
     from alssl.config import key_values
 
-    _echo(api.semi_finetune(run_dir, **_options(options, 'option', options=key_values(option), devices="1", quiet=_quiet(quiet))))
+    _echo(api.semi_finetune(run_dir, **_options(options, "option", options=key_values(option), quiet=_quiet(quiet))))
 
 
 # ------------------------------------------------------------------ models out
@@ -324,7 +324,7 @@ def predict(
     _echo(api.predict(run_dir, **_options(options, 'paths', data=[*(data or []), *(paths or [])], quiet=_quiet(quiet))))
 
 
-# ------------------------------------------------------------------ curves and pipelines
+# ------------------------------------------------------------------ curves and pipelines (alssl/curves.py)
 @app.command()
 def curve(
     data: str = typer.Option("digits", help="Data SPEC"),

@@ -9,6 +9,7 @@ the same entry point in-process (`run_main`), which saves a ~4 s torch import ea
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -72,6 +73,70 @@ def test_semi_finetune_killed_and_rerun_matches(base, tmp_path):
     assert again.returncode == 0, again.stderr
     a, b = json.loads(full.stdout.splitlines()[-1]), json.loads(again.stdout.splitlines()[-1])
     assert abs(a["accuracy"] - b["accuracy"]) <= 1e-6
+
+
+def _semi_state(run: Path) -> dict:
+    import torch
+
+    (path,) = (run / "semi").glob("*/state.pt")
+    return torch.load(path, weights_only=True)
+
+
+def _equal(a, b) -> bool:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_semi_finetune_on_two_processes_killed_and_rerun_matches(base, tmp_path):
+    """Stage 4 under DDP, 2 gloo processes on the CPU (issue 28): rank 0 checkpoints, both ranks are killed (-9) after
+    step 5, the rerun resumes from step 4 on both ranks and ends bit-identical to an uninterrupted 2-process run:
+    student, teacher, optimizer and SimMatch's bank and distribution-alignment queue (the state gathered over ranks)."""
+    ref, cut = _copy(base, tmp_path / "ref"), _copy(base, tmp_path / "cut")
+    for run in (ref, cut):
+        assert run_main("query", str(run), "--budget", "40", "--seed", "1").returncode == 0
+        assert run_main("label", str(run), "--oracle").returncode == 0
+    args = ["--method", "simmatch", "--steps", "7", "--batch-size", "8", "--mu", "2", "--ckpt-every", "2",
+            "--accelerator", "cpu", "--devices", "2", "-q"]
+
+    def start(run: Path, **env) -> subprocess.Popen:  # no MASTER_PORT given: each run's rank 0 picks a free port
+        base_env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+        return subprocess.Popen([sys.executable, "-m", "alssl", "semi-finetune", str(run), *args], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**base_env, **env})
+
+    # the uninterrupted run beside the killed one (the ~10 s of imports per process overlap)
+    full, killed = start(ref), start(cut, ALSSL_FAULT_AFTER_STEPS="5")
+    try:
+        out, err = full.communicate(timeout=300)
+        _, killed_err = killed.communicate(timeout=300)
+    finally:
+        full.kill()
+        killed.kill()
+    assert full.returncode == 0, err
+    assert killed.returncode == -signal.SIGKILL, killed_err
+    assert _semi_state(cut)["step"] == 4  # rank 0's last checkpoint before the kill
+    again = start(cut)
+    try:
+        again_out, again_err = again.communicate(timeout=300)
+    finally:
+        again.kill()
+    assert again.returncode == 0, again_err
+    for res in (out, again_out):  # one JSON line: rank 1 prints nothing
+        (line,) = res.strip().splitlines()
+        assert json.loads(line)["devices"] == 2 and json.loads(line)["ranks_in_sync"] is True
+    a, b = _semi_state(ref), _semi_state(cut)
+    assert a["step"] == b["step"] == 7
+    for part in ("model", "teacher", "optimizer", "method"):
+        assert _equal(a[part], b[part]), part
+    (d,) = (cut / "semi").iterdir()
+    assert [json.loads(l)["step"] for l in (d / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 7]
+    assert sum(json.loads(l).get("stage") == "semi" for l in (cut / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_second_process_is_refused_and_a_dead_holders_lock_is_taken_over(base, tmp_path):

@@ -148,6 +148,24 @@ def test_stage4_runs_under_bf16_autocast(tmp_path, method):
     assert r.returncode == 2 and "bf16-mixed" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_stage4_devices_are_checked_before_anything_runs(tmp_path):
+    """`semi-finetune --devices`: a bad count, or a global batch that does not split evenly over the ranks, is one
+    `error:` line (exit 2) before a run is opened or a process launched; the library refuses the same."""
+    from alssl.errors import UserError
+    from alssl.semi import semi_finetune
+
+    for args, words in ((["--devices", "0"], "--devices must be"), (["--devices", "2", "--batch-size", "7"],
+                                                                    "multiple of 2")):
+        r = run_main("semi-finetune", str(tmp_path / "no-run"), *args)
+        assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    ds = load_dataset("digits", seed=0)
+    li = np.arange(20)
+    with pytest.raises(UserError, match="multiple of 2"):
+        semi_finetune(ds, labeled_idx=li, labeled_y=ds.y_train[li], out_dir=tmp_path / "x", batch_size=7, devices=2,
+                      device="cpu")
+    assert not (tmp_path / "x").exists()
+
+
 def test_the_cli_embeds_on_two_processes(tmp_path):
     """`alssl features RUN --accelerator cpu --devices 2` (a real command process forking its two gloo ranks) writes
     the cache a one-process embedding writes."""

@@ -13,6 +13,8 @@ class Net(nn.Module):
     """Backbone + linear classifier (+ an optional 2-layer projection head, as SimMatch adds).
 
     forward(x) -> (logits [B, K], features [B, D]); `embed(features)` -> L2-normalised projection [B, P].
+    forward(x, project_from=s) also returns embed(features[s:]): a student's projection computed inside forward, so
+    that a DDP-wrapped student (Fabric, several processes) sees one forward per backward.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, proj_dim: int | None = None):
@@ -22,9 +24,11 @@ class Net(nn.Module):
         self.head = nn.Linear(dim, num_classes)
         self.proj = None if proj_dim is None else nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, proj_dim))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, project_from: int | None = None) -> tuple[torch.Tensor, ...]:
         feats = self.backbone(x)  # [B, D]
-        return self.head(feats), feats  # [B, K], [B, D]
+        if project_from is None:
+            return self.head(feats), feats  # [B, K], [B, D]
+        return self.head(feats), feats, self.embed(feats[project_from:])  # ..., [B - s, P]
 
     def embed(self, feats: torch.Tensor) -> torch.Tensor:  # [B, D] -> [B, P], unit length
         assert self.proj is not None, "this network has no projection head"
@@ -104,12 +108,36 @@ def forward_views(model: Net, teacher: nn.Module, b: Batch, *, bn_batch: str = "
     return l_l, l_uw, l_us, f_l, f_uw, f_us
 
 
+class Ranks:
+    """Collectives over the training processes, for the method state every rank must hold alike (SimMatch's bank,
+    DASO's queues and pseudo-label counts, distribution alignment's running mean). This one-process default returns
+    its input untouched (no copy, no Fabric); `trainer.FabricRanks` does the real thing under DDP."""
+
+    world = 1
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:  # [n, ...] -> [world·n, ...], rank 0's rows first
+        return t
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:  # elementwise sum over ranks
+        return t
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:  # elementwise mean over ranks
+        return t
+
+    def agree(self, flag: bool) -> bool:  # rank 0's flag, on every rank
+        return flag
+
+
 class Method:
-    """What a method plugs into the trainer. Subclasses set `name`, `uses_unlabeled`, `proj_dim`."""
+    """What a method plugs into the trainer. Subclasses set `name`, `uses_unlabeled`, `proj_dim`.
+
+    Under DDP every rank gets its shard of the global batch in `loss`; state that outlives a step is updated from the
+    whole global batch through `self.ranks` (set by the trainer), so it stays identical on every rank."""
 
     name = ""
     uses_unlabeled = True
     proj_dim: int | None = None
+    ranks: Ranks = Ranks()
 
     def __init__(self, *, num_classes: int, labeled_y: torch.Tensor, steps: int, tau: float, lambda_u: float,
                  options: dict):

@@ -109,7 +109,7 @@ class DASO(Method):
         # 1) this step's labeled EMA features go into the queues BEFORE the prototypes are read
         with torch.no_grad():
             _, t_feats = teacher(b.x_l)
-        self.push(t_feats, b.y_l)
+        self.push(self.ranks.gather(t_feats), self.ranks.gather(b.y_l))  # every rank's labeled batch, rank order
         # 2) student forward (labeled + strong with grad); weak view without grad, from the EMAN teacher if any
         l_l, l_uw, l_us, _, f_uw, f_us = forward_views(model, teacher, b, bn_batch=self.options["bn_batch"])
         loss_s = F.cross_entropy(l_l, b.y_l)
@@ -129,7 +129,7 @@ class DASO(Method):
         mask = conf >= self.tau
         loss_u = masked_ce(l_us, pseudo, mask)
         # 3) π̂ bookkeeping: counts of the final pseudo-labels, refreshed every `period` steps
-        self.pl_window += torch.bincount(pseudo, minlength=self.num_classes).to(self.pl_window)
+        self.pl_window += self.ranks.sum(torch.bincount(pseudo, minlength=self.num_classes)).to(self.pl_window)
         if (step + 1) % self.period == 0:
             self.pl_dist, self.pl_window = self.pl_window.clone(), torch.zeros_like(self.pl_window)
         loss = loss_s + self.lambda_u * loss_u + self.lambda_align * loss_align

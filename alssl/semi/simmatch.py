@@ -72,17 +72,17 @@ class SimMatch(Method):
         with torch.no_grad():
             t_logits, t_feats = teacher(torch.cat([b.x_l, b.x_uw]))
             t_emb = teacher.model.embed(t_feats)  # [B + μB, P]
-            p = self.da(torch.softmax(t_logits[B:], dim=1))  # [μB, K] teacher class probabilities, aligned
+            p = self.da(torch.softmax(t_logits[B:], dim=1), self.ranks.mean)  # [μB, K] teacher probabilities, aligned
             q_w = torch.softmax(t_emb[B:] @ bank.T / self.T, dim=1)  # [μB, N]
             with torch.autocast(p.device.type, enabled=False):  # the targets in float32, also under bf16-mixed
                 p_hat, q_hat = simmatch_targets(p.float(), q_w.float(), bank_labels, self.alpha)
-        logits, feats = model(torch.cat([b.x_l, b.x_us]))
+        logits, _, emb_s = model(torch.cat([b.x_l, b.x_us]), project_from=B)  # emb_s [μB, P] student, strong
         loss_s = F.cross_entropy(logits[:B], b.y_l)
         mask = p_hat.max(1).values >= self.tau
         loss_u = masked_ce(logits[B:], p_hat, mask)
-        log_q_s = F.log_softmax(model.embed(feats[B:]) @ bank.T / self.T, dim=1)  # [μB, N]
+        log_q_s = F.log_softmax(emb_s @ bank.T / self.T, dim=1)  # [μB, N]
         loss_in = -(q_hat * log_q_s).sum(1).mean()
-        self._refresh(b.i_l, t_emb[:B])
+        self._refresh(self.ranks.gather(b.i_l), self.ranks.gather(t_emb[:B]))  # every rank's labeled rows
         loss = loss_s + self.lambda_u * loss_u + self.lambda_in * loss_in
         return loss, {"loss_s": loss_s.detach(), "loss_u": loss_u.detach(), "loss_in": loss_in.detach(),
                       "mask": mask.float().mean()}

@@ -74,10 +74,12 @@ class DistAlign:
         self.count = 0  # batches seen (the queue holds min(count, L) of them)
 
     @torch.no_grad()
-    def __call__(self, probs: torch.Tensor) -> torch.Tensor:  # [B, K] -> [B, K]
+    def __call__(self, probs: torch.Tensor, average=None) -> torch.Tensor:  # [B, K] -> [B, K]
+        """`average`: the mean over ranks (DDP), so the queue holds the global batch's mean on every rank."""
         self.queue = self.queue.to(probs.device)
         self.p_target = self.p_target.to(probs.device)
-        self.queue[self.count % self.length] = probs.mean(0)
+        batch_mean = probs.mean(0)  # [K]
+        self.queue[self.count % self.length] = batch_mean if average is None else average(batch_mean)
         self.count += 1
         p_model = self.queue[: min(self.count, self.length)].mean(0)  # [K]
         out = probs * self.p_target / p_model.clamp_min(1e-12)

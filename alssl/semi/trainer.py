@@ -6,6 +6,13 @@ for its loss, check it is finite, backward, SGD step (nesterov, momentum 0.9, lr
 as its official code — no weight decay on biases and norm parameters, as FixMatch), EMA/EMAN teacher update. Every `ckpt_every` steps `state.pt` (model, teacher, optimizer, method state, step) is written
 atomically; a rerun with the same arguments resumes from it and ends with the same weights as an uninterrupted run,
 because the torch RNG is re-seeded from (seed, k) at the start of every step (no RNG stream to carry across a kill).
+
+`semi_finetune` reads setup (validate, index sets, fingerprint, launch) → `_build` → `_resume` → `_train` (the loop)
+→ `_finish`. With devices > 1 the same loop runs as DDP through Lightning Fabric: rank r of N takes the slice r of
+the global batch (B/N labeled, μB/N unlabeled; its views seeded from (seed, k, r)), DDP averages the gradients, the
+student's BN buffers are averaged after each step, and the method updates its cross-step state (SimMatch's bank,
+DA's queue, DASO's queues and counts) from every rank's batch (`Method.ranks`), so student, teacher and method state
+stay bit-identical on every rank; rank 0 alone writes files. One device is plain torch, as before (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import re
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +39,7 @@ from alssl.errors import UserError, check_positive, check_seed, unknown
 from alssl.prefetch import ahead
 from alssl.runs import (append_jsonl, atomic_torch_save, atomic_write_text, check_writable, read_jsonl, torch_load,
                         write_jsonl)
-from alssl.semi.common import Batch, Method, Net
+from alssl.semi.common import Batch, Method, Net, Ranks
 from alssl.semi.teacher import TEACHERS, Teacher
 from alssl.semi.views import views_for
 
@@ -239,6 +247,342 @@ def _all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
 
+# ---------------------------------------------------------------- processes (DDP through Lightning Fabric)
+class FabricRanks(Ranks):
+    """`Ranks` over Fabric's process group (DDP): gather and reduce across every rank."""
+
+    def __init__(self, fabric):
+        self.fabric, self.world = fabric, fabric.world_size
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:  # [n, ...] -> [world·n, ...], rank 0's rows first
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())  # (Fabric's all_gather goes through a deprecated autograd wrapper)
+        return torch.cat(parts)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.fabric.all_reduce(t.clone(), reduce_op="sum")
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        return self.fabric.all_reduce(t.clone(), reduce_op="mean")
+
+    def agree(self, flag: bool) -> bool:
+        return bool(self.fabric.broadcast(torch.tensor(float(flag), device=self.fabric.device), src=0).item())
+
+
+def _launch(device: str, devices: int, precision: str, batch_size: int):
+    """(fabric or None, torch device, rank, world). One device: plain torch on `_device(device)` (Fabric not
+    imported; the same code as before DDP existed). devices > 1: Fabric's DDP strategy launches the other ranks by
+    re-running this command line (as stage 1), gloo on a CPU, NCCL on GPUs; `batch_size` is the global batch."""
+    if precision not in PRECISIONS:
+        raise unknown("precision", precision, PRECISIONS)
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        raise UserError(f"devices must be an integer >= 1, got {devices!r}; e.g. --devices 1")
+    if devices == 1:
+        return None, _device(device), 0, 1
+    accelerator = {"gpu": "cuda"}.get(device, device)
+    if accelerator not in ("auto", "cpu", "cuda", "mps"):
+        raise UserError(f'--devices {devices} needs --accelerator auto, cpu or cuda (not "{device}"); Fabric picks '
+                        "the devices")
+    if batch_size % devices:
+        raise UserError(f"--batch-size {batch_size} does not split over {devices} devices (the batch size is the "
+                        f"global batch); use a multiple of {devices}")
+    import inspect
+
+    from lightning_fabric.strategies import DDPStrategy
+    from torch.nn.parallel import DistributedDataParallel
+
+    from alssl import devices as dev
+
+    # no buffer broadcast at every forward (USB's choice too): the trainer averages the BN buffers after each step
+    # (torch 2.14 renamed DDP's `broadcast_buffers` to `forward_sync_buffers` and warns about the old name)
+    flag = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers")
+    fabric = dev.fabric(dev.Devices(accelerator, devices, precision), strategy=DDPStrategy(**{flag: False}))
+    fabric.launch()
+    return fabric, fabric.device, fabric.global_rank, fabric.world_size
+
+
+@torch.no_grad()
+def _average_buffers(net: nn.Module, ranks: Ranks) -> None:
+    """DDP: the mean over ranks of the student's float buffers (BN running mean / var), after every optimizer step,
+    so the student and the teacher (which copies or averages them) stay identical on every rank."""
+    bufs = [b for b in net.buffers() if b.is_floating_point()]
+    if bufs:  # one all-reduce for all of them
+        mean = ranks.mean(torch.cat([b.flatten() for b in bufs]))
+        for b, v in zip(bufs, mean.split([b.numel() for b in bufs])):
+            b.copy_(v.view_as(b))
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    """Every tensor in a (nested) state dict, list or tuple."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (dict, list, tuple)):
+        return [t for v in (x.values() if isinstance(x, dict) else x) for t in _tensors(v)]
+    return []
+
+
+@torch.no_grad()
+def _ranks_in_sync(ranks: Ranks, net: nn.Module, teacher: nn.Module, m: Method) -> bool:
+    """Every rank holds bit-identical student, teacher and method state (SimMatch's bank, DASO's queues, ...)."""
+    states = (net.state_dict(), teacher.state_dict(), m.state_dict())
+    dev = next(net.parameters()).device  # method state is saved on the CPU; NCCL gathers on the GPU
+    flat = torch.cat([t.detach().float().flatten().to(dev) for t in _tensors(states)])
+    gathered = ranks.gather(flat.view(1, -1))  # [world, P]
+    return bool((gathered - gathered[0]).abs().max().item() == 0.0)
+
+
+# ---------------------------------------------------------------- setup, resume, loop, finish
+def _fingerprint(*, method, backbone, init_checkpoint, init_weights, steps, batch_size, mu, tau, lambda_u, lr,
+                 weight_decay, teacher, ema_decay, seed, opts, li, ly, ui) -> dict:
+    """What a checkpoint must have been made with to be resumed (devices and precision are not in it)."""
+    init_sha = None
+    if init_checkpoint is not None:
+        init_sha = hashlib.sha256(Path(init_checkpoint).read_bytes()).hexdigest()[:16] if Path(init_checkpoint).exists() else None
+    if init_weights is not None and init_weights != "hub":
+        p = Path(init_weights).expanduser()
+        init_sha = "weights:" + (hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else str(p))
+    elif init_weights == "hub":
+        init_sha = "hub"
+    return {"method": method, "backbone": backbone if init_checkpoint is None else None, "init": init_sha,
+            "steps": steps, "batch_size": batch_size, "mu": mu, "tau": tau, "lambda_u": lambda_u, "lr": lr,
+            "weight_decay": weight_decay, "teacher": teacher, "ema_decay": ema_decay, "seed": seed,
+            "options": json.dumps(opts, sort_keys=True, default=str), "labeled": array_digest(li, ly), "unlabeled": array_digest(ui)}
+
+
+def _index_sets(dataset, cls: type[Method], opts: dict, labeled_idx, labeled_y, unlabeled_idx, seed: int):
+    """(labeled indices, their labels, unlabeled indices), checked, the unlabeled set reshaped if asked."""
+    K = dataset.num_classes
+    li, ly, ui = _check_indices(dataset.n_pool, K, labeled_idx, labeled_y, unlabeled_idx)
+    if len(ui) and (opts["unlabeled_profile"] != "same" or opts["unlabeled_imbalance"] is not None):
+        if not dataset.has_ground_truth:
+            raise UserError("unlabeled_profile / unlabeled_imbalance reshape the pool with its ground truth (a "
+                            "simulation); an unlabeled image folder has none, so leave them out")
+        ui = shape_unlabeled(ui, dataset.y_train[ui], num_classes=K, profile=opts["unlabeled_profile"],
+                             gamma=opts["unlabeled_imbalance"], seed=seed)
+    if cls.uses_unlabeled and len(ui) == 0:
+        raise UserError(f"method {cls.name} needs unlabeled samples but the pool has none left; use --method supervised")
+    return li, ly, ui
+
+
+@dataclass
+class _Parts:
+    """The training objects of one process. `model` is what the loss calls: `net` itself, or under DDP Fabric's
+    wrapper around it (same parameters); the teacher, the optimizer state and the checkpoints use `net`."""
+
+    net: Net
+    model: nn.Module
+    ema: Teacher
+    opt: torch.optim.Optimizer
+    m: Method
+    dev: torch.device
+    weak: nn.Module
+    strong: nn.Module
+    rows: PoolReader
+    mean: torch.Tensor
+    std: torch.Tensor
+    backbone: str  # its name (a stage-1 checkpoint says which)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:  # [b, C, H, W] in [0, 1] -> normalised
+        return (x - self.mean) / self.std
+
+    def images(self, idx: np.ndarray) -> torch.Tensor:  # uint8 pool rows -> float [b, C, H, W] in [0, 1]
+        return self.rows(idx).float() / 255.0
+
+
+def _build(dataset, cls: type[Method], opts: dict, ly: np.ndarray, *, dev, fabric, backbone, init_checkpoint,
+           init_weights, steps, tau, lambda_u, lr, weight_decay, teacher, ema_decay, compile, out_dir) -> _Parts:
+    """Model, teacher, optimizer, method, views and pixels (call with the torch RNG seeded: same on every rank)."""
+    if init_checkpoint is not None:
+        bb, ck = load_backbone_checkpoint(init_checkpoint, expect_channels=dataset.channels)
+        backbone = ck["backbone"]
+    else:
+        bb = build_backbone(backbone, dataset.channels)
+        if init_weights is not None:
+            load_init_weights(bb, backbone, init_weights)
+    K = dataset.num_classes
+    m = cls(num_classes=K, labeled_y=torch.from_numpy(ly), steps=steps, tau=tau, lambda_u=lambda_u, options=opts)
+    net = Net(bb, K, proj_dim=m.proj_dim).to(dev)
+    if dev.type == "cpu":  # oneDNN's fast conv layout: ~1.2x per WRN-28-2 step on this CPU (inputs follow)
+        net = net.to(memory_format=torch.channels_last)
+    ema = Teacher(net, kind=teacher, decay=ema_decay)
+    if compile:
+        net.backbone.compile()  # in place (state dict keys unchanged); the teacher stays eager
+    opt = torch.optim.SGD(_param_groups(net, weight_decay), lr=lr, momentum=0.9, nesterov=True)
+    model = net
+    if fabric is not None:  # DDP: gradients all-reduced in backward; the optimizer stays the plain one
+        model = fabric.setup_module(net)
+        m.ranks = FabricRanks(fabric)
+    check_writable(out_dir)  # only now: bad input above leaves no directory behind
+    hflip = dataset.channels == 3 if opts["hflip"] is None else bool(opts["hflip"])  # glyphs are not mirror-symmetric
+    weak, strong = views_for(dataset.image_size, hflip=hflip)
+    # pixels: uint8 [B, C, H, W] batches on the device (whole pool there when it fits); views per batch
+    return _Parts(net=net, model=model, ema=ema, opt=opt, m=m, dev=dev, weak=weak, strong=strong,
+                  rows=PoolReader(dataset.x_train, dev), mean=torch.tensor(dataset.mean, device=dev).view(1, -1, 1, 1),
+                  std=torch.tensor(dataset.std, device=dev).view(1, -1, 1, 1), backbone=backbone)
+
+
+def _resume(parts: _Parts, *, out_dir: Path, fingerprint: dict, steps: int, li: np.ndarray, rank: int) -> int:
+    """Load `out_dir/state.pt` (every rank, weights_only) and return its step; a fresh run sets the method up
+    (SimMatch's bank) and returns 0. Rank 0 drops metrics lines past the checkpoint."""
+    state_path, metrics_path = out_dir / "state.pt", out_dir / "metrics.jsonl"
+    net, ema, m = parts.net, parts.ema, parts.m
+    if not state_path.exists():
+        net.train()
+        ema.train()
+        m.setup(net, ema, parts.norm(parts.weak(parts.images(li))))
+        return 0
+    st = torch_load(state_path)
+    if not isinstance(st, dict) or st.get("kind") != "alssl-semi":
+        raise UserError(f"{state_path} is not an alssl semi-supervised checkpoint; delete it or choose another output dir")
+    bad = next((k for k in ("fingerprint", "model", "teacher", "optimizer", "method") if not isinstance(st.get(k), dict)), None)
+    if bad or type(st.get("step")) is not int or not 0 <= st["step"] <= steps:
+        raise UserError(f"{state_path} is damaged ({bad or 'step'} is missing or mistyped); delete it to start "
+                        "this fine-tune over, or choose another output dir")
+    if st["fingerprint"] != fingerprint:
+        diff = sorted(k for k in fingerprint if st["fingerprint"].get(k) != fingerprint[k])
+        raise UserError(f"{out_dir} holds a semi-supervised run with other arguments ({', '.join(diff)}); "
+                        "rerun with the same arguments to resume, or choose another output dir")
+    try:
+        net.load_state_dict(st["model"])
+        ema.model.load_state_dict(st["teacher"])
+        parts.opt.load_state_dict(st["optimizer"])
+        m.load_state_dict(st["method"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{state_path} does not fit this model ({str(exc).strip().splitlines()[0][:120]}); delete "
+                        "it to start this fine-tune over, or choose another output dir") from None
+    if rank == 0:
+        kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= st["step"]]  # drop lines past the checkpoint
+        write_jsonl(metrics_path, kept)
+    return st["step"]
+
+
+def _finite(loss: torch.Tensor, ranks: Ranks) -> bool:
+    """The loss is finite on every rank (one all-reduce under DDP, so all ranks stop together)."""
+    if ranks.world == 1:
+        return bool(torch.isfinite(loss))
+    return float(ranks.sum((~torch.isfinite(loss.detach())).float().reshape(1))) == 0.0
+
+
+def _logged(loss: torch.Tensor, logs: dict, ranks: Ranks) -> dict:
+    """This step's loss and the method's logs for metrics.jsonl: means over ranks under DDP."""
+    vals = ranks.mean(torch.stack([loss.detach().float()] + [torch.as_tensor(v).detach().float() for v in logs.values()]))
+    return {"loss": float(vals[0]), **{k: round(float(v), 6) for k, v in zip(logs, vals[1:])}}
+
+
+def _train(parts: _Parts, *, dataset, li, ly, ui, start, steps, batch_size, mu, lr, lr_schedule, seed, precision,
+           ckpt_every, eval_every, minutes, prefetch, quiet, method, fingerprint, out_dir, fabric, rank, world):
+    """The loop, steps `start`..`steps`: returns (steps done, whether --minutes stopped it)."""
+    from rich.progress import Progress
+
+    from alssl.progress import Projection
+
+    net, model, ema, opt, m, dev = parts.net, parts.model, parts.ema, parts.opt, parts.m, parts.dev
+    state_path, metrics_path = out_dir / "state.pt", out_dir / "metrics.jsonl"
+    y_l_all = torch.from_numpy(ly).to(dev)
+    b_l, b_u = batch_size // world, mu * batch_size // world  # this rank's shard of the global batches
+    m.to(dev)
+    last_good = start if state_path.exists() else None
+    fault_at = int(os.environ.get(FAULT_ENV, "0") or 0)
+
+    def batch(k: int) -> Batch:  # step k's batch and views on this rank: a function of (seed, k, rank) only
+        torch.manual_seed(((seed * 1_000_003 + k) * world + rank) % (2**63))  # augmentation RNG
+        pl = stream_batch(len(li), batch_size, k, seed=seed, stream=0)[rank * b_l: (rank + 1) * b_l]  # [B/W] positions
+        b = Batch(x_l=parts.norm(parts.weak(parts.images(li[pl]))), y_l=y_l_all[torch.from_numpy(pl).to(dev)],
+                  i_l=torch.from_numpy(pl).to(dev))
+        if m.uses_unlabeled:
+            pu = stream_batch(len(ui), mu * batch_size, k, seed=seed, stream=1)[rank * b_u: (rank + 1) * b_u]
+            xu = parts.images(ui[pu])
+            b.x_uw, b.x_us = parts.norm(parts.weak(xu)), parts.norm(parts.strong(xu))
+        return b
+
+    # an hour's window for the ETA: rich's default (30 s) never sees two samples of a 26 s CPU step
+    bar = Progress(disable=quiet or rank != 0 or not sys.stderr.isatty(), transient=True, speed_estimate_period=3600.0)
+    task = bar.add_task(f"semi {method}", total=steps, completed=start)
+    projection = Projection(f"semi-finetune {method}", steps, start, per_step=batch_size * (1 + (mu if m.uses_unlabeled else 0)),
+                            hint="; Ctrl-C and rerun the same command to resume") if rank == 0 else None
+    net.train()
+    ema.train()
+    busy, n_busy = 0.0, 0  # seconds in steps (checkpoint writes included) since the last metrics line
+    t0 = time.perf_counter()
+    deadline = None if minutes is None else t0 + 60.0 * minutes  # --minutes: this call's wall-clock budget
+    done, stopped = start, False
+    with bar:
+        # the next step's views are drawn on a worker thread while this step trains (alssl/prefetch.py)
+        for step, b in ahead(batch, range(start, steps), enabled=prefetch, device=dev):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(lr, step, steps, lr_schedule)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+                loss, logs = m.loss(model, ema, b, step)  # bf16-mixed: forward and loss under autocast
+            if not _finite(loss, m.ranks):
+                _raise_nan(loss, step, last_good, state_path)
+            opt.zero_grad(set_to_none=True)
+            if fabric is not None:
+                fabric.backward(loss)  # DDP: the gradients are averaged over the ranks
+            else:
+                loss.backward()
+            opt.step()
+            if world > 1:
+                _average_buffers(net, m.ranks)
+            ema.update(net, step)  # from weights (and buffers) that are the same on every rank
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            busy, n_busy = busy + time.perf_counter() - t0, n_busy + 1
+            done = step + 1
+            if rank == 0 and eval_every and done % eval_every == 0 and dataset.has_test:
+                res = evaluate(ema, x_test_u8(dataset), dataset.y_test, num_classes=dataset.num_classes,
+                               mean=parts.mean, std=parts.std, device=dev)
+                append_jsonl(metrics_path, {"step": done, "eval": True, "accuracy": res["accuracy"],
+                                            "balanced_accuracy": res["balanced_accuracy"]})
+            t0 = time.perf_counter()  # the next step's time starts here: checkpoint writes count, evaluations do not
+            stopped = deadline is not None and done < steps and m.ranks.agree(t0 > deadline)  # rank 0 decides
+            if done % ckpt_every == 0 or done == steps or stopped:
+                if not _all_finite(net):
+                    _raise_nan(torch.tensor(float("nan")), step, last_good, state_path)
+                line = {"step": done, **_logged(loss, logs, m.ranks), "lr": opt.param_groups[0]["lr"],
+                        "steps_per_s": round(n_busy / busy, 4)}
+                busy, n_busy = 0.0, 0
+                if rank == 0:  # one writer; every rank holds the same weights
+                    append_jsonl(metrics_path, line)
+                    atomic_torch_save({"kind": "alssl-semi", "version": 1, "fingerprint": fingerprint, "step": done,
+                                       "model": net.state_dict(), "teacher": ema.model.state_dict(),
+                                       "optimizer": opt.state_dict(), "method": m.state_dict()}, state_path)
+                last_good = done
+            bar.update(task, completed=done, description=f"semi {method} loss {float(loss.detach()):.3f}")
+            if projection is not None:
+                projection.step(done)
+            if fault_at and done == fault_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stopped:  # checkpointed above: a rerun goes on from here, bit-identical to an unstopped run
+                break
+    return done, stopped
+
+
+def _finish(parts: _Parts, *, dataset, method, steps, done, stopped, minutes, li, ui, backbone, teacher, record,
+            out_dir, rank, world) -> dict | None:
+    """The result on rank 0 (teacher's test accuracy, result.json unless stopped early); None on other ranks."""
+    in_sync = _ranks_in_sync(parts.m.ranks, parts.net, parts.ema.model, parts.m) if world > 1 else None
+    if rank != 0:
+        return None
+    counts = {"n_labeled": int(len(li)), "n_unlabeled": int(len(ui)) if parts.m.uses_unlabeled else 0}
+    ddp = {"devices": world, "ranks_in_sync": in_sync} if world > 1 else {}
+    if stopped:
+        print(f"# semi-finetune: the --minutes {minutes:g} budget is spent at step {done} of {steps}; the "
+              f"checkpoint is kept: rerun the same command to go on", file=sys.stderr, flush=True)
+        return {"method": method, "steps": steps, "stopped_at": done, "accuracy": None, "balanced_accuracy": None,
+                "per_class_recall": None, **counts, **ddp}
+    res = (evaluate(parts.ema, x_test_u8(dataset), dataset.y_test, num_classes=dataset.num_classes, mean=parts.mean,
+                    std=parts.std, device=parts.dev)
+           if dataset.has_test else {"accuracy": None, "balanced_accuracy": None, "per_class_recall": None})
+    result = {"method": method, "steps": steps, "accuracy": res["accuracy"],
+              "balanced_accuracy": res["balanced_accuracy"], "per_class_recall": res["per_class_recall"], **counts, **ddp}
+    atomic_write_text(out_dir / "result.json", json.dumps({**(record or {}), **result, "backbone": backbone,
+                                                           "teacher": teacher}, indent=1))
+    return result
+
+
 # ---------------------------------------------------------------- the entry point
 def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, out_dir: Path,
                   method: str = "fixmatch", backbone: str = "cnn", init_checkpoint: Path | None = None,
@@ -249,7 +593,7 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
                   eval_every: int = 0, quiet: bool = False, device: str = "auto", options: dict | None = None,
                   prefetch: bool = True, compile: bool = False, record: dict | None = None,
                   minutes: float | None = None,
-                  precision: str = "32-true") -> dict:
+                  precision: str = "32-true", devices: int = 1) -> dict | None:
     """Semi-supervised fine-tuning of backbone + linear head on the labeled pool indices; see docs/semi.md.
 
     Returns {"method", "steps", "accuracy", "balanced_accuracy", "per_class_recall", "n_labeled", "n_unlabeled"}
@@ -258,10 +602,13 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
     the user's weights instead. `out_dir` receives state.pt (resumable), metrics.jsonl and result.json (plus the
     plain fields of `record`, e.g. which feature set the fine-tune started from). `minutes`: a wall-clock budget for
     this call; when spent, the loop checkpoints and returns `stopped_at` (no result.json: the fine-tune is unfinished,
-    and a rerun goes on from the checkpoint).
+    and a rerun goes on from the checkpoint). `devices` > 1: DDP over that many processes launched by Fabric (the
+    command line is re-run for ranks 1..N-1, as `pretrain`); `batch_size` is the global batch, each rank draws its
+    shard; rank 0 writes every file and returns the result, the other ranks return None (docs/scale.md).
     """
     from alssl.semi import METHODS
 
+    # ---- setup: validate everything before a process is launched or a file written
     if method not in METHODS:
         raise unknown("method", method, METHODS)
     if teacher not in TEACHERS:
@@ -270,182 +617,35 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
                 weight_decay=weight_decay, ema_decay=ema_decay, ckpt_every=ckpt_every, eval_every=eval_every, seed=seed)
     cls = METHODS[method]
     opts = _resolve_options(cls, steps, options)
-    K = dataset.num_classes
-    li, ly, ui = _check_indices(dataset.n_pool, K, labeled_idx, labeled_y, unlabeled_idx)
-    if len(ui) and (opts["unlabeled_profile"] != "same" or opts["unlabeled_imbalance"] is not None):
-        if not dataset.has_ground_truth:
-            raise UserError("unlabeled_profile / unlabeled_imbalance reshape the pool with its ground truth (a "
-                            "simulation); an unlabeled image folder has none, so leave them out")
-        ui = shape_unlabeled(ui, dataset.y_train[ui], num_classes=K, profile=opts["unlabeled_profile"],
-                             gamma=opts["unlabeled_imbalance"], seed=seed)
-    if cls.uses_unlabeled and len(ui) == 0:
-        raise UserError(f"method {method} needs unlabeled samples but the pool has none left; use --method supervised")
-    dev = _device(device)
-    if precision not in PRECISIONS:
-        raise unknown("precision", precision, PRECISIONS)
+    li, ly, ui = _index_sets(dataset, cls, opts, labeled_idx, labeled_y, unlabeled_idx, seed)
+    if devices == 1:
+        _device(device)  # a bad device name is refused before anything else
     out_dir = Path(out_dir)
-    state_path, metrics_path = out_dir / "state.pt", out_dir / "metrics.jsonl"
-
-    init_sha = None
-    if init_checkpoint is not None:
-        init_sha = hashlib.sha256(Path(init_checkpoint).read_bytes()).hexdigest()[:16] if Path(init_checkpoint).exists() else None
-    if init_weights is not None and init_weights != "hub":
-        p = Path(init_weights).expanduser()
-        init_sha = "weights:" + (hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else str(p))
-    elif init_weights == "hub":
-        init_sha = "hub"
-    fingerprint = {"method": method, "backbone": backbone if init_checkpoint is None else None, "init": init_sha,
-                   "steps": steps, "batch_size": batch_size, "mu": mu, "tau": tau, "lambda_u": lambda_u, "lr": lr,
-                   "weight_decay": weight_decay, "teacher": teacher, "ema_decay": ema_decay, "seed": seed,
-                   "options": json.dumps(opts, sort_keys=True, default=str), "labeled": array_digest(li, ly), "unlabeled": array_digest(ui)}
+    fingerprint = _fingerprint(method=method, backbone=backbone, init_checkpoint=init_checkpoint,
+                               init_weights=init_weights, steps=steps, batch_size=batch_size, mu=mu, tau=tau,
+                               lambda_u=lambda_u, lr=lr, weight_decay=weight_decay, teacher=teacher,
+                               ema_decay=ema_decay, seed=seed, opts=opts, li=li, ly=ly, ui=ui)
+    fabric, dev, rank, world = _launch(device, devices, precision, batch_size)
 
     cuda_ids = [torch.cuda.current_device() if dev.index is None else dev.index] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_ids):
-        torch.manual_seed(seed)
-        # ---- model, teacher, optimizer, method
-        if init_checkpoint is not None:
-            bb, ck = load_backbone_checkpoint(init_checkpoint, expect_channels=dataset.channels)
-            backbone = ck["backbone"]
-        else:
-            bb = build_backbone(backbone, dataset.channels)
-            if init_weights is not None:
-                load_init_weights(bb, backbone, init_weights)
-        m = cls(num_classes=K, labeled_y=torch.from_numpy(ly), steps=steps, tau=tau, lambda_u=lambda_u, options=opts)
-        net = Net(bb, K, proj_dim=m.proj_dim).to(dev)
-        if dev.type == "cpu":  # oneDNN's fast conv layout: ~1.2x per WRN-28-2 step on this CPU (inputs follow)
-            net = net.to(memory_format=torch.channels_last)
-        ema = Teacher(net, kind=teacher, decay=ema_decay)
-        if compile:
-            net.backbone.compile()  # in place (state dict keys unchanged); the teacher stays eager
-        opt = torch.optim.SGD(_param_groups(net, weight_decay), lr=lr, momentum=0.9, nesterov=True)
-        check_writable(out_dir)  # only now: bad input above leaves no directory behind
-        hflip = dataset.channels == 3 if opts["hflip"] is None else bool(opts["hflip"])  # glyphs are not mirror-symmetric
-        weak, strong = views_for(dataset.image_size, hflip=hflip)
-        # ---- pixels: uint8 [B, C, H, W] batches on the device (whole pool there when it fits); views per batch
-        rows = PoolReader(dataset.x_train, dev)
-        mean = torch.tensor(dataset.mean, device=dev).view(1, -1, 1, 1)
-        std = torch.tensor(dataset.std, device=dev).view(1, -1, 1, 1)
-
-        def norm(x: torch.Tensor) -> torch.Tensor:  # [b, C, H, W] in [0, 1] -> normalised
-            return (x - mean) / std
-
-        def images(idx: np.ndarray) -> torch.Tensor:
-            return rows(idx).float() / 255.0
-
-        y_l_all = torch.from_numpy(ly).to(dev)
-        start = 0
-        if state_path.exists():
-            st = torch_load(state_path)
-            if not isinstance(st, dict) or st.get("kind") != "alssl-semi":
-                raise UserError(f"{state_path} is not an alssl semi-supervised checkpoint; delete it or choose another output dir")
-            bad = next((k for k in ("fingerprint", "model", "teacher", "optimizer", "method") if not isinstance(st.get(k), dict)), None)
-            if bad or type(st.get("step")) is not int or not 0 <= st["step"] <= steps:
-                raise UserError(f"{state_path} is damaged ({bad or 'step'} is missing or mistyped); delete it to start "
-                                "this fine-tune over, or choose another output dir")
-            if st["fingerprint"] != fingerprint:
-                diff = sorted(k for k in fingerprint if st["fingerprint"].get(k) != fingerprint[k])
-                raise UserError(f"{out_dir} holds a semi-supervised run with other arguments ({', '.join(diff)}); "
-                                "rerun with the same arguments to resume, or choose another output dir")
-            try:
-                net.load_state_dict(st["model"])
-                ema.model.load_state_dict(st["teacher"])
-                opt.load_state_dict(st["optimizer"])
-                m.load_state_dict(st["method"])
-            except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-                raise UserError(f"{state_path} does not fit this model ({str(exc).strip().splitlines()[0][:120]}); delete "
-                                "it to start this fine-tune over, or choose another output dir") from None
-            start = st["step"]
-            kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= start]  # drop lines past the checkpoint
-            write_jsonl(metrics_path, kept)
-        else:
-            net.train()
-            ema.train()
-            m.setup(net, ema, norm(weak(images(li))))
-        m.to(dev)
-        last_good = start if state_path.exists() else None
-        fault_at = int(os.environ.get(FAULT_ENV, "0") or 0)
-
-        from rich.progress import Progress
-
-        from alssl.progress import Projection
-
-        # an hour's window for the ETA: rich's default (30 s) never sees two samples of a 26 s CPU step
-        with Progress(disable=quiet or not sys.stderr.isatty(), transient=True, speed_estimate_period=3600.0) as bar:
-            task = bar.add_task(f"semi {method}", total=steps, completed=start)
-            projection = Projection(f"semi-finetune {method}", steps, start,
-                                    per_step=batch_size * (1 + (mu if m.uses_unlabeled else 0)),
-                                    hint="; Ctrl-C and rerun the same command to resume")
-            net.train()
-            ema.train()
-            busy, n_busy = 0.0, 0  # seconds in steps (checkpoint writes included) since the last metrics line
-
-            def batch(k: int) -> Batch:  # step k's batch and views: a function of (seed, k) only
-                torch.manual_seed((seed * 1_000_003 + k) % (2**63))  # augmentation RNG
-                pl = stream_batch(len(li), batch_size, k, seed=seed, stream=0)  # [B] positions in the labeled set
-                b = Batch(x_l=norm(weak(images(li[pl]))), y_l=y_l_all[torch.from_numpy(pl).to(dev)],
-                          i_l=torch.from_numpy(pl).to(dev))
-                if m.uses_unlabeled:
-                    xu = images(ui[stream_batch(len(ui), mu * batch_size, k, seed=seed, stream=1)])
-                    b.x_uw, b.x_us = norm(weak(xu)), norm(strong(xu))
-                return b
-
-            t0 = time.perf_counter()
-            deadline = None if minutes is None else t0 + 60.0 * minutes  # --minutes: this call's wall-clock budget
-            stopped = False
-            # the next step's views are drawn on a worker thread while this step trains (alssl/prefetch.py)
-            for step, b in ahead(batch, range(start, steps), enabled=prefetch, device=dev):
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(lr, step, steps, opts["lr_schedule"])
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-                    loss, logs = m.loss(net, ema, b, step)  # bf16-mixed: forward and loss under autocast
-                if not torch.isfinite(loss):
-                    _raise_nan(loss, step, last_good, state_path)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                ema.update(net, step)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                busy, n_busy = busy + time.perf_counter() - t0, n_busy + 1
-                done = step + 1
-                if eval_every and done % eval_every == 0 and dataset.has_test:
-                    res = evaluate(ema, x_test_u8(dataset), dataset.y_test, num_classes=K, mean=mean, std=std, device=dev)
-                    append_jsonl(metrics_path, {"step": done, "eval": True, "accuracy": res["accuracy"],
-                                                "balanced_accuracy": res["balanced_accuracy"]})
-                t0 = time.perf_counter()  # the next step's time starts here: checkpoint writes count, evaluations do not
-                stopped = deadline is not None and done < steps and t0 > deadline
-                if done % ckpt_every == 0 or done == steps or stopped:
-                    if not _all_finite(net):
-                        _raise_nan(torch.tensor(float("nan")), step, last_good, state_path)
-                    append_jsonl(metrics_path, {"step": done, "loss": float(loss.detach()),
-                                                **{k: round(float(v), 6) for k, v in logs.items()},
-                                                "lr": opt.param_groups[0]["lr"], "steps_per_s": round(n_busy / busy, 4)})
-                    busy, n_busy = 0.0, 0
-                    atomic_torch_save({"kind": "alssl-semi", "version": 1, "fingerprint": fingerprint, "step": done,
-                                       "model": net.state_dict(), "teacher": ema.model.state_dict(),
-                                       "optimizer": opt.state_dict(), "method": m.state_dict()}, state_path)
-                    last_good = done
-                bar.update(task, completed=done, description=f"semi {method} loss {float(loss.detach()):.3f}")
-                projection.step(done)
-                if fault_at and done == fault_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if stopped:  # checkpointed above: a rerun goes on from here, bit-identical to an unstopped run
-                    break
-        if stopped:
-            print(f"# semi-finetune: the --minutes {minutes:g} budget is spent at step {done} of {steps}; the "
-                  f"checkpoint is kept: rerun the same command to go on", file=sys.stderr, flush=True)
-            return {"method": method, "steps": steps, "stopped_at": done, "accuracy": None, "balanced_accuracy": None,
-                    "per_class_recall": None, "n_labeled": int(len(li)),
-                    "n_unlabeled": int(len(ui)) if m.uses_unlabeled else 0}
-
-        res = (evaluate(ema, x_test_u8(dataset), dataset.y_test, num_classes=K, mean=mean, std=std, device=dev)
-               if dataset.has_test else {"accuracy": None, "balanced_accuracy": None, "per_class_recall": None})
-    result = {"method": method, "steps": steps, "accuracy": res["accuracy"],
-              "balanced_accuracy": res["balanced_accuracy"], "per_class_recall": res["per_class_recall"],
-              "n_labeled": int(len(li)), "n_unlabeled": int(len(ui)) if m.uses_unlabeled else 0}
-    atomic_write_text(out_dir / "result.json", json.dumps({**(record or {}), **result, "backbone": backbone,
-                                                           "teacher": teacher}, indent=1))
-    return result
+        torch.manual_seed(seed)  # the same initial weights, views of the bank, ... on every rank
+        parts = _build(dataset, cls, opts, ly, dev=dev, fabric=fabric, backbone=backbone,
+                       init_checkpoint=init_checkpoint, init_weights=init_weights, steps=steps, tau=tau,
+                       lambda_u=lambda_u, lr=lr, weight_decay=weight_decay, teacher=teacher, ema_decay=ema_decay,
+                       compile=compile, out_dir=out_dir)
+        # ---- resume: every rank loads the same checkpoint
+        start = _resume(parts, out_dir=out_dir, fingerprint=fingerprint, steps=steps, li=li, rank=rank)
+        # ---- the loop
+        done, stopped = _train(parts, dataset=dataset, li=li, ly=ly, ui=ui, start=start, steps=steps,
+                               batch_size=batch_size, mu=mu, lr=lr, lr_schedule=opts["lr_schedule"], seed=seed,
+                               precision=precision, ckpt_every=ckpt_every, eval_every=eval_every, minutes=minutes,
+                               prefetch=prefetch, quiet=quiet, method=method, fingerprint=fingerprint,
+                               out_dir=out_dir, fabric=fabric, rank=rank, world=world)
+        # ---- finish: rank 0 evaluates the teacher and writes result.json
+        return _finish(parts, dataset=dataset, method=method, steps=steps, done=done, stopped=stopped,
+                       minutes=minutes, li=li, ui=ui, backbone=parts.backbone, teacher=teacher, record=record,
+                       out_dir=out_dir, rank=rank, world=world)
 
 
 def x_test_u8(dataset) -> torch.Tensor:
