@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,59 @@ DECODE_INLINE = 16  # a read of fewer JPEGs than this decodes them on the callin
 
 
 # ---------------------------------------------------------------- reading a built pool
-class DiskPool:
+class _PoolFile:
+    """What both on-disk pools share: a file read with `os.pread` (reopened in a worker process), array-style
+    indexing (int, slice, int or bool array, negative indices) turned into one `_rows(indices)` call."""
+
+    path: Path
+    shape: tuple[int, ...]
+    _fd: int | None = None
+
+    def _file(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        n = len(self)
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (n if key < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"index {key} out of range for a pool of {n}")
+            return self._rows(np.array([i]))[0]
+        if isinstance(key, slice):
+            return self._rows(np.arange(*key.indices(n)))
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64).reshape(-1)
+        if len(idx) and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"index out of range for a pool of {n}")
+        return self._rows(np.where(idx < 0, idx + n, idx))
+
+    def _rows(self, idx: np.ndarray) -> np.ndarray:  # images `idx` (valid, non-negative) in the order given
+        raise NotImplementedError
+
+
+def consecutive_runs(sorted_idx: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(start, stop) positions of the runs of consecutive indices in `sorted_idx`: one `pread` each."""
+    start = 0
+    while start < len(sorted_idx):
+        stop = start + 1
+        while stop < len(sorted_idx) and sorted_idx[stop] - sorted_idx[stop - 1] <= 1:
+            stop += 1
+        yield start, stop
+        start = stop
+
+
+class DiskPool(_PoolFile):
     """uint8 [N, S, S, C] images stored in a `.npy` file, indexed like an array (int, slice, int array)."""
 
     def __init__(self, path: str | Path):
@@ -75,61 +128,24 @@ class DiskPool:
     def __getstate__(self) -> dict:  # picklable for worker processes: the descriptor is reopened there
         return {**self.__dict__, "_fd": None}
 
-    def _file(self) -> int:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        return self._fd
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
     def _read(self, start: int, n: int) -> bytes:
         data = os.pread(self._file(), n * self.row_bytes, self.offset + start * self.row_bytes)
         if len(data) != n * self.row_bytes:
             raise UserError(f"{self.path} is truncated; delete {self.path.parent} and rerun to rebuild the pool")
         return data
 
-    def __getitem__(self, key) -> np.ndarray:
-        n = len(self)
-        if isinstance(key, (int, np.integer)):
-            i = int(key) + (n if key < 0 else 0)
-            if not 0 <= i < n:
-                raise IndexError(f"index {key} out of range for a pool of {n}")
-            return np.frombuffer(self._read(i, 1), np.uint8).reshape(self.shape[1:])
-        if isinstance(key, slice):
-            start, stop, step = key.indices(n)
-            if step != 1:
-                return self[np.arange(start, stop, step)]
-            count = max(0, stop - start)
-            return np.frombuffer(self._read(start, count), np.uint8).reshape((count, *self.shape[1:])).copy()
-        idx = np.asarray(key)
-        if idx.dtype == bool:
-            idx = np.flatnonzero(idx)
-        idx = idx.astype(np.int64).reshape(-1)
-        if len(idx) and (idx.min() < -n or idx.max() >= n):
-            raise IndexError(f"index out of range for a pool of {n}")
-        idx = np.where(idx < 0, idx + n, idx)
+    def _rows(self, idx: np.ndarray) -> np.ndarray:
         out = np.empty((len(idx), *self.shape[1:]), np.uint8)
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
-        start = 0
-        while start < len(sorted_idx):  # one pread per run of consecutive rows
-            stop = start + 1
-            while stop < len(sorted_idx) and sorted_idx[stop] - sorted_idx[stop - 1] <= 1:
-                stop += 1
+        for start, stop in consecutive_runs(sorted_idx):
             first = int(sorted_idx[start])
             rows = np.frombuffer(self._read(first, int(sorted_idx[stop - 1]) - first + 1), np.uint8)
-            rows = rows.reshape((-1, *self.shape[1:]))
-            out[order[start:stop]] = rows[sorted_idx[start:stop] - first]
-            start = stop
+            out[order[start:stop]] = rows.reshape((-1, *self.shape[1:]))[sorted_idx[start:stop] - first]
         return out
 
 
-class JpegPool:
+class JpegPool(_PoolFile):
     """uint8 [N, S, S, C] images kept as one JPEG each (`JPEGS` + `OFFSETS`), indexed like an array (int, slice, int
     array) and decoded on read: a batch is read with one `os.pread` per run of consecutive images and decoded by a
     pool of threads (Pillow's libjpeg runs with the GIL released), into one uint8 array. Decoding the same bytes
@@ -163,39 +179,10 @@ class JpegPool:
     def __getstate__(self) -> dict:  # picklable for worker processes: the file and the offsets are reopened there
         return {**self.__dict__, "_fd": None, "_offsets": None}
 
-    def _file(self) -> int:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        return self._fd
-
     def _offs(self) -> np.ndarray:
         if self._offsets is None:
             self._offsets = np.load(self.offsets_path, mmap_mode="r", allow_pickle=False)
         return self._offsets
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key) -> np.ndarray:
-        n = len(self)
-        if isinstance(key, (int, np.integer)):
-            i = int(key) + (n if key < 0 else 0)
-            if not 0 <= i < n:
-                raise IndexError(f"index {key} out of range for a pool of {n}")
-            return self._rows(np.array([i]))[0]
-        if isinstance(key, slice):
-            return self._rows(np.arange(*key.indices(n)))
-        idx = np.asarray(key)
-        if idx.dtype == bool:
-            idx = np.flatnonzero(idx)
-        idx = idx.astype(np.int64).reshape(-1)
-        if len(idx) and (idx.min() < -n or idx.max() >= n):
-            raise IndexError(f"index out of range for a pool of {n}")
-        return self._rows(np.where(idx < 0, idx + n, idx))
 
     def _rows(self, idx: np.ndarray) -> np.ndarray:
         """Decoded images `idx` (valid, non-negative) as uint8 [len(idx), S, S, C], in the order given."""
@@ -204,11 +191,7 @@ class JpegPool:
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
         blobs: list[tuple[int, int, memoryview]] = []  # (row of out, image index, JPEG bytes)
-        start = 0
-        while start < len(sorted_idx):  # one pread per run of consecutive images
-            stop = start + 1
-            while stop < len(sorted_idx) and sorted_idx[stop] - sorted_idx[stop - 1] <= 1:
-                stop += 1
+        for start, stop in consecutive_runs(sorted_idx):
             first, last = int(sorted_idx[start]), int(sorted_idx[stop - 1])
             base = int(offs[first])
             span = np.asarray(offs[first : last + 2]) - base
@@ -219,7 +202,6 @@ class JpegPool:
             for k in range(start, stop):
                 j = int(sorted_idx[k]) - first
                 blobs.append((int(order[k]), int(sorted_idx[k]), view[span[j] : span[j + 1]]))
-            start = stop
         if len(blobs) < DECODE_INLINE or self.threads <= 1:
             self._decode(blobs, out)
         else:
