@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS
 
-.PHONY: install demo test bench clean browser
+.PHONY: install demo test bench clean browser lint
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,9 +35,13 @@ browser:
 # pytest exit code 5 means "no tests collected": that is a failure here, not a success.
 # Two pytest workers (one torch thread each) use both cores of the CI machine: 9.2 -> ~5 min here.
 PYTEST_WORKERS ?= 2
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	@$(PY) -m pytest -n $(PYTEST_WORKERS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# ruff's lint (pyproject.toml [tool.ruff]: pyflakes, pycodestyle errors, bugbear; line length 120) in under a second
+lint: $(STAMP)
+	$(VENV)/bin/ruff check alssl tests bench scripts
 
 bench: $(STAMP)
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[bench]'

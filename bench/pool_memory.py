@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +67,6 @@ def main() -> None:
     print(f"# load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     for n in map(int, args.sizes.split(",")):
         folder = Path(args.scratch) / f"photos{n}"
-        t0 = time.time()
         make_folder(folder, n)
         run_dir = Path(args.scratch) / f"run{n}"
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -141,7 +141,7 @@ def main() -> None:
                 pools = {fmt: (open_pixels(work / f"{fmt}-{s}", m), m) for fmt in ("raw", "jpeg")
                          for m in [json.loads((work / f"{fmt}-{s}" / "manifest.json").read_text())]}
                 rates = {"raw": [], "jpeg": []}
-                for r in range(a.rounds):
+                for _ in range(a.rounds):
                     for fmt, (pool, m) in pools.items():
                         rates[fmt].append(embed_rate(pool, work / "features.npy", m["mean"], m["std"], a.batch))
                 print(f"# embed, {s} px, cnn, 1 torch thread, batch {a.batch}: raw "

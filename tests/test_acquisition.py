@@ -431,7 +431,7 @@ def official_badge_init_centers(X: np.ndarray, K: int, rng: np.random.Generator)
             newD = pairwise_distances(X, [mu[-1]]).ravel().astype(float)
             D2 = np.minimum(D2, newD)
         Ddist = (D2**2) / sum(D2**2)
-        draw = lambda: min(int(np.searchsorted(np.cumsum(Ddist), rng.random(), side="right")), len(X) - 1)  # noqa: E731
+        draw = lambda: min(int(np.searchsorted(np.cumsum(Ddist), rng.random(), side="right")), len(X) - 1)  # noqa: E731, B023 (used in this iteration only)
         ind = draw()
         while ind in inds_all:
             ind = draw()

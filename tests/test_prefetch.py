@@ -79,7 +79,7 @@ def test_an_error_in_make_surfaces_at_its_step_and_an_early_stop_does_not_hang()
 
     got = []
     with pytest.raises(ValueError, match="bad batch"):
-        for k, v in ahead(make, range(5)):
+        for _, v in ahead(make, range(5)):
             got.append(v)
     assert got == [0, 1]
     gen = ahead(lambda k: k, range(100))

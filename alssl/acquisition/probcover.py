@@ -183,7 +183,7 @@ def probcover_select(ctx: AcquisitionContext, budget: int, rng: np.random.Genera
     covered = np.zeros(len(rows), bool)  # [M] in the ball of a labeled (or picked) point
     in_work = np.full(n, -1, np.int64)
     in_work[rows] = np.arange(len(rows))
-    for idx, block in feature_chunks(ctx, np.flatnonzero(ctx.labeled), normalise=True):
+    for _, block in feature_chunks(ctx, np.flatnonzero(ctx.labeled), normalise=True):
         covered |= ball_counts(block, None, xs, delta, axis=0) > 0
     covered[in_work[ctx.labeled & (in_work >= 0)]] = True  # a labeled point covers itself
     degree = ball_counts(xs, np.arange(len(rows)), xs, delta, ~covered)  # [M] uncovered points in each ball
