@@ -1,6 +1,6 @@
 """Plumbing the training loops share (stage 1 alssl/pretraining.py; stage 4 alssl/semi/trainer.py): loading and
 checking a training checkpoint, forgetting the metrics lines a resumed loop redoes, the non-finite loss message, the
---minutes deadline across ranks and the DDP weights check. Fault injection lives in alssl/faults.py.
+--minutes deadline across ranks, the DDP weights check and EMAN's buffer rule. Fault injection lives in alssl/faults.py.
 
 None of these owns the loop: each stage keeps its one visible training loop and calls them.
 """
@@ -87,9 +87,38 @@ def past_deadline(deadline: float | None, now: float, fabric=None) -> bool:
     return bool(fabric.broadcast(torch.tensor(float(late), device=fabric.device), src=0).item())
 
 
+def _tensors(x: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) state dict, list or tuple."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (dict, list, tuple)):
+        return [t for v in (x.values() if isinstance(x, dict) else x) for t in _tensors(v)]
+    return []
+
+
 @torch.no_grad()
-def ranks_in_sync(fabric, net: nn.Module) -> bool:
-    """DDP check: every rank holds bit-identical weights (all_gather of the flat parameter vector)."""
-    flat = torch.cat([p.detach().flatten() for p in net.parameters()])
-    gathered = fabric.all_gather(flat)  # [world, P]
+def ranks_in_sync(fabric, net: nn.Module, *states: Any) -> bool:
+    """DDP check: every rank holds bit-identical weights of `net` and tensors of `states` (more state dicts: stage 4
+    adds the student's buffers, the teacher and the method state), in one all_gather of the flat vector."""
+    import torch.distributed as dist
+
+    tensors = list(net.parameters()) + _tensors(states)
+    flat = torch.cat([t.detach().float().flatten().to(fabric.device) for t in tensors])
+    parts = [torch.empty_like(flat) for _ in range(fabric.world_size)]
+    dist.all_gather(parts, flat)  # (Fabric's all_gather goes through a deprecated autograd wrapper)
+    gathered = torch.stack(parts)  # [world, P]
     return bool((gathered - gathered[0]).abs().max().item() == 0.0)
+
+
+@torch.no_grad()
+def eman_buffers(teacher: nn.Module, student: nn.Module, m: float, *, lerp: bool = False) -> None:
+    """EMAN's buffer rule (Cai et al. 2021), both stages: the teacher's floating-point buffers (BN running mean / var)
+    move to m·t + (1−m)·s, integer counters are copied. `lerp`: as `torch.lerp` (stage 4's arithmetic), else
+    `t.mul_(m).add_(s, alpha=1−m)` (stage 1's); the two differ in the last bit, so each caller keeps its own."""
+    for tb, sb in zip(teacher.buffers(), student.buffers()):
+        if not tb.is_floating_point():
+            tb.copy_(sb)
+        elif lerp:
+            tb.lerp_(sb, 1.0 - m)
+        else:
+            tb.mul_(m).add_(sb, alpha=1.0 - m)

@@ -34,6 +34,8 @@ from lightly.models.utils import update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
+from alssl.loop import eman_buffers
+
 
 class Encoder(nn.Module):
     """backbone → projection head; the part a momentum teacher copies."""
@@ -68,11 +70,7 @@ def momentum_update(student: nn.Module, teacher: nn.Module, m: float, *, eman: b
     """
     update_momentum(student, teacher, m)
     if eman:
-        for tb, sb in zip(teacher.buffers(), student.buffers()):
-            if tb.is_floating_point():
-                tb.mul_(m).add_(sb, alpha=1.0 - m)
-            else:
-                tb.copy_(sb)
+        eman_buffers(teacher, student, m)
 
 
 class SSLMethod:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from alssl.errors import UserError
-from alssl.loop import (fitting, load_checkpoint, non_finite_error, non_finite_kind, past_deadline, state_problem,
-                        truncate_metrics)
+from alssl.loop import (eman_buffers, fitting, load_checkpoint, non_finite_error, non_finite_kind, past_deadline,
+                        state_problem, truncate_metrics)
 from alssl.runs import atomic_torch_save
 
 NEED = {"step": int, "model": dict}
@@ -70,6 +70,28 @@ def test_non_finite_messages_of_both_stages():
 def test_past_deadline_without_ranks():
     assert past_deadline(None, 1e9) is False
     assert past_deadline(10.0, 11.0) is True and past_deadline(10.0, 9.0) is False
+
+
+def test_eman_buffers_average_statistics_copy_counters_in_each_stage_arithmetic():
+    """EMAN's buffer rule, shared: stage 1 computes m·t + (1−m)·s as mul/add, stage 4 as lerp (bit-exact to each)."""
+    torch.manual_seed(0)
+    student, teacher = torch.nn.BatchNorm1d(1000), torch.nn.BatchNorm1d(1000)
+    for bn in (student, teacher):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    student.num_batches_tracked.fill_(7)
+    torch.nn.init.constant_(student.weight, 2.0)
+    for lerp in (False, True):
+        t = torch.nn.BatchNorm1d(1000)
+        t.load_state_dict(teacher.state_dict())
+        eman_buffers(t, student, 0.99, lerp=lerp)
+        mean0 = teacher.running_mean
+        mul_add = mean0.mul(0.99).add_(student.running_mean, alpha=1.0 - 0.99)  # stage 1's arithmetic
+        want = mean0.lerp(student.running_mean, 1.0 - 0.99) if lerp else mul_add
+        assert torch.equal(t.running_mean, want) and int(t.num_batches_tracked) == 7
+        if lerp:  # the two arithmetics differ in the last bit: why each stage keeps its own
+            assert not torch.equal(t.running_mean, mul_add)
+        assert torch.equal(t.weight, torch.ones(1000))  # parameters are not its business
 
 
 def test_methods_never_compare_names():

@@ -193,9 +193,15 @@ def test_long_tailed_pool_with_reversed_unlabeled_profile(tmp_path):
     assert len(res["per_class_recall"]) == 10
 
 
-@pytest.mark.parametrize("edit, match", [(lambda st: st.pop("fingerprint"), "fingerprint is missing"),
-                                         (lambda st: st.update(step=-3), "step is missing or mistyped"),
-                                         (lambda st: st.update(model={"x": torch.ones(1)}), "does not fit this model")])
+FIX = "; delete it to start this fine-tune over"  # every damaged-state message names the fix
+
+
+@pytest.mark.parametrize("edit, match", [(lambda st: st.pop("fingerprint"), r"\(key 'fingerprint' is missing\)" + FIX),
+                                         (lambda st: st.update(step=-3), r"\(step -3 is outside 0\.\.4\)" + FIX),
+                                         (lambda st: st.update(kind="x"),
+                                          r"\(not an alssl semi-supervised checkpoint\)" + FIX),
+                                         (lambda st: st.update(model={"x": torch.ones(1)}),
+                                          r"does not fit this model \(.*\)" + FIX)])
 def test_damaged_semi_state_is_a_user_error(digits, tmp_path, edit, match):
     _tiny(digits, tmp_path, "fixmatch", steps=4)
     st = torch.load(tmp_path / "state.pt", weights_only=True)

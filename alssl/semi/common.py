@@ -124,9 +124,6 @@ class Ranks:
     def mean(self, t: torch.Tensor) -> torch.Tensor:  # elementwise mean over ranks
         return t
 
-    def agree(self, flag: bool) -> bool:  # rank 0's flag, on every rank
-        return flag
-
 
 class Method:
     """What a method plugs into the trainer. Subclasses set `name`, `uses_unlabeled`, `proj_dim`.

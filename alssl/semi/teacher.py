@@ -22,6 +22,8 @@ import copy
 import torch
 from torch import nn
 
+from alssl.loop import eman_buffers
+
 TEACHERS = ("ema", "eman")
 
 
@@ -53,15 +55,15 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def update(self, student: nn.Module, step: int) -> None:
         """One EMA step towards `student` (call after optimizer step `step`, 0-based)."""
-        w = 1.0 - self.decay_at(step)
+        m = self.decay_at(step)
         t_params = list(self.model.parameters())
         s_params = list(student.parameters())
-        torch._foreach_lerp_(t_params, s_params, w)  # θ' += (1−m)(θ − θ') = m·θ' + (1−m)·θ
-        for tb, sb in zip(self.model.buffers(), student.buffers()):
-            if self.kind == "eman" and tb.is_floating_point():
-                tb.lerp_(sb, w)  # EMAN: running mean / var are averaged too
-            else:
-                tb.copy_(sb)  # EMA: buffers copied; EMAN: integer counters copied
+        torch._foreach_lerp_(t_params, s_params, 1.0 - m)  # θ' += (1−m)(θ − θ') = m·θ' + (1−m)·θ
+        if self.kind == "eman":
+            eman_buffers(self.model, student, m, lerp=True)  # running mean / var averaged too, counters copied
+        else:
+            for tb, sb in zip(self.model.buffers(), student.buffers()):
+                tb.copy_(sb)  # EMA: buffers copied
 
 
 class DistAlign:

@@ -21,9 +21,7 @@ import functools
 import hashlib
 import json
 import math
-import os
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -36,9 +34,11 @@ from torch import nn
 from alssl.backbones import build_backbone, load_backbone_checkpoint, load_init_weights
 from alssl.data import PoolReader
 from alssl.errors import UserError, check_positive, check_seed, unknown
+from alssl.faults import fault_after_steps
+from alssl.loop import (fitting, load_checkpoint, non_finite_error, non_finite_kind, past_deadline, ranks_in_sync,
+                        state_problem, truncate_metrics)
 from alssl.prefetch import ahead
-from alssl.runs import (append_jsonl, atomic_torch_save, atomic_write_text, check_writable, read_jsonl, torch_load,
-                        write_jsonl)
+from alssl.runs import append_jsonl, atomic_torch_save, atomic_write_text, check_writable
 from alssl.semi.common import Batch, Method, Net, Ranks
 from alssl.semi.teacher import TEACHERS, Teacher
 from alssl.semi.views import views_for
@@ -47,7 +47,6 @@ COMMON_OPTIONS = {"unlabeled_profile": "same", "unlabeled_imbalance": None, "hfl
                   "lr_schedule": "cosine"}  # a method's defaults() may override (DASO: constant, as its official code)
 OPTION_TYPES = {"unlabeled_imbalance": float, "hflip": bool}  # options whose default (None) does not show their type
 LR_SCHEDULES = ("cosine", "constant")
-FAULT_ENV = "ALSSL_FAULT_AFTER_STEPS"  # test hook: SIGKILL this process right after optimizer step k (global count)
 
 
 # ---------------------------------------------------------------- small pure helpers
@@ -267,9 +266,6 @@ class FabricRanks(Ranks):
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         return self.fabric.all_reduce(t.clone(), reduce_op="mean")
 
-    def agree(self, flag: bool) -> bool:
-        return bool(self.fabric.broadcast(torch.tensor(float(flag), device=self.fabric.device), src=0).item())
-
 
 def _launch(device: str, devices: int, precision: str, batch_size: int):
     """(fabric or None, torch device, rank, world). One device: plain torch on `_device(device)` (Fabric not
@@ -313,25 +309,6 @@ def _average_buffers(net: nn.Module, ranks: Ranks) -> None:
         mean = ranks.mean(torch.cat([b.flatten() for b in bufs]))
         for b, v in zip(bufs, mean.split([b.numel() for b in bufs])):
             b.copy_(v.view_as(b))
-
-
-def _tensors(x) -> list[torch.Tensor]:
-    """Every tensor in a (nested) state dict, list or tuple."""
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (dict, list, tuple)):
-        return [t for v in (x.values() if isinstance(x, dict) else x) for t in _tensors(v)]
-    return []
-
-
-@torch.no_grad()
-def _ranks_in_sync(ranks: Ranks, net: nn.Module, teacher: nn.Module, m: Method) -> bool:
-    """Every rank holds bit-identical student, teacher and method state (SimMatch's bank, DASO's queues, ...)."""
-    states = (net.state_dict(), teacher.state_dict(), m.state_dict())
-    dev = next(net.parameters()).device  # method state is saved on the CPU; NCCL gathers on the GPU
-    flat = torch.cat([t.detach().float().flatten().to(dev) for t in _tensors(states)])
-    gathered = ranks.gather(flat.view(1, -1))  # [world, P]
-    return bool((gathered - gathered[0]).abs().max().item() == 0.0)
 
 
 # ---------------------------------------------------------------- setup, resume, loop, finish
@@ -434,29 +411,29 @@ def _resume(parts: _Parts, *, out_dir: Path, fingerprint: dict, steps: int, li: 
         ema.train()
         m.setup(net, ema, parts.norm(parts.weak(parts.images(li))))
         return 0
-    st = torch_load(state_path)
-    if not isinstance(st, dict) or st.get("kind") != "alssl-semi":
-        raise UserError(f"{state_path} is not an alssl semi-supervised checkpoint; delete it or choose another output dir")
-    bad = next((k for k in ("fingerprint", "model", "teacher", "optimizer", "method") if not isinstance(st.get(k), dict)), None)
-    if bad or type(st.get("step")) is not int or not 0 <= st["step"] <= steps:
-        raise UserError(f"{state_path} is damaged ({bad or 'step'} is missing or mistyped); delete it to start "
-                        "this fine-tune over, or choose another output dir")
+    fix = "delete it to start this fine-tune over, or choose another output dir"
+    st = load_checkpoint(state_path, functools.partial(_state_problem, steps=steps), fix)
     if st["fingerprint"] != fingerprint:
         diff = sorted(k for k in fingerprint if st["fingerprint"].get(k) != fingerprint[k])
         raise UserError(f"{out_dir} holds a semi-supervised run with other arguments ({', '.join(diff)}); "
                         "rerun with the same arguments to resume, or choose another output dir")
-    try:
+    with fitting(state_path, "this model", fix):
         net.load_state_dict(st["model"])
         ema.model.load_state_dict(st["teacher"])
         parts.opt.load_state_dict(st["optimizer"])
         m.load_state_dict(st["method"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{state_path} does not fit this model ({str(exc).strip().splitlines()[0][:120]}); delete "
-                        "it to start this fine-tune over, or choose another output dir") from None
     if rank == 0:
-        kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= st["step"]]  # drop lines past the checkpoint
-        write_jsonl(metrics_path, kept)
+        truncate_metrics(metrics_path, st["step"])  # drop lines past the checkpoint: those steps are redone
     return st["step"]
+
+
+def _state_problem(st, *, steps: int) -> str | None:
+    """What is wrong with a loaded state.pt (kind, keys, types, step range), or None."""
+    need = {"fingerprint": dict, "model": dict, "teacher": dict, "optimizer": dict, "method": dict, "step": int}
+    problem = state_problem(st, kind="alssl-semi", what="an alssl semi-supervised checkpoint", need=need)
+    if problem is None and not 0 <= st["step"] <= steps:
+        return f"step {st['step']} is outside 0..{steps}"
+    return problem
 
 
 def _finite(loss: torch.Tensor, ranks: Ranks) -> bool:
@@ -485,7 +462,6 @@ def _train(parts: _Parts, *, dataset, li, ly, ui, start, steps, batch_size, mu, 
     b_l, b_u = batch_size // world, mu * batch_size // world  # this rank's shard of the global batches
     m.to(dev)
     last_good = start if state_path.exists() else None
-    fault_at = int(os.environ.get(FAULT_ENV, "0") or 0)
 
     def batch(k: int) -> Batch:  # step k's batch and views on this rank: a function of (seed, k, rank) only
         torch.manual_seed(((seed * 1_000_003 + k) * world + rank) % (2**63))  # augmentation RNG
@@ -517,7 +493,8 @@ def _train(parts: _Parts, *, dataset, li, ly, ui, start, steps, batch_size, mu, 
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
                 loss, logs = m.loss(model, ema, b, step)  # bf16-mixed: forward and loss under autocast
             if not _finite(loss, m.ranks):
-                _raise_nan(loss, step, last_good, state_path)
+                raise non_finite_error("loss", f"at step {step}", None if last_good is None else state_path,
+                                       what=non_finite_kind(loss), last_good=last_good)
             opt.zero_grad(set_to_none=True)
             if fabric is not None:
                 fabric.backward(loss)  # DDP: the gradients are averaged over the ranks
@@ -537,10 +514,11 @@ def _train(parts: _Parts, *, dataset, li, ly, ui, start, steps, batch_size, mu, 
                 append_jsonl(metrics_path, {"step": done, "eval": True, "accuracy": res["accuracy"],
                                             "balanced_accuracy": res["balanced_accuracy"]})
             t0 = time.perf_counter()  # the next step's time starts here: checkpoint writes count, evaluations do not
-            stopped = deadline is not None and done < steps and m.ranks.agree(t0 > deadline)  # rank 0 decides
+            stopped = done < steps and past_deadline(deadline, t0, fabric)  # rank 0 decides
             if done % ckpt_every == 0 or done == steps or stopped:
                 if not _all_finite(net):
-                    _raise_nan(torch.tensor(float("nan")), step, last_good, state_path)
+                    raise non_finite_error("loss", f"at step {step}", None if last_good is None else state_path,
+                                           what="NaN", last_good=last_good)
                 line = {"step": done, **_logged(loss, logs, m.ranks), "lr": opt.param_groups[0]["lr"],
                         "steps_per_s": round(n_busy / busy, 4)}
                 busy, n_busy = 0.0, 0
@@ -553,17 +531,18 @@ def _train(parts: _Parts, *, dataset, li, ly, ui, start, steps, batch_size, mu, 
             bar.update(task, completed=done, description=f"semi {method} loss {float(loss.detach()):.3f}")
             if projection is not None:
                 projection.step(done)
-            if fault_at and done == fault_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+            fault_after_steps(done)  # the run's step count: a resumed fine-tune is not killed again by the same k
             if stopped:  # checkpointed above: a rerun goes on from here, bit-identical to an unstopped run
                 break
     return done, stopped
 
 
 def _finish(parts: _Parts, *, dataset, method, steps, done, stopped, minutes, li, ui, backbone, teacher, record,
-            out_dir, rank, world) -> dict | None:
+            out_dir, fabric, rank, world) -> dict | None:
     """The result on rank 0 (teacher's test accuracy, result.json unless stopped early); None on other ranks."""
-    in_sync = _ranks_in_sync(parts.m.ranks, parts.net, parts.ema.model, parts.m) if world > 1 else None
+    # under DDP: student (weights and BN buffers), teacher and method state (SimMatch's bank, DASO's queues, ...)
+    in_sync = (ranks_in_sync(fabric, parts.net, dict(parts.net.named_buffers()), parts.ema.model.state_dict(),
+                             parts.m.state_dict()) if world > 1 else None)
     if rank != 0:
         return None
     counts = {"n_labeled": int(len(li)), "n_unlabeled": int(len(ui)) if parts.m.uses_unlabeled else 0}
@@ -645,15 +624,8 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
         # ---- finish: rank 0 evaluates the teacher and writes result.json
         return _finish(parts, dataset=dataset, method=method, steps=steps, done=done, stopped=stopped,
                        minutes=minutes, li=li, ui=ui, backbone=parts.backbone, teacher=teacher, record=record,
-                       out_dir=out_dir, rank=rank, world=world)
+                       out_dir=out_dir, fabric=fabric, rank=rank, world=world)
 
 
 def x_test_u8(dataset) -> torch.Tensor:
     return torch.from_numpy(dataset.x_test).permute(0, 3, 1, 2)
-
-
-def _raise_nan(loss: torch.Tensor, step: int, last_good: int | None, state_path: Path) -> None:
-    what = "NaN" if torch.isnan(loss).any() else "inf"
-    kept = (f"the last good checkpoint (step {last_good}) is kept in {state_path}" if last_good is not None
-            else "no checkpoint was written yet")
-    raise UserError(f"loss became {what} at step {step}; {kept}; lower --lr")
