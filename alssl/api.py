@@ -416,11 +416,11 @@ def semi_finetune(run: RunLike, *, method: str = "fixmatch", steps: int = 1000, 
     (or `from_scratch`, or `init` weights); its test accuracy beside the linear probe's on the same labels. With
     `devices > 1` (DDP, docs/scale.md) the script is re-run for each rank; ranks > 0 return None."""
     from alssl import devices as dev
-    from alssl.semi import METHODS
+    from alssl.config import SemiArgs
     from alssl.semi.trainer import PRECISIONS
 
-    if method not in METHODS:
-        raise unknown("method", method, METHODS)
+    args = SemiArgs(method=method, steps=steps, batch_size=batch_size, mu=mu, tau=tau, lambda_u=lambda_u, lr=lr,
+                    teacher=teacher, seed=seed).as_config()
     setting = dev.parse(accelerator, devices, precision)
     on = dev.using(setting)
     if setting.precision not in PRECISIONS:
@@ -428,12 +428,8 @@ def semi_finetune(run: RunLike, *, method: str = "fixmatch", steps: int = 1000, 
     if batch_size % setting.devices:
         raise UserError(f"--batch-size {batch_size} does not split over {setting.devices} devices (it is the global "
                         f"batch); use a multiple of {setting.devices}")
-    check_seed(seed)
-    check_positive(lr, "--lr")
     if minutes is not None:
         check_positive(minutes, "--minutes", "--minutes 15")
-    if teacher not in ("ema", "eman"):
-        raise unknown("teacher", teacher, ["ema", "eman"])
     if unlabeled_profile not in ("same", "reversed"):
         raise unknown("unlabeled profile", unlabeled_profile, ["same", "reversed"])
     if init is not None and from_scratch:
@@ -445,8 +441,6 @@ def semi_finetune(run: RunLike, *, method: str = "fixmatch", steps: int = 1000, 
     init = _abs_init(init)
     options = {"unlabeled_profile": unlabeled_profile, "unlabeled_imbalance": unlabeled_imbalance, "hflip": hflip,
                **(options or {})}
-    args = dict(method=method, steps=steps, batch_size=batch_size, mu=mu, tau=tau, lambda_u=lambda_u, lr=lr,
-                teacher=teacher, seed=seed)
     with on, opened(run) as (r, dataset):
         return _semi_in_run(r, dataset, setting, args, options, from_scratch=from_scratch, backbone=backbone,
                             init=init, ckpt_every=ckpt_every, compile=compile, minutes=minutes, quiet=quiet)

@@ -191,6 +191,34 @@ class PretrainArgs:
 
 
 @dataclass
+class SemiArgs:
+    """What defines a stage-4 fine-tune (with its labels and options: the digest in RUN/semi/METHOD-Nlab-DIGEST):
+    `alssl semi-finetune`'s options, `alssl.semi_finetune(...)`'s keywords. The same values again resume it."""
+    method: str = "fixmatch"
+    steps: int = 1000
+    batch_size: int = 64
+    mu: int = 7
+    tau: float = 0.95
+    lambda_u: float = 1.0
+    lr: float = 0.03
+    teacher: str = "ema"
+    seed: int = 0
+
+    def __post_init__(self) -> None:  # torch-free checks, before anything is loaded
+        from alssl.errors import check_positive, check_seed, unknown
+
+        if self.method not in names.SEMI_METHODS:
+            raise unknown("method", self.method, names.SEMI_METHODS)
+        check_seed(self.seed)
+        check_positive(self.lr, "--lr")
+        if self.teacher not in ("ema", "eman"):
+            raise unknown("teacher", self.teacher, ["ema", "eman"])
+
+    def as_config(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
 class CurveSection:
     SECTION: ClassVar[str] = "curve"
     strategies: list[str] = _rule(factory=lambda: ["random", "entropy", "kcenter", "typiclust"],

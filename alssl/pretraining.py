@@ -222,8 +222,8 @@ def _setup(fabric, dataset: Dataset, run: Run, *, method: SSLMethod, backbone: s
     """Sizes, student, teacher, criterion, optimizer and views; writes `start.pt` on a fresh run."""
     world, state_path = fabric.world_size, run.checkpoints / STATE_FILE
     n_pool = dataset.n_pool
-    if run.state.get("n_pool", n_pool) != n_pool:
-        raise UserError(f"{run.path} was made from a pool of {run.state['n_pool']} images but this data has {n_pool}; "
+    if run.n_pool != n_pool:
+        raise UserError(f"{run.path} was made from a pool of {run.n_pool} images but this data has {n_pool}; "
                         "resume with the original data (see run.toml) or pick a new --out")
     per_rank = n_pool // world
     bs = min(batch_size, per_rank)
