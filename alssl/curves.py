@@ -309,7 +309,9 @@ def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path
         save_grid(out, grid)
         if from_run is None:
             run = run or Run.create(run_path, n_pool=len(dataset.y_train), config={"data": grid.data, "pretrain": pretrain_args})
-            pretrain(dataset, run, **pretrain_args, quiet=quiet)
+            summary = pretrain(dataset, run, **pretrain_args, quiet=quiet)
+            if summary is not None:  # features at their start and end, for `alssl status OUT/pretrain`
+                run.record_stage("pretrain", summary)
         else:
             run = src  # the reused run: its pretrain settings name the features in the figure's title
         pool_features(run_path, dataset)  # embed once, before any worker forks
