@@ -287,9 +287,9 @@ def probe(run: RunLike, *, probe: str = "linear", kernel: str = "linear", seed: 
     if kernel not in KERNELS:
         raise unknown("kernel", kernel, KERNELS)
     with on, opened(run) as (r, dataset):
+        idx = r.require_labels()  # (checked on every node alike before the nodes embed together)
         if _embed_feature_sets(r, dataset):
             return None
-        idx = r.require_labels()
         choice = choose(r, dataset, test_probe=probe, kernel=kernel, seed=seed)
         train, test = pool_features(r.path, dataset, choice.path)
         y = r.labels[idx]
@@ -570,11 +570,11 @@ def export(run: RunLike, out: str | os.PathLike, *, classifier: str = "auto", fo
     on = _devices(accelerator, devices, precision, num_nodes)
     out = Path(out)
     with on, opened(run) as (r, dataset):
-        if _embed_feature_sets(r, dataset):
-            return None
         r.require_labels("classifier to export")
         check_output(out, names=EXPORT_FILES, is_previous=is_export_dir, inputs=data_inputs(r.data_config),
                      force=force, what="an exported model")
+        if _embed_feature_sets(r, dataset):
+            return None
         check_writable(out)
         card = run_export(r, dataset, out, classifier=classifier)
     keys = ("classifier", "features", "classes", "image_size", "accuracy", "accuracy_on", "probe_accuracy")
@@ -598,11 +598,11 @@ def predict(run: RunLike, *, out: str | os.PathLike, data: Sequence[str | os.Pat
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a CSV file name like {out / 'predictions.csv'}")
     with on, opened(run) as (r, dataset):
-        if _embed_feature_sets(r, dataset):  # the pool's predictions themselves run on node 0 alone
-            return None
         r.require_labels("classifier to predict with")
         check_output(out, names=None, is_previous=is_predictions_csv, inputs=[*data_inputs(r.data_config), *sources],
                      force=force, what="a predictions CSV")
+        if _embed_feature_sets(r, dataset):  # the predictions themselves run on node 0 alone
+            return None
         if pool:
             return predict_pool(r, dataset, out, classifier=classifier, quiet=quiet)
         return predict_files(r, dataset, sources, out, workers=workers, quiet=quiet, classifier=classifier)

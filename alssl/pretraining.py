@@ -417,6 +417,8 @@ def pretrain(
     `init` (a state dict file or "hub") starts the backbone from those weights (`--epochs 0 --init PATH`: the frozen
     pretrained-features baseline). `prefetch` draws the next step's views on a worker thread (alssl/prefetch.py);
     `compile` runs the student's forward and backward through torch.compile (see docs/pretrain.md for when it pays).
+    `num_nodes` > 1: the same call on every node (Fabric's num_nodes; NODE_RANK, MASTER_ADDR, MASTER_PORT set); ranks
+    are global, so N nodes × M devices draw the seeds and shards one node with N·M devices draws (docs/scale.md).
     `minutes`: a wall-clock budget for this call's training steps; when it is spent the loop stops after the step in
     hand, checkpoints (resumable) and writes `backbone.pt` from the weights so far; the summary says `stopped_at`.
     """
