@@ -68,12 +68,34 @@ def opened(run: RunLike, *, quiet: bool = True) -> Iterator[tuple[Any, Any]]:
         yield opened_run, run_dataset(opened_run, quiet=quiet)
 
 
-def _devices(accelerator: str | None, devices: str | int | None, precision: str | None):
+def _devices(accelerator: str | None, devices: str | int | None, precision: str | None,
+             num_nodes: str | int | None = None):
     """The device setting (Fabric's meaning) this call's embedding / prediction runs on (`alssl.devices`), checked
     now: `with` it around the work."""
     from alssl.devices import parse, using
 
-    return using(parse(accelerator, devices, precision))
+    return using(parse(accelerator, devices, precision, num_nodes))
+
+
+def _nodes(num_nodes: str | int | None) -> int:
+    from alssl.devices import parse
+
+    return parse(num_nodes=num_nodes).num_nodes
+
+
+def _embed_feature_sets(run, dataset) -> bool:
+    """Several nodes (docs/scale.md): every node runs the same command, and each starts by embedding the run's
+    missing feature sets together (in the registry's order, each sharded over every rank of every node) — the one
+    step where the other nodes help. Returns True on a node other than node 0: its command stops there (None),
+    node 0 goes on alone (the caches are there now) and writes everything."""
+    from alssl.devices import current, node_rank
+    from alssl.feature_sets import feature_sets, pool_features
+
+    if current().num_nodes == 1:
+        return False
+    for fs in feature_sets(run).values():
+        pool_features(run.path, dataset, fs.path)
+    return node_rank() > 0
 
 
 def spec_path(spec: str) -> str:
@@ -111,12 +133,14 @@ def pretrain(data: str, out: str | os.PathLike, *, test: str | os.PathLike | Non
              backbone: str = "cnn",
              init: str | None = None, epochs: int = 20, batch_size: int = 256, lr: float | None = None,
              eman: bool = False, devices: str | int = "1", accelerator: str = "auto", precision: str = "32-true",
-             strategy: str = "auto", imbalance: float | None = None, ckpt_every_steps: int = 0, momentum: float = 0.99,
+             num_nodes: str | int | None = None, strategy: str = "auto", imbalance: float | None = None, ckpt_every_steps: int = 0, momentum: float = 0.99,
              momentum_schedule: str | None = None, queue_size: int | None = None, temperature: float = 0.2,
              knn_every: int = 1, hflip: bool | None = None, compile: bool = False, minutes: float | None = None,
              seed: int = 0, quiet: bool = True) -> dict | None:
     """Stage 1: create the run dir `out` (or resume it: the same arguments again) and pretrain; returns the stage's
-    summary (features' score at the start and at the end, steps, seconds), None on a non-zero rank."""
+    summary (features' score at the start and at the end, steps, seconds), None on a non-zero rank. `num_nodes` > 1
+    (default $ALSSL_NUM_NODES or 1): the same call on every node (docs/scale.md); node 0 creates `out`, the others
+    wait for it."""
     from alssl.config import PretrainArgs
     from alssl.data import is_pool_spec, load_dataset, run_dataset
     from alssl.runs import Run, check_writable, run_lock
@@ -139,12 +163,17 @@ def pretrain(data: str, out: str | os.PathLike, *, test: str | os.PathLike | Non
                                                                     classes=names, image_size=image_size,
                                                                     jpeg_draft=jpeg_draft, pool_format=fmt)
     from alssl.backbones import check_backbone_name
+    from alssl.devices import node_rank, parse
     from alssl.pretraining import check_args, pretrain as run_pretrain
 
     check_backbone_name(backbone)
     dev: int | str = int(devices) if str(devices).isdigit() else devices
+    nodes = parse(num_nodes=num_nodes).num_nodes
     check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
-               accelerator=accelerator, devices=dev, strategy=strategy, precision=precision, seed=seed)
+               accelerator=accelerator, devices=dev, num_nodes=nodes, strategy=strategy, precision=precision,
+               seed=seed)
+    if nodes > 1 and node_rank() > 0:
+        _wait_for_run(out)
     given = {"test": None if test is None else str(Path(test).expanduser().resolve()), "classes": names,
              "image_size": image_size, "strict": strict or None, "jpeg_draft": None if jpeg_draft else False,
              "pool_format": fmt}
@@ -159,10 +188,11 @@ def pretrain(data: str, out: str | os.PathLike, *, test: str | os.PathLike | Non
             else:
                 run, dataset = _create_run(out, data, preloaded, args, imbalance=imbalance, seed=seed, workers=workers,
                                            quiet=quiet, given=given)
-            summary = run_pretrain(dataset, run, **args.as_config(), devices=dev, accelerator=accelerator,
-                                   precision=precision, strategy=strategy, ckpt_every_steps=ckpt_every_steps,
-                                   knn_every=knn_every, compile=compile, minutes=minutes, quiet=quiet)
-            if summary is None or int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            summary = run_pretrain(dataset, run, **args.as_config(), devices=dev, num_nodes=nodes,
+                                   accelerator=accelerator, precision=precision, strategy=strategy,
+                                   ckpt_every_steps=ckpt_every_steps, knn_every=knn_every, compile=compile,
+                                   minutes=minutes, quiet=quiet)
+            if summary is None:  # a rank other than global rank 0
                 return None
             return {"run": str(out), **run.record_stage("pretrain", summary)}
     except BaseException:
@@ -170,6 +200,25 @@ def pretrain(data: str, out: str | os.PathLike, *, test: str | os.PathLike | Non
             with contextlib.suppress(OSError):
                 out.rmdir()
         raise
+
+
+def _wait_for_run(out: Path) -> None:
+    """A node other than node 0 (several nodes): wait until node 0 has created the run dir `out` (it decodes an
+    image folder first), up to $ALSSL_NODE_WAIT seconds (default 3600)."""
+    import sys
+    import time
+
+    from alssl.runs import Run
+
+    limit = float(os.environ.get("ALSSL_NODE_WAIT", "3600"))
+    deadline = time.monotonic() + limit
+    if not Run.exists(out):
+        print(f"# waiting for node 0 to create {out}", file=sys.stderr, flush=True)
+    while not Run.exists(out):
+        if time.monotonic() > deadline:
+            raise UserError(f"node 0 did not create {out} within {limit:g} s (ALSSL_NODE_WAIT); start node 0 with the "
+                            f"same command, and put --out on a filesystem every node shares")
+        time.sleep(1.0)
 
 
 def _create_run(out: Path, data: str, preloaded, args, *, imbalance, seed: int, workers, quiet: bool, given: dict):
@@ -223,20 +272,24 @@ def _skipped_csv(skipped: list) -> str:
 
 # ---------------------------------------------------------------- stage 2 and the feature sets
 def probe(run: RunLike, *, probe: str = "linear", kernel: str = "linear", seed: int = 0,
-          accelerator: str | None = None, devices: str | int | None = None, precision: str | None = None) -> dict:
+          accelerator: str | None = None, devices: str | int | None = None, precision: str | None = None,
+          num_nodes: str | int | None = None) -> dict | None:
     """Stage 2: a probe on the frozen features of the labeled set (the feature set measured strongest on the labels);
-    its test accuracy, or cross-validated accuracy for a pool without a labeled test set."""
+    its test accuracy, or cross-validated accuracy for a pool without a labeled test set (None on a node other than
+    node 0, which only helps embedding: docs/scale.md)."""
     from alssl.feature_sets import choose, pool_features
     from alssl.probes import KERNELS, PROBES, cross_val_accuracy, fit_probe
 
-    on = _devices(accelerator, devices, precision)
+    on = _devices(accelerator, devices, precision, num_nodes)
     check_seed(seed)
     if probe not in PROBES:
         raise unknown("probe", probe, PROBES)
     if kernel not in KERNELS:
         raise unknown("kernel", kernel, KERNELS)
     with on, opened(run) as (r, dataset):
-        idx = r.require_labels()
+        idx = r.require_labels()  # (checked on every node alike before the nodes embed together)
+        if _embed_feature_sets(r, dataset):
+            return None
         choice = choose(r, dataset, test_probe=probe, kernel=kernel, seed=seed)
         train, test = pool_features(r.path, dataset, choice.path)
         y = r.labels[idx]
@@ -270,16 +323,19 @@ def _remember_choice(run, choice) -> None:
 
 def features(run: RunLike, *, add: str | None = None, init: str | None = None, name: str | None = None,
              use: str | None = None, accelerator: str | None = None, devices: str | int | None = None,
-             precision: str | None = None) -> dict:
+             precision: str | None = None, num_nodes: str | int | None = None) -> dict | None:
     """The run's feature sets, each scored on the labels, and which is in use; `add` a backbone (with `init`
     weights, a path or "hub") as a new set, or `use` NAME to pin one (auto: choose by measurement)."""
     from alssl.feature_sets import add_feature_set, check_name, choose, default_name, pin
 
-    on = _devices(accelerator, devices, precision)
+    on = _devices(accelerator, devices, precision, num_nodes)
     if add is None and (init is not None or name is not None):
         raise UserError("--init and --name go with --add BACKBONE; e.g. alssl features RUN --add timm:resnet50 --init hub")
     if add is not None and use is not None:
         raise UserError("give --add or --use, not both (add first, then pin it with --use NAME)")
+    if add is not None and _nodes(num_nodes) > 1:
+        raise UserError("add a feature set on one machine (without --num-nodes), then embed it on every node with "
+                        "`alssl features RUN --num-nodes N`")
     if add is not None:
         from alssl.backbones import check_backbone_name
 
@@ -287,6 +343,8 @@ def features(run: RunLike, *, add: str | None = None, init: str | None = None, n
         init = _abs_init(init)
         name = check_name(name if name is not None else default_name(add, init))
     with on, opened(run) as (r, dataset):
+        if _embed_feature_sets(r, dataset):
+            return None
         added = add_feature_set(r, dataset, backbone=add, init=init, name=name).name if add is not None else None
         if use is not None:
             pin(r, use)
@@ -301,14 +359,15 @@ def features(run: RunLike, *, add: str | None = None, init: str | None = None, n
 def query(run: RunLike, budget: str | int, *, strategy: str = "random", seed: int = 0, probe: str = "linear",
           delta: float | None = None, kernel: str | None = None, thumbnails: bool = False,
           skip_duplicates: bool | None = None, balance: bool = False, accelerator: str | None = None,
-          devices: str | int | None = None, precision: str | None = None) -> dict:
+          devices: str | int | None = None, precision: str | None = None,
+          num_nodes: str | int | None = None) -> dict | None:
     """Stage 3: pick `budget` new samples (a count, or "2%" of the pool); writes RUN/queries/round-K.csv and returns
     {file, round, indices, ids, reshown} (reshown: the round was still open, nothing new was picked)."""
     from alssl.budget import budget_count
     from alssl.probes import KERNELS, PROBES
     from alssl.rounds import query as run_query
 
-    on = _devices(accelerator, devices, precision)
+    on = _devices(accelerator, devices, precision, num_nodes)
     budget = str(budget)
     check_seed(seed)
     budget_count(budget, n_pool=max(1, open_run(run).n_pool))  # a bad budget answers before any loading
@@ -319,6 +378,8 @@ def query(run: RunLike, budget: str | int, *, strategy: str = "random", seed: in
     options = {k: v for k, v in {"delta": delta, "kernel": kernel, "skip_duplicates": skip_duplicates,
                                  "balance": balance or None}.items() if v is not None}
     with on, opened(run) as (r, dataset):
+        if _embed_feature_sets(r, dataset):
+            return None
         path, reshown = run_query(r, dataset, budget=budget, strategy=strategy, seed=seed, probe=probe,
                                   thumbnails=thumbnails, options=options)
         q = r.open_query
@@ -411,23 +472,25 @@ def semi_finetune(run: RunLike, *, method: str = "fixmatch", steps: int = 1000, 
                   unlabeled_profile: str = "same", unlabeled_imbalance: float | None = None, ckpt_every: int = 100,
                   hflip: bool | None = None, options: Mapping[str, Any] | None = None, compile: bool = False,
                   minutes: float | None = None, accelerator: str | None = None, devices: str | int | None = None,
-                  precision: str | None = None, seed: int = 0, quiet: bool = True) -> dict | None:
+                  precision: str | None = None, num_nodes: str | int | None = None, seed: int = 0,
+                  quiet: bool = True) -> dict | None:
     """Stage 4: semi-supervised fine-tune on the labels bought, from the feature set measured strongest on them
     (or `from_scratch`, or `init` weights); its test accuracy beside the linear probe's on the same labels. With
-    `devices > 1` (DDP, docs/scale.md) the script is re-run for each rank; ranks > 0 return None."""
+    `devices > 1` (DDP, docs/scale.md) the script is re-run for each rank; with `num_nodes > 1` the same call runs on
+    every node; ranks other than global rank 0 return None."""
     from alssl import devices as dev
     from alssl.config import SemiArgs
     from alssl.semi.trainer import PRECISIONS
 
     args = SemiArgs(method=method, steps=steps, batch_size=batch_size, mu=mu, tau=tau, lambda_u=lambda_u, lr=lr,
                     teacher=teacher, seed=seed).as_config()
-    setting = dev.parse(accelerator, devices, precision)
+    setting = dev.parse(accelerator, devices, precision, num_nodes)
     on = dev.using(setting)
     if setting.precision not in PRECISIONS:
         raise UserError(f"--precision {setting.precision} is not offered by semi-finetune; use {' or '.join(PRECISIONS)}")
-    if batch_size % setting.devices:
-        raise UserError(f"--batch-size {batch_size} does not split over {setting.devices} devices (it is the global "
-                        f"batch); use a multiple of {setting.devices}")
+    if batch_size % setting.world:
+        raise UserError(f"--batch-size {batch_size} does not split over {setting.world} devices (it is the global "
+                        f"batch over every node); use a multiple of {setting.world}")
     if minutes is not None:
         check_positive(minutes, "--minutes", "--minutes 15")
     if unlabeled_profile not in ("same", "reversed"):
@@ -472,7 +535,7 @@ def _semi_in_run(run, dataset, setting, args: dict, options: dict, *, from_scrat
                    backbone=backbone or run.config["pretrain"]["backbone"], init_weights=init,
                    init_checkpoint=None if fresh else ckpt, ckpt_every=ckpt_every, compile=compile,
                    device={"gpu": "cuda"}.get(setting.accelerator, setting.accelerator), precision=setting.precision,
-                   devices=setting.devices, quiet=quiet, options=options, record=record, minutes=minutes, **args)
+                   devices=setting.devices, num_nodes=setting.num_nodes, quiet=quiet, options=options, record=record, minutes=minutes, **args)
     if res is None:  # a DDP rank > 0: rank 0 reports and logs
         return None
     res = {**res, **record}
@@ -491,18 +554,21 @@ def _semi_in_run(run, dataset, setting, args: dict, options: dict, *, from_scrat
 
 # ---------------------------------------------------------------- models out
 def export(run: RunLike, out: str | os.PathLike, *, classifier: str = "auto", force: bool = False,
-           accelerator: str | None = None, devices: str | int | None = None, precision: str | None = None) -> dict:
+           accelerator: str | None = None, devices: str | int | None = None, precision: str | None = None,
+           num_nodes: str | int | None = None) -> dict | None:
     """The best model the run has (the fine-tune on the current labels, else backbone + linear probe; `classifier`
     auto | semi | probe) -> OUT/model.pt, model.ts (TorchScript) and model.json; returns model.json's summary."""
     from alssl.models import EXPORT_FILES, export as run_export, is_export_dir
     from alssl.runs import check_output, check_writable, data_inputs
 
-    on = _devices(accelerator, devices, precision)
+    on = _devices(accelerator, devices, precision, num_nodes)
     out = Path(out)
     with on, opened(run) as (r, dataset):
         r.require_labels("classifier to export")
         check_output(out, names=EXPORT_FILES, is_previous=is_export_dir, inputs=data_inputs(r.data_config),
                      force=force, what="an exported model")
+        if _embed_feature_sets(r, dataset):
+            return None
         check_writable(out)
         card = run_export(r, dataset, out, classifier=classifier)
     keys = ("classifier", "features", "classes", "image_size", "accuracy", "accuracy_on", "probe_accuracy")
@@ -512,13 +578,13 @@ def export(run: RunLike, out: str | os.PathLike, *, classifier: str = "auto", fo
 def predict(run: RunLike, *, out: str | os.PathLike, data: Sequence[str | os.PathLike] = (), pool: bool = False,
             classifier: str = "auto", workers: int | None = None, force: bool = False,
             accelerator: str | None = None, devices: str | int | None = None, precision: str | None = None,
-            quiet: bool = True) -> dict:
+            num_nodes: str | int | None = None, quiet: bool = True) -> dict | None:
     """Classes for image files / folders (`data`) or every unlabeled pool image (`pool=True`) with the run's best
     model, as `export` picks it -> the CSV `out` (path,label,confidence)."""
     from alssl.models import is_predictions_csv, predict_files, predict_pool
     from alssl.runs import check_output, data_inputs
 
-    on = _devices(accelerator, devices, precision)
+    on = _devices(accelerator, devices, precision, num_nodes)
     out = Path(out)
     sources = [Path(p).expanduser() for p in data]
     if pool == bool(sources):
@@ -529,6 +595,8 @@ def predict(run: RunLike, *, out: str | os.PathLike, data: Sequence[str | os.Pat
         r.require_labels("classifier to predict with")
         check_output(out, names=None, is_previous=is_predictions_csv, inputs=[*data_inputs(r.data_config), *sources],
                      force=force, what="a predictions CSV")
+        if _embed_feature_sets(r, dataset):  # the predictions themselves run on node 0 alone
+            return None
         if pool:
             return predict_pool(r, dataset, out, classifier=classifier, quiet=quiet)
         return predict_files(r, dataset, sources, out, workers=workers, quiet=quiet, classifier=classifier)
@@ -583,8 +651,9 @@ def curve(out: str | os.PathLike, *, data: str = "digits", strategies: Sequence[
           force: bool = False, title: str | None = None, accelerator: str | None = None,
           devices: str | int | None = None, precision: str | None = None, quiet: bool = True) -> dict:
     """Budget curve: strategies × cumulative budgets × seeds (and probes) -> OUT/curve.csv, curve.png, curve.svg.
-    Rerun to resume. Stage 1 is pretrained once in OUT/pretrain, or reused from `from_run`."""
-    on = _devices(accelerator, devices, precision)
+    Rerun to resume. Stage 1 is pretrained once in OUT/pretrain, or reused from `from_run`. One machine
+    ($ALSSL_NUM_NODES is not read)."""
+    on = _devices(accelerator, devices, precision, num_nodes=1)
     options = ({"balance": True} if balance else {}) | ({} if delta is None else {"delta": delta})
     pargs = {"method": method, "backbone": backbone, "epochs": epochs, "batch_size": batch_size, "lr": None,
              "eman": False, "seed": 0}
@@ -615,14 +684,18 @@ def run_pipeline(config: str | os.PathLike, *, out: str | os.PathLike | None = N
 def _curve(out: Path, data_cfg: dict, pargs: dict, *, strategies, budgets, seeds: int, probes, semi, semi_steps: int,
            semi_batch_size: int, semi_mu: int, options: dict, from_run, jobs: int, force: bool, title: str | None,
            quiet: bool) -> dict:
+    from dataclasses import replace
+
     from alssl.curves import Grid, run_experiment
+    from alssl.devices import current, using
 
     _check_curve_out(out, data_cfg, force)
     grid = Grid(data=data_cfg, strategies=_listed(strategies), budgets=[str(b) for b in _listed(budgets)],
                 seeds=seeds, probes=_listed(probes), semi=semi, semi_steps=semi_steps, semi_batch_size=semi_batch_size,
                 semi_mu=semi_mu, options=options)
-    csv_path, png, svg = run_experiment(out, grid, pretrain_args=pargs, jobs=jobs, quiet=quiet, title=title,
-                                        from_run=None if from_run is None else Path(from_run))
+    with using(replace(current(), num_nodes=1)):  # a grid runs on one machine
+        csv_path, png, svg = run_experiment(out, grid, pretrain_args=pargs, jobs=jobs, quiet=quiet, title=title,
+                                            from_run=None if from_run is None else Path(from_run))
     return {"csv": str(csv_path), "png": str(png), "svg": str(svg)}
 
 

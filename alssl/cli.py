@@ -33,13 +33,7 @@ app = typer.Typer(
 ACCELERATOR = typer.Option(None, "--accelerator", help="Where the network runs (Fabric's meaning): auto (the GPU when present) | cpu | cuda | gpu | mps; default $ALSSL_ACCELERATOR or auto")
 DEVICES = typer.Option(None, "--devices", help="Devices to embed/predict on; > 1 shards the pool over that many processes (docs/scale.md); default $ALSSL_DEVICES or 1")
 PRECISION = typer.Option(None, "--precision", help="32-true | bf16-mixed | 16-mixed (autocast); default $ALSSL_PRECISION or 32-true")
-
-
-def _use_devices(accelerator: Optional[str], devices: Optional[str], precision: Optional[str]) -> None:
-    """Validate the device setting (torch-free) and make it the one this command's embedding / prediction reads."""
-    from alssl import devices as dev
-
-    dev.use(dev.parse(accelerator, devices, precision))
+NUM_NODES = typer.Option(None, "--num-nodes", help="Machines (Fabric's num_nodes): run the same command on each with NODE_RANK, MASTER_ADDR, MASTER_PORT set, RUN on a shared filesystem (docs/scale.md); default $ALSSL_NUM_NODES or 1")
 
 
 def _quiet(quiet: bool) -> bool:
@@ -80,6 +74,7 @@ def pretrain(
     devices: str = typer.Option("1", help="Devices for Lightning Fabric (e.g. 1, 2, auto)"),
     accelerator: str = typer.Option("auto", help="cpu | cuda | auto"),
     precision: str = typer.Option("32-true", help="32-true | bf16-mixed | 16-mixed"),
+    num_nodes: Optional[str] = NUM_NODES,
     strategy: str = typer.Option("auto", help="Fabric strategy: auto | ddp"),
     imbalance: Optional[float] = typer.Option(None, help="Long-tailed pool with this imbalance ratio (CIFAR-10-LT style)"),
     ckpt_every_steps: int = typer.Option(0, min=0, help="Also checkpoint every N steps (0 = every epoch only)"),
@@ -115,6 +110,7 @@ def probe(
     accelerator: Optional[str] = ACCELERATOR,
     devices: Optional[str] = DEVICES,
     precision: Optional[str] = PRECISION,
+    num_nodes: Optional[str] = NUM_NODES,
     seed: int = typer.Option(0),
 ) -> None:
     """Stage 2: fit a probe on the frozen features of the labeled set; print its accuracy as JSON.
@@ -129,7 +125,7 @@ def probe(
 
     record = api.probe(run_dir, **_options(options))
     _echo(record)
-    if record.get("predictions_stable"):
+    if record and record.get("predictions_stable"):  # (None: another node, which only helped embedding)
         from alssl.stopping import stable_message
 
         typer.echo(f"# {stable_message(record['kappa'])}", err=True)
@@ -144,6 +140,7 @@ def features(
     accelerator: Optional[str] = ACCELERATOR,
     devices: Optional[str] = DEVICES,
     precision: Optional[str] = PRECISION,
+    num_nodes: Optional[str] = NUM_NODES,
     use: Optional[str] = typer.Option(None, help="Pin the feature set every command uses (a name), or auto: choose by measurement"),
 ) -> None:
     """The run's feature sets (stage 1, its start, any you add), each scored on the labels; the strongest is used.
@@ -158,7 +155,8 @@ def features(
     options = dict(locals())  # the command's options: the api function takes the same names
     from alssl import api
 
-    out = api.features(run_dir, **_options(options))
+    if (out := api.features(run_dir, **_options(options))) is None:  # another node: it only helped embedding
+        return
     line = out.pop("line")
     _echo(out)
     typer.echo(f"# {line}", err=True)
@@ -173,6 +171,7 @@ def query(
     accelerator: Optional[str] = ACCELERATOR,
     devices: Optional[str] = DEVICES,
     precision: Optional[str] = PRECISION,
+    num_nodes: Optional[str] = NUM_NODES,
     seed: int = typer.Option(0),
     probe: str = typer.Option("linear", help="Probe behind the uncertainty strategies"),
     delta: Optional[float] = typer.Option(None, help="ProbCover ball radius (default: purity heuristic)"),
@@ -191,7 +190,8 @@ def query(
     options = dict(locals())  # the command's options: the api function takes the same names
     from alssl import api
 
-    res = api.query(run_dir, **_options(options))
+    if (res := api.query(run_dir, **_options(options))) is None:  # another node: it only helped embedding
+        return
     if res["reshown"]:
         typer.echo(f"# round {res['round']} is still open; label it, then query again", err=True)
     typer.echo(res["file"])
@@ -231,8 +231,7 @@ def status(run_dir: Path = typer.Argument(..., metavar="RUN"), as_json: bool = t
 
     info = api.status(run_dir)
     if as_json:
-        typer.echo(json.dumps(info))
-        return
+        return _echo(info)
     print_status(info)
 
 
@@ -261,6 +260,7 @@ def semi_finetune(
     accelerator: Optional[str] = typer.Option(None, "--accelerator", help="auto (the GPU when present) | cpu | cuda | gpu | mps; default $ALSSL_ACCELERATOR or auto"),
     devices: Optional[str] = typer.Option(None, "--devices", help="Processes (one per device) for DDP through Fabric; --batch-size is the global batch, split over them (docs/scale.md); default $ALSSL_DEVICES or 1"),
     precision: Optional[str] = typer.Option(None, "--precision", help="32-true | bf16-mixed (forward and loss under bf16 autocast); default $ALSSL_PRECISION or 32-true"),
+    num_nodes: Optional[str] = NUM_NODES,
     seed: int = typer.Option(0),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -283,6 +283,7 @@ def export_model(
     accelerator: Optional[str] = ACCELERATOR,
     devices: Optional[str] = DEVICES,
     precision: Optional[str] = PRECISION,
+    num_nodes: Optional[str] = NUM_NODES,
     force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
     classifier: str = typer.Option("auto", help="auto (the fine-tune on the current labels if any, else the linear probe) | semi | probe"),
 ) -> None:
@@ -308,6 +309,7 @@ def predict(
     accelerator: Optional[str] = ACCELERATOR,
     devices: Optional[str] = DEVICES,
     precision: Optional[str] = PRECISION,
+    num_nodes: Optional[str] = NUM_NODES,
     force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
     classifier: str = typer.Option("auto", help="auto (the fine-tune on the current labels if any, else the linear probe) | semi | probe"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -360,8 +362,7 @@ def curve(
     from alssl import api
 
     if plot_only is not None:
-        _echo(api.redraw_curve(plot_only))
-        return
+        return _echo(api.redraw_curve(plot_only))
     if out is None:
         raise UserError("give --out DIR for the curve files (or --plot-only DIR to redraw one)")
     _echo(api.curve(**_options(options, 'plot_only', quiet=_quiet(quiet))))
@@ -402,11 +403,11 @@ def label_ui(
 
     Example: alssl label-ui runs/mine
     """
-    from alssl import api
+    from alssl import api, devices as dev
     from alssl.labeling.server import bind, serve_page
 
     api.class_list(classes)
-    _use_devices(accelerator, devices, precision)  # for the whole session: suggestions embed while it serves
+    dev.use(dev.parse(accelerator, devices, precision, num_nodes=1))  # the whole session (one machine): suggestions embed while it serves
     sock = bind(host, port)  # a taken port answers before anything (torch included) is loaded
     try:
         session = api.label_session(run_dir, classes=classes)

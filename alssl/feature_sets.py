@@ -69,9 +69,12 @@ def embed_to_file(model: nn.Module, x, path: Path, *, mean, std, batch_size: int
     read batch by batch (the next batch by a background thread while this one runs through the model under
     `fabric.autocast()`; on a GPU the batch travels as pinned uint8 and is normalised on the device) and every
     output batch goes to its rows with `os.pwrite` (never mapped, never
-    gathered); then fsync and an atomic rename. `setting` (default `alssl.devices.current()`) with devices > 1
-    shards the rows over that many processes (Fabric DDP, gloo on a CPU): rank r embeds the contiguous rows
-    [r·N/W, (r+1)·N/W) into the same file, so 1 and W processes write the same matrix."""
+    gathered); then fsync and an atomic rename. `setting` (default `alssl.devices.current()`) with devices > 1 or
+    num_nodes > 1 shards the rows over that many processes (Fabric DDP, gloo on a CPU): global rank r of W embeds the
+    contiguous rows [r·N/W, (r+1)·N/W) into the same file, so 1 and W processes write the same matrix. Over several
+    nodes every node runs this call (the same command on each, docs/scale.md) and `path` must be on a filesystem
+    they share: global rank 0 alone creates the temp file and renames it after a barrier (every rank has written);
+    the other nodes never create, rename or delete anything."""
     from alssl import devices as dev
 
     setting = setting or dev.current()
@@ -81,34 +84,42 @@ def embed_to_file(model: nn.Module, x, path: Path, *, mean, std, batch_size: int
     dtype = np.dtype(dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    job = dict(mean=mean, std=std, batch_size=batch_size, dtype=dtype, quiet=quiet, label=label)
+    per_node = setting.devices if setting.num_nodes > 1 else min(setting.devices, n)  # every node launches alike
     try:
-        offset = _new_npy(tmp, (n, d), dtype)
-        world = min(setting.devices, n)
-        job = dict(mean=mean, std=std, batch_size=batch_size, dtype=dtype, quiet=quiet, label=label)
-        if world > 1:
+        offset = _new_npy(tmp, (n, d), dtype) if dev.node_rank() == 0 else None  # only node 0 creates the file
+        if per_node * setting.num_nodes > 1:
             strategy = "ddp_spawn" if setting.accelerator != "cpu" and torch.cuda.is_available() else "ddp_fork"
             env = dict(os.environ)  # the launcher sets MASTER_PORT (and Lightning a few flags) in this process
             try:
-                fabric = dev.fabric(dev.Devices(setting.accelerator, world, setting.precision), strategy=strategy)
-                fabric.launch(_embed_shard, model, x, tmp, offset, n, job)
+                fabric = dev.fabric(dev.Devices(setting.accelerator, per_node, setting.precision, setting.num_nodes),
+                                    strategy=strategy)
+                fabric.launch(_embed_shard, model, x, (tmp, offset), path, n, per_node, job)
             finally:
                 for key in set(os.environ) - set(env):
                     del os.environ[key]
                 os.environ.update(env)
-        elif n:
-            device, autocast = dev.single(setting)
-            _embed_rows(model, x, tmp, offset, 0, n, device=device, autocast=autocast, **job)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        else:
+            if n:
+                device, autocast = dev.single(setting)
+                _embed_rows(model, x, tmp, offset, 0, n, device=device, autocast=autocast, **job)
+            _finalise(tmp, path)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if dev.node_rank() == 0:  # the temp file is node 0's (made above); other nodes leave it alone
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         if (err := disk_error(exc, path)) is not None:
             raise err from None
         raise
-    fsync_dir(path.parent)
     return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _finalise(tmp: Path, path: Path) -> None:
+    """fsync the written temp file, rename it to `path` atomically, fsync the folder."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def _feature_dim(model: nn.Module, x, mean, std) -> int:
@@ -133,14 +144,22 @@ def _new_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> int:
     return offset
 
 
-def _embed_shard(fabric, model: nn.Module, x, path: Path, offset: int, n: int, job: dict) -> None:
-    """One Fabric rank: embed its contiguous share of the rows into the shared file (no collective per batch)."""
+def _embed_shard(fabric, model: nn.Module, x, made: tuple[Path, int | None], path: Path, n: int, per_node: int,
+                 job: dict) -> None:
+    """One Fabric rank: embed its contiguous share of the rows into the shared file (no collective per batch).
+    The temp file is node 0's (its name and row offset travel from global rank 0 to every rank, on every node);
+    after a barrier that every rank reaches once its rows are written, global rank 0 renames it into place, and a
+    last barrier lets every node read it."""
     rank, world = fabric.global_rank, fabric.world_size
-    if fabric.device.type == "cpu":  # W processes on one CPU: split the cores rather than oversubscribe them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if fabric.device.type == "cpu":  # the processes of one CPU split its cores rather than oversubscribe them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
+    tmp, offset = fabric.broadcast(made, src=0)
     start, stop = rank * n // world, (rank + 1) * n // world
     job = {**job, "quiet": job["quiet"] or rank > 0, "label": f"{job['label']} (rank 0 of {world})"}
-    _embed_rows(model, x, path, offset, start, stop, device=fabric.device, autocast=fabric.autocast, **job)
+    _embed_rows(model, x, tmp, offset, start, stop, device=fabric.device, autocast=fabric.autocast, **job)
+    fabric.barrier()
+    if rank == 0:
+        _finalise(tmp, path)
     fabric.barrier()
 
 
@@ -394,7 +413,10 @@ def _measured(cache: Path, key: str, train: np.ndarray, idx: np.ndarray, y: np.n
     got = {"rankme": round(rankme(train), 2), "cv_accuracy": None if cv is None else round(cv, 4)}
     keep = {k: v for k, v in (saved if isinstance(saved, dict) else {}).items()}
     keep = dict(list(keep.items())[-31:])  # the last 32 labeled sets
-    atomic_write_text(cache, json.dumps({**keep, key: got}))
+    from alssl.devices import global_zero
+
+    if global_zero():  # DDP ranks > 0 and other nodes compute the same and write nothing
+        atomic_write_text(cache, json.dumps({**keep, key: got}))
     return got
 
 

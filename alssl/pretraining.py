@@ -134,21 +134,22 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return zlib.crc32(f"{seed}/{step}/{rank}".encode())
 
 
-def _fabric(accelerator: str, devices, strategy: str, precision: str):
+def _fabric(accelerator: str, devices, strategy: str, precision: str, num_nodes: int = 1):
     from lightning_fabric import Fabric
 
     try:
-        fabric = Fabric(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision)
+        fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                        precision=precision)
     except Exception as exc:  # Fabric reports bad device/precision combinations as ValueError / RuntimeError
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot set up --accelerator {accelerator} --devices {devices} --precision {precision} "
-                        f"--strategy {strategy}: {msg}") from None
+        raise UserError(f"cannot set up --accelerator {accelerator} --devices {devices} --num-nodes {num_nodes} "
+                        f"--precision {precision} --strategy {strategy}: {msg}") from None
     return fabric
 
 
 def check_args(*, method: str, eman: bool, momentum: float, momentum_schedule: str | None, accelerator: str,
                devices, strategy: str, precision: str, seed: int = 0, lr: float | None = None,
-               temperature: float = 0.2):
+               temperature: float = 0.2, num_nodes: int = 1):
     """Validate the stage-1 arguments (before anything is written); returns the configured (unlaunched) Fabric."""
     check_seed(seed)
     if lr is not None:
@@ -163,7 +164,7 @@ def check_args(*, method: str, eman: bool, momentum: float, momentum_schedule: s
         raise UserError(f"unknown momentum schedule {momentum_schedule!r}; use cosine or leave it out")
     if not 0.0 <= momentum < 1.0:
         raise UserError(f"--momentum must be in [0, 1), got {momentum}")
-    return _fabric(accelerator, devices, strategy, precision)
+    return _fabric(accelerator, devices, strategy, precision, num_nodes)
 
 
 
@@ -393,6 +394,7 @@ def pretrain(
     queue_size: int | None = None,
     temperature: float = 0.2,
     devices: int | str = 1,
+    num_nodes: int = 1,
     accelerator: str = "auto",
     precision: str = "32-true",
     strategy: str = "auto",
@@ -415,12 +417,14 @@ def pretrain(
     `init` (a state dict file or "hub") starts the backbone from those weights (`--epochs 0 --init PATH`: the frozen
     pretrained-features baseline). `prefetch` draws the next step's views on a worker thread (alssl/prefetch.py);
     `compile` runs the student's forward and backward through torch.compile (see docs/pretrain.md for when it pays).
+    `num_nodes` > 1: the same call on every node (Fabric's num_nodes; NODE_RANK, MASTER_ADDR, MASTER_PORT set); ranks
+    are global, so N nodes × M devices draw the seeds and shards one node with N·M devices draws (docs/scale.md).
     `minutes`: a wall-clock budget for this call's training steps; when it is spent the loop stops after the step in
     hand, checkpoints (resumable) and writes `backbone.pt` from the weights so far; the summary says `stopped_at`.
     """
     fabric = check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
                         accelerator=accelerator, devices=devices, strategy=strategy, precision=precision, seed=seed,
-                        lr=lr, temperature=temperature)
+                        lr=lr, temperature=temperature, num_nodes=num_nodes)
     fabric.launch()
     ssl = METHODS[method](eman=eman, momentum=momentum, momentum_schedule=momentum_schedule, temperature=temperature,
                           queue_size=queue_size)

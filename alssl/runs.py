@@ -561,7 +561,9 @@ def run_lock(path: str | os.PathLike, *, wait: float | None = None) -> Iterator[
     so two processes can never both believe they hold the lock.
     """
     path = Path(path)
-    if not path.exists() or int(os.environ.get("LOCAL_RANK", "0")) > 0:  # DDP ranks > 0 run under rank 0's lock
+    from alssl.devices import global_zero
+
+    if not path.exists() or not global_zero():  # DDP ranks > 0 (other nodes too) run under global rank 0's lock
         yield
         return
     lock = path / ".lock"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -184,3 +185,58 @@ def test_the_cli_embeds_on_two_processes(tmp_path):
     assert "MEMBER: 2/2" in r.stderr  # Fabric's line: the second rank joined
     two = np.load(feature_paths(run.path, run.checkpoints / "backbone.pt")[0], mmap_mode="r")
     assert float(np.abs(np.asarray(two) - np.asarray(one)).max()) <= 1e-5
+
+
+def test_num_nodes_is_checked_before_anything_runs(tmp_path, monkeypatch):
+    """`--num-nodes`: a bad count, or several nodes without the environment Fabric's launch needs on every node
+    (NODE_RANK, MASTER_ADDR, MASTER_PORT), is one `error:` line (exit 2)."""
+    for key in ("NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "ALSSL_NUM_NODES"):
+        monkeypatch.delenv(key, raising=False)
+    for args, env, words in ((["--num-nodes", "0"], {}, "--num-nodes must be"),
+                             (["--num-nodes", "2"], {}, "NODE_RANK, MASTER_ADDR, MASTER_PORT"),
+                             ([], {"ALSSL_NUM_NODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": "29500"}, "NODE_RANK=2 is not below --num-nodes 2")):
+        for command in (["probe"], ["semi-finetune"], ["pretrain", "--out"]):
+            r = run_main(*command, str(tmp_path / "no-run"), *args, env=env)
+            assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "no-run").exists()
+
+
+def test_two_nodes_embed_the_cache_one_process_writes(tmp_path):
+    """Two nodes simulated on this machine: `alssl probe RUN --num-nodes 2 --devices 1` started twice, NODE_RANK 0
+    and 1 with one MASTER_ADDR / MASTER_PORT (as on two machines sharing RUN). Both ranks embed their shard into one
+    file that node 0 creates and renames; the cache equals a one-process embedding; node 1 prints and logs nothing."""
+    import socket
+
+    import alssl
+
+    ds = load_dataset("digits", seed=0)
+    run = Run.create(tmp_path / "run", n_pool=ds.n_pool, config={"data": {"spec": "digits", "seed": 0},
+                                                                   "pretrain": {"backbone": "cnn"}})
+    pretrain(ds, run, epochs=0, batch_size=128, quiet=True, knn_every=0)
+    alssl.query(run.path, budget=30, accelerator="cpu")  # embeds on one process: the reference
+    alssl.label(run.path, "oracle")
+    paths = feature_paths(run.path, run.checkpoints / "backbone.pt")
+    one = [np.load(p) for p in paths]
+    for p in paths:
+        p.unlink()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    base = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK")}
+    nodes = [subprocess.Popen([sys.executable, "-m", "alssl", "probe", str(run.path), "--accelerator", "cpu",
+                               "--devices", "1", "--num-nodes", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**base, "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                                              "MASTER_PORT": port, "OMP_NUM_THREADS": "1"})
+             for rank in (1, 0)]
+    (out1, err1), (out0, err0) = (p.communicate(timeout=300) for p in nodes)
+    assert [p.returncode for p in nodes] == [0, 0], (err0, err1)
+    assert "MEMBER: 2/2" in err1 and out1 == ""  # node 1 took part as global rank 1 and reported nothing
+    assert json.loads(out0)["n_labeled"] == 30
+    for p, ref in zip(paths, one):
+        two = np.load(p, mmap_mode="r")
+        assert two.shape == ref.shape and float(np.abs(np.asarray(two) - ref).max()) <= 1e-5
+    assert not [f for f in paths[0].parent.iterdir() if f.name.endswith(".tmp")]
+    probes = [m for m in map(json.loads, (run.path / "metrics.jsonl").read_text().splitlines())
+              if m.get("stage") == "probe"]
+    assert len(probes) == 1  # one writer: global rank 0

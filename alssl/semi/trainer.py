@@ -267,23 +267,27 @@ class FabricRanks(Ranks):
         return self.fabric.all_reduce(t.clone(), reduce_op="mean")
 
 
-def _launch(device: str, devices: int, precision: str, batch_size: int):
+def _launch(device: str, devices: int, precision: str, batch_size: int, num_nodes: int = 1):
     """(fabric or None, torch device, rank, world). One device: plain torch on `_device(device)` (Fabric not
     imported; the same code as before DDP existed). devices > 1: Fabric's DDP strategy launches the other ranks by
-    re-running this command line (as stage 1), gloo on a CPU, NCCL on GPUs; `batch_size` is the global batch."""
+    re-running this command line (as stage 1), gloo on a CPU, NCCL on GPUs; `batch_size` is the global batch.
+    num_nodes > 1: the same, on every node (world = devices · num_nodes)."""
     if precision not in PRECISIONS:
         raise unknown("precision", precision, PRECISIONS)
     if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
         raise UserError(f"devices must be an integer >= 1, got {devices!r}; e.g. --devices 1")
-    if devices == 1:
+    if num_nodes < 1:
+        raise UserError(f"num_nodes must be an integer >= 1, got {num_nodes!r}; e.g. --num-nodes 1")
+    world = devices * num_nodes
+    if world == 1:
         return None, _device(device), 0, 1
     accelerator = {"gpu": "cuda"}.get(device, device)
     if accelerator not in ("auto", "cpu", "cuda", "mps"):
         raise UserError(f'--devices {devices} needs --accelerator auto, cpu or cuda (not "{device}"); Fabric picks '
                         "the devices")
-    if batch_size % devices:
-        raise UserError(f"--batch-size {batch_size} does not split over {devices} devices (the batch size is the "
-                        f"global batch); use a multiple of {devices}")
+    if batch_size % world:
+        raise UserError(f"--batch-size {batch_size} does not split over {world} devices (the batch size is the "
+                        f"global batch); use a multiple of {world}")
     import inspect
 
     from lightning_fabric.strategies import DDPStrategy
@@ -295,7 +299,8 @@ def _launch(device: str, devices: int, precision: str, batch_size: int):
     # (torch 2.14 renamed DDP's `broadcast_buffers` to `forward_sync_buffers` and warns about the old name)
     flag = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
             else "broadcast_buffers")
-    fabric = dev.fabric(dev.Devices(accelerator, devices, precision), strategy=DDPStrategy(**{flag: False}))
+    fabric = dev.fabric(dev.Devices(accelerator, devices, precision, num_nodes),
+                        strategy=DDPStrategy(**{flag: False}))
     fabric.launch()
     return fabric, fabric.device, fabric.global_rank, fabric.world_size
 
@@ -572,7 +577,7 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
                   eval_every: int = 0, quiet: bool = False, device: str = "auto", options: dict | None = None,
                   prefetch: bool = True, compile: bool = False, record: dict | None = None,
                   minutes: float | None = None,
-                  precision: str = "32-true", devices: int = 1) -> dict | None:
+                  precision: str = "32-true", devices: int = 1, num_nodes: int = 1) -> dict | None:
     """Semi-supervised fine-tuning of backbone + linear head on the labeled pool indices; see docs/semi.md.
 
     Returns {"method", "steps", "accuracy", "balanced_accuracy", "per_class_recall", "n_labeled", "n_unlabeled"}
@@ -584,6 +589,8 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
     and a rerun goes on from the checkpoint). `devices` > 1: DDP over that many processes launched by Fabric (the
     command line is re-run for ranks 1..N-1, as `pretrain`); `batch_size` is the global batch, each rank draws its
     shard; rank 0 writes every file and returns the result, the other ranks return None (docs/scale.md).
+    `num_nodes` > 1: the same call on every node (NODE_RANK, MASTER_ADDR, MASTER_PORT set), `devices` on each; the
+    ranks and the global batch's shards are global (node-major), global rank 0 writes.
     """
     from alssl.semi import METHODS
 
@@ -597,14 +604,14 @@ def semi_finetune(dataset, *, labeled_idx: np.ndarray, labeled_y: np.ndarray, ou
     cls = METHODS[method]
     opts = _resolve_options(cls, steps, options)
     li, ly, ui = _index_sets(dataset, cls, opts, labeled_idx, labeled_y, unlabeled_idx, seed)
-    if devices == 1:
+    if devices * num_nodes == 1:
         _device(device)  # a bad device name is refused before anything else
     out_dir = Path(out_dir)
     fingerprint = _fingerprint(method=method, backbone=backbone, init_checkpoint=init_checkpoint,
                                init_weights=init_weights, steps=steps, batch_size=batch_size, mu=mu, tau=tau,
                                lambda_u=lambda_u, lr=lr, weight_decay=weight_decay, teacher=teacher,
                                ema_decay=ema_decay, seed=seed, opts=opts, li=li, ly=ly, ui=ui)
-    fabric, dev, rank, world = _launch(device, devices, precision, batch_size)
+    fabric, dev, rank, world = _launch(device, devices, precision, batch_size, num_nodes)
 
     cuda_ids = [torch.cuda.current_device() if dev.index is None else dev.index] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_ids):
