@@ -133,7 +133,8 @@ def pretrain(data: str, out: str | os.PathLike, *, test: str | os.PathLike | Non
              backbone: str = "cnn",
              init: str | None = None, epochs: int = 20, batch_size: int = 256, lr: float | None = None,
              eman: bool = False, devices: str | int = "1", accelerator: str = "auto", precision: str = "32-true",
-             num_nodes: str | int | None = None, strategy: str = "auto", imbalance: float | None = None, ckpt_every_steps: int = 0, momentum: float = 0.99,
+             num_nodes: str | int | None = None, strategy: str = "auto", imbalance: float | None = None,
+             ckpt_every_steps: int = 0, momentum: float = 0.99,
              momentum_schedule: str | None = None, queue_size: int | None = None, temperature: float = 0.2,
              knn_every: int = 1, hflip: bool | None = None, compile: bool = False, minutes: float | None = None,
              seed: int = 0, quiet: bool = True) -> dict | None:
@@ -300,8 +301,9 @@ def probe(run: RunLike, *, probe: str = "linear", kernel: str = "linear", seed: 
         else:
             acc, k = cross_val_accuracy(probe, train[idx], y, num_classes=dataset.num_classes, kernel=kernel, seed=seed)
             record |= {"cv_accuracy": None if acc is None else round(float(acc), 4), "cv_folds": k,
-                       "note": ("no labeled test set: stratified k-fold cross-validation on the labeled set" if acc is not None
-                                else "no labeled test set and a class with a single label: label more to measure accuracy")}
+                       "note": ("no labeled test set: stratified k-fold cross-validation on the labeled set"
+                                if acc is not None else
+                                "no labeled test set and a class with a single label: label more to measure accuracy")}
         record |= {"features_in_use": choice.name, "features_why": choice.why,
                    "features": {n: {k: v for k, v in s.items() if k != "origin"} for n, s in choice.scores.items()}}
         _remember_choice(r, choice)
@@ -330,7 +332,8 @@ def features(run: RunLike, *, add: str | None = None, init: str | None = None, n
 
     on = _devices(accelerator, devices, precision, num_nodes)
     if add is None and (init is not None or name is not None):
-        raise UserError("--init and --name go with --add BACKBONE; e.g. alssl features RUN --add timm:resnet50 --init hub")
+        raise UserError("--init and --name go with --add BACKBONE; e.g. alssl features RUN --add timm:resnet50 "
+                        "--init hub")
     if add is not None and use is not None:
         raise UserError("give --add or --use, not both (add first, then pin it with --use NAME)")
     if add is not None and _nodes(num_nodes) > 1:
@@ -487,7 +490,8 @@ def semi_finetune(run: RunLike, *, method: str = "fixmatch", steps: int = 1000, 
     setting = dev.parse(accelerator, devices, precision, num_nodes)
     on = dev.using(setting)
     if setting.precision not in PRECISIONS:
-        raise UserError(f"--precision {setting.precision} is not offered by semi-finetune; use {' or '.join(PRECISIONS)}")
+        raise UserError(f"--precision {setting.precision} is not offered by semi-finetune; use "
+                        f"{' or '.join(PRECISIONS)}")
     if batch_size % setting.world:
         raise UserError(f"--batch-size {batch_size} does not split over {setting.world} devices (it is the global "
                         f"batch over every node); use a multiple of {setting.world}")
@@ -535,7 +539,8 @@ def _semi_in_run(run, dataset, setting, args: dict, options: dict, *, from_scrat
                    backbone=backbone or run.config["pretrain"]["backbone"], init_weights=init,
                    init_checkpoint=None if fresh else ckpt, ckpt_every=ckpt_every, compile=compile,
                    device={"gpu": "cuda"}.get(setting.accelerator, setting.accelerator), precision=setting.precision,
-                   devices=setting.devices, num_nodes=setting.num_nodes, quiet=quiet, options=options, record=record, minutes=minutes, **args)
+                   devices=setting.devices, num_nodes=setting.num_nodes, quiet=quiet, options=options, record=record,
+                   minutes=minutes, **args)
     if res is None:  # a DDP rank > 0: rank 0 reports and logs
         return None
     res = {**res, **record}
@@ -545,7 +550,8 @@ def _semi_in_run(run, dataset, setting, args: dict, options: dict, *, from_scrat
             warn(f"the fine-tune scores {res['accuracy']:.3f} on the test set, below the linear probe's {baseline:.3f} "
                  f"on the same labels and features: fine-tune longer (--steps), or keep the probe "
                  f"(`alssl export {run.path} --classifier probe`)")
-    rec = {"stage": "semi", "dir": str(out.relative_to(run.path)), **{k: v for k, v in res.items() if k != "per_class_recall"}}
+    rec = {"stage": "semi", "dir": str(out.relative_to(run.path)),
+           **{k: v for k, v in res.items() if k != "per_class_recall"}}
     if "stopped_at" not in res and not any(m.get("stage") == "semi" and m.get("dir") == rec["dir"]
                                            for m in read_jsonl(run.metrics_file)):
         run.log_metrics(rec)  # once per fine-tune: a rerun of a finished one (or after a kill) adds no twin

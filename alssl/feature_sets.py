@@ -476,7 +476,8 @@ def check_name(name: str) -> str:
 
 
 def default_name(backbone: str, init: str | None) -> str:
-    """`timm:resnet50` (random init or hub weights are told apart by the record), or `cnn+stage1_backbone` for a file."""
+    """`timm:resnet50` (random init or hub weights are told apart by the record), or `cnn+stage1_backbone` for a
+    file."""
     if init is None or init == "hub":
         return backbone if init == "hub" else f"{backbone}+random"
     return f"{backbone}+{re.sub(r'[^A-Za-z0-9._-]', '_', Path(init).stem)[:40]}"

@@ -87,7 +87,8 @@ def knn_cv_accuracy(x: np.ndarray, y: np.ndarray, *, num_classes: int, k: int = 
 def _embed(backbone: nn.Module, rows: PoolReader, mean, std, batch_size: int = 1024) -> np.ndarray:
     was_training = backbone.training
     backbone.eval()
-    out = [backbone(normalise(rows(np.arange(i, min(i + batch_size, len(rows)))).float().div_(255), mean, std)).float().cpu()
+    out = [backbone(normalise(rows(np.arange(i, min(i + batch_size, len(rows)))).float().div_(255), mean, std))
+           .float().cpu()
            for i in range(0, len(rows), batch_size)]
     backbone.train(was_training)
     return torch.cat(out).numpy()

@@ -31,7 +31,8 @@ def _probe(run: Run, ds, frac: float, seeds=(0, 1, 2)) -> float:
     accs = []
     for s in seeds:
         idx = np.random.default_rng(s).choice(len(ds.y_train), int(frac * len(ds.y_train)), replace=False)
-        accs.append(fit_probe("linear", train[idx], ds.y_train[idx], num_classes=ds.num_classes).accuracy(test, ds.y_test))
+        probe = fit_probe("linear", train[idx], ds.y_train[idx], num_classes=ds.num_classes)
+        accs.append(probe.accuracy(test, ds.y_test))
     return float(np.mean(accs))
 
 
@@ -97,7 +98,8 @@ def test_eman_teacher_runs_in_eval_mode(tmp_path, digits):
     run = Run.create(tmp_path / "r", n_pool=len(digits.y_train), config={})
     pretrain(digits, run, method="moco", eman=True, epochs=1, batch_size=256, quiet=True)
     st = load_state(run.path)
-    assert st["teacher"]["backbone.features.1.num_batches_tracked"] == st["model"]["encoder.backbone.features.1.num_batches_tracked"]
+    counter = "backbone.features.1.num_batches_tracked"
+    assert st["teacher"][counter] == st["model"][f"encoder.{counter}"]
 
 
 # ---------------------------------------------------------------- quality (Foundation + stage 1 acceptance)

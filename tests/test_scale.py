@@ -77,7 +77,8 @@ def test_the_feature_cache_is_a_memory_mapped_npy_per_split(tmp_path, capsys):
     capsys.readouterr()
     again, _ = pool_features(run.path, ds)
     assert "recomputing" in capsys.readouterr().err
-    assert np.array_equal(np.asarray(again), ref.astype(np.float32)) or float(np.abs(np.asarray(again) - ref).max()) <= 1e-5
+    again = np.asarray(again)
+    assert np.array_equal(again, ref.astype(np.float32)) or float(np.abs(again - ref).max()) <= 1e-5
 
 
 RSS_SCRIPT = textwrap.dedent("""

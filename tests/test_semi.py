@@ -102,7 +102,8 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(digits, tmp_path, mo
         return (loss * float("nan") if step == 6 else loss), logs
 
     monkeypatch.setattr(cls, "loss", poisoned)
-    with pytest.raises(UserError, match=r"loss became NaN at step 6; the last good checkpoint \(step 4\) is kept in .*lower --lr"):
+    with pytest.raises(UserError,
+                       match=r"loss became NaN at step 6; the last good checkpoint \(step 4\) is kept in .*lower --lr"):
         _tiny(digits, tmp_path, "fixmatch")
     st = torch.load(tmp_path / "state.pt", weights_only=True)
     assert st["step"] == 4

@@ -3,9 +3,10 @@
 Per step k (of K): draw the labeled batch (B) and unlabeled batch (μB) — deterministic functions of (seed, k) —
 make the weak / strong views on the device (on a worker thread, one step ahead: alssl/prefetch.py), ask the method
 for its loss, check it is finite, backward, SGD step (nesterov, momentum 0.9, lr·cos(7πk/(16K)) — constant for DASO,
-as its official code — no weight decay on biases and norm parameters, as FixMatch), EMA/EMAN teacher update. Every `ckpt_every` steps `state.pt` (model, teacher, optimizer, method state, step) is written
-atomically; a rerun with the same arguments resumes from it and ends with the same weights as an uninterrupted run,
-because the torch RNG is re-seeded from (seed, k) at the start of every step (no RNG stream to carry across a kill).
+as its official code — no weight decay on biases and norm parameters, as FixMatch), EMA/EMAN teacher update. Every
+`ckpt_every` steps `state.pt` (model, teacher, optimizer, method state, step) is written atomically; a rerun with
+the same arguments resumes from it and ends with the same weights as an uninterrupted run, because the torch RNG
+is re-seeded from (seed, k) at the start of every step (no RNG stream to carry across a kill).
 
 `semi_finetune` reads setup (validate, index sets, fingerprint, launch) → `_build` → `_resume` → `_train` (the loop)
 → `_finish`. With devices > 1 the same loop runs as DDP through Lightning Fabric: rank r of N takes the slice r of
@@ -322,7 +323,8 @@ def _fingerprint(*, method, backbone, init_checkpoint, init_weights, steps, batc
     """What a checkpoint must have been made with to be resumed (devices and precision are not in it)."""
     init_sha = None
     if init_checkpoint is not None:
-        init_sha = hashlib.sha256(Path(init_checkpoint).read_bytes()).hexdigest()[:16] if Path(init_checkpoint).exists() else None
+        init_sha = (hashlib.sha256(Path(init_checkpoint).read_bytes()).hexdigest()[:16]
+                    if Path(init_checkpoint).exists() else None)
     if init_weights is not None and init_weights != "hub":
         p = Path(init_weights).expanduser()
         init_sha = "weights:" + (hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else str(p))
@@ -331,7 +333,8 @@ def _fingerprint(*, method, backbone, init_checkpoint, init_weights, steps, batc
     return {"method": method, "backbone": backbone if init_checkpoint is None else None, "init": init_sha,
             "steps": steps, "batch_size": batch_size, "mu": mu, "tau": tau, "lambda_u": lambda_u, "lr": lr,
             "weight_decay": weight_decay, "teacher": teacher, "ema_decay": ema_decay, "seed": seed,
-            "options": json.dumps(opts, sort_keys=True, default=str), "labeled": array_digest(li, ly), "unlabeled": array_digest(ui)}
+            "options": json.dumps(opts, sort_keys=True, default=str), "labeled": array_digest(li, ly),
+            "unlabeled": array_digest(ui)}
 
 
 def _index_sets(dataset, cls: type[Method], opts: dict, labeled_idx, labeled_y, unlabeled_idx, seed: int):
@@ -345,7 +348,8 @@ def _index_sets(dataset, cls: type[Method], opts: dict, labeled_idx, labeled_y, 
         ui = shape_unlabeled(ui, dataset.y_train[ui], num_classes=K, profile=opts["unlabeled_profile"],
                              gamma=opts["unlabeled_imbalance"], seed=seed)
     if cls.uses_unlabeled and len(ui) == 0:
-        raise UserError(f"method {cls.name} needs unlabeled samples but the pool has none left; use --method supervised")
+        raise UserError(f"method {cls.name} needs unlabeled samples but the pool has none left; use --method "
+                        f"supervised")
     return li, ly, ui
 
 
@@ -450,7 +454,8 @@ def _finite(loss: torch.Tensor, ranks: Ranks) -> bool:
 
 def _logged(loss: torch.Tensor, logs: dict, ranks: Ranks) -> dict:
     """This step's loss and the method's logs for metrics.jsonl: means over ranks under DDP."""
-    vals = ranks.mean(torch.stack([loss.detach().float()] + [torch.as_tensor(v).detach().float() for v in logs.values()]))
+    vals = ranks.mean(torch.stack([loss.detach().float()]
+                                  + [torch.as_tensor(v).detach().float() for v in logs.values()]))
     return {"loss": float(vals[0]), **{k: round(float(v), 6) for k, v in zip(logs, vals[1:])}}
 
 
@@ -482,7 +487,8 @@ def _train(parts: _Parts, *, dataset, li, ly, ui, start, steps, batch_size, mu, 
     # an hour's window for the ETA: rich's default (30 s) never sees two samples of a 26 s CPU step
     bar = Progress(disable=quiet or rank != 0 or not sys.stderr.isatty(), transient=True, speed_estimate_period=3600.0)
     task = bar.add_task(f"semi {method}", total=steps, completed=start)
-    projection = Projection(f"semi-finetune {method}", steps, start, per_step=batch_size * (1 + (mu if m.uses_unlabeled else 0)),
+    per_step = batch_size * (1 + (mu if m.uses_unlabeled else 0))
+    projection = Projection(f"semi-finetune {method}", steps, start, per_step=per_step,
                             hint="; Ctrl-C and rerun the same command to resume") if rank == 0 else None
     net.train()
     ema.train()
@@ -561,7 +567,8 @@ def _finish(parts: _Parts, *, dataset, method, steps, done, stopped, minutes, li
                     std=parts.std, device=parts.dev)
            if dataset.has_test else {"accuracy": None, "balanced_accuracy": None, "per_class_recall": None})
     result = {"method": method, "steps": steps, "accuracy": res["accuracy"],
-              "balanced_accuracy": res["balanced_accuracy"], "per_class_recall": res["per_class_recall"], **counts, **ddp}
+              "balanced_accuracy": res["balanced_accuracy"], "per_class_recall": res["per_class_recall"], **counts,
+              **ddp}
     atomic_write_text(out_dir / "result.json", json.dumps({**(record or {}), **result, "backbone": backbone,
                                                            "teacher": teacher}, indent=1))
     return result
