@@ -6,8 +6,8 @@ The Python API (docs/python.md) is `alssl.api`, re-exported here lazily so that 
 
 __version__ = "0.1.0"
 
-API = ("open_run", "dataset", "pretrain", "probe", "features", "query", "label", "status", "semi_finetune", "export", "predict",
-       "tasks", "label_session", "curve", "redraw_curve", "run_pipeline")
+API = ("open_run", "dataset", "pretrain", "probe", "features", "query", "label", "status", "semi_finetune", "export",
+       "predict", "tasks", "label_session", "curve", "redraw_curve", "run_pipeline")
 __all__ = ["__version__", *API]
 
 

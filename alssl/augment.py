@@ -43,7 +43,8 @@ class SSLView(nn.Module):
         if image_size > 32:
             k = 2 * round(0.05 * image_size) + 1  # ~10 % of the side, odd (SimCLR's kernel)
             ops.append(K.RandomGaussianBlur((k, k), sigma=(0.1, 2.0), p=0.5))
-        ops.append(K.Normalize(mean=torch.tensor(mean, dtype=torch.float32), std=torch.tensor(std, dtype=torch.float32)))
+        ops.append(K.Normalize(mean=torch.tensor(mean, dtype=torch.float32),
+                               std=torch.tensor(std, dtype=torch.float32)))
         self.aug = K.AugmentationSequential(*ops)
 
     @torch.no_grad()

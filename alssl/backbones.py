@@ -101,7 +101,8 @@ class WideResNet(nn.Module):
         for g, stride in enumerate((1, 2, 2)):
             for i in range(n):
                 cin = ch[g] if i == 0 else ch[g + 1]
-                blocks.append(_WideBasic(cin, ch[g + 1], stride if i == 0 else 1, activate_before_residual=(g == 0 and i == 0)))
+                blocks.append(_WideBasic(cin, ch[g + 1], stride if i == 0 else 1,
+                                         activate_before_residual=(g == 0 and i == 0)))
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(ch[3], momentum=0.001)
         self.act = nn.LeakyReLU(0.1, inplace=True)
@@ -149,7 +150,8 @@ class TimmBackbone(nn.Module):
         import timm
 
         try:  # ViTs: any image size (patch-size multiples; e.g. 98/112/224 for ViT-S/14), position embeddings resampled
-            self.net = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_channels, dynamic_img_size=True)
+            self.net = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_channels,
+                                         dynamic_img_size=True)
         except TypeError:  # models without that option take any size anyway (CNNs)
             self.net = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_channels)
         self.arch, self.dim, self.in_channels = arch, int(self.net.num_features), in_channels
@@ -171,7 +173,8 @@ def check_backbone_name(name: str) -> None:
         arch = name[len("timm:"):]
         if not timm.is_model(arch):
             hint = suggest(arch, timm.list_models(f"*{arch[:4]}*") or timm.list_models())
-            raise UserError(f'unknown timm model "{arch}"{hint}; see `python -c "import timm; print(timm.list_models())"`')
+            raise UserError(f'unknown timm model "{arch}"{hint}; '
+                            'see `python -c "import timm; print(timm.list_models())"`')
     elif name not in BACKBONES:
         raise UserError(f'unknown backbone "{name}"{suggest(name, BACKBONES)}; choose one of: {NAMES}')
 
@@ -213,7 +216,8 @@ def _read_state_dict(path: Path) -> dict:
 
             sd = load_file(str(path))
         except Exception as exc:  # noqa: BLE001
-            raise UserError(f"--init {path} is not a readable .safetensors file ({type(exc).__name__}); re-save it") from None
+            raise UserError(f"--init {path} is not a readable .safetensors file ({type(exc).__name__}); "
+                            "re-save it") from None
     else:
         sd = torch_load(path)
     if isinstance(sd, dict) and sd.get("kind") == "alssl-backbone":
@@ -261,7 +265,8 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
 
 def _offline() -> bool:
     """True when the user said there is no network (Hugging Face's own HF_HUB_OFFLINE, or ALSSL_OFFLINE)."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "ALSSL_OFFLINE"))
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "ALSSL_OFFLINE"))
 
 
 def hub_weights_location(name: str) -> tuple[Path | None, str]:
@@ -381,7 +386,8 @@ def load_init_weights(model: nn.Module, name: str, init: str) -> dict:
 def backbone_checkpoint(model: nn.Module, *, name: str, in_channels: int, **meta: object) -> dict:
     """What `checkpoints/backbone.pt` holds: the registry name, input channels, weights and plain metadata."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"kind": "alssl-backbone", "backbone": name, "in_channels": in_channels, "state_dict": state, "meta": dict(meta)}
+    return {"kind": "alssl-backbone", "backbone": name, "in_channels": in_channels, "state_dict": state,
+            "meta": dict(meta)}
 
 
 def _checkpoint_problem(ckpt: dict) -> str | None:
@@ -394,7 +400,8 @@ def _checkpoint_problem(ckpt: dict) -> str | None:
         return f"backbone is {name!r}, not one of {NAMES}"
     if type(ch) is not int or not 1 <= ch <= 64:
         return f"in_channels is {ch!r}, not a channel count"
-    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                     for k, v in sd.items()):
         return "state_dict is not a dict of named tensors"
     if not isinstance(ckpt.get("meta", {}), dict):
         return "meta is not a dict"

@@ -123,7 +123,8 @@ class DataSection:
 class PretrainSection:
     SECTION: ClassVar[str] = "pretrain"
     method: str = _rule("simsiam", choices=("method", names.PRETRAIN_METHODS))
-    backbone: str = _rule("cnn", nonempty=True, kind=f"a backbone name ({' | '.join(names.BACKBONES)} | torchvision:NAME | timm:NAME)")
+    backbone: str = _rule("cnn", nonempty=True,
+                          kind=f"a backbone name ({' | '.join(names.BACKBONES)} | torchvision:NAME | timm:NAME)")
     epochs: int = _rule(20, lo=0, kind="an integer >= 0 (0 = random-init baseline)")
     batch_size: int = _rule(256, lo=2, kind="an integer >= 2")
     lr: float | None = _rule(None, gt=0, kind="a positive number (or leave the key out for the method's recipe)")
@@ -135,7 +136,8 @@ class PretrainSection:
     def __post_init__(self) -> None:
         check_section(self)
         if not self.backbone.startswith(("torchvision:", "timm:")) and self.backbone not in names.BACKBONES:
-            raise UserError(f'pretrain.backbone: unknown backbone "{self.backbone}"{suggest(self.backbone, names.BACKBONES)}; '
+            raise UserError(f'pretrain.backbone: unknown backbone "{self.backbone}"'
+                            f"{suggest(self.backbone, names.BACKBONES)}; "
                             f"choose from {', '.join(names.BACKBONES)}, torchvision:NAME or timm:NAME")
 
 
@@ -180,7 +182,8 @@ class PretrainArgs:
         old_data = run.data_config
         for key in ("spec", "imbalance", "test", "strict", "jpeg_draft"):
             if old_data.get(key) != data_cfg.get(key):
-                diff.append(f"{'--data' if key == 'spec' else '--' + key} {old_data.get(key)} (not {data_cfg.get(key)})")
+                diff.append(f"{'--data' if key == 'spec' else '--' + key} {old_data.get(key)} "
+                            f"(not {data_cfg.get(key)})")
         old_data = old_data | {"pool_format": old_data.get("pool_format", "raw")}  # runs made before: raw rows
         for key in ("classes", "image_size", "pool_format"):  # resolved at creation: compare only when given again
             if data_cfg.get(key) is not None and old_data.get(key) != data_cfg[key]:
@@ -240,7 +243,8 @@ class CurveSection:
         check_section(self)
         for b in self.budgets:
             if isinstance(b, int) and b < 1:
-                raise UserError(f"curve.budgets: {b} is not a budget (a count >= 1 or a percentage like \"2%\"); fix it in the config")
+                raise UserError(f"curve.budgets: {b} is not a budget (a count >= 1 or a percentage like \"2%\"); "
+                                "fix it in the config")
 
 
 @dataclass
@@ -284,7 +288,8 @@ def load_config(path: str | Path) -> PipelineConfig:
     parts = {}
     for name, body in raw.items():
         if name not in sections:
-            raise UserError(f"unknown section [{name}] in {path}{suggest(name, sections)}; valid sections: {', '.join(sections)}")
+            raise UserError(f"unknown section [{name}] in {path}{suggest(name, sections)}; "
+                            f"valid sections: {', '.join(sections)}")
         if not isinstance(body, dict):
             raise UserError(f"{name} must be a [{name}] table in {path}")
         try:

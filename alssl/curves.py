@@ -68,10 +68,12 @@ class Grid:
         if self.seeds < 1:
             raise UserError(f"--seeds must be at least 1 (got {self.seeds})")
         if not self.strategies or not self.budgets:
-            raise UserError("give at least one strategy and one budget, e.g. --strategies random,kcenter --budgets 1%,2%")
+            raise UserError("give at least one strategy and one budget, "
+                            "e.g. --strategies random,kcenter --budgets 1%,2%")
         counts = [budget_count(b, n_pool=n_pool) for b in self.budgets]
         if any(b >= a for a, b in zip(counts[1:], counts)) or counts[-1] > n_pool:
-            raise UserError(f"budgets must grow strictly and stay within the pool of {n_pool} (got {','.join(self.budgets)} = {counts}); e.g. --budgets 1%,2%,5%")
+            raise UserError(f"budgets must grow strictly and stay within the pool of {n_pool} "
+                            f"(got {','.join(self.budgets)} = {counts}); e.g. --budgets 1%,2%,5%")
         return counts
 
     def chains(self) -> list[tuple[str, str, int]]:
@@ -102,7 +104,8 @@ def read_cell(path: Path, *, n_pool: int | None = None, counts: list[int] | None
     Damage is a UserError whose fix is to delete the file: that chain is then recomputed on the next run."""
     fix = "delete it and rerun the same command: that chain is recomputed"
     cell = _load_json(path, fix)
-    if not isinstance(cell, dict) or not isinstance(cell.get("labeled"), list) or not isinstance(cell.get("rows"), list):
+    if not isinstance(cell, dict) or not isinstance(cell.get("labeled"), list) \
+            or not isinstance(cell.get("rows"), list):
         raise _damaged(path, 'not an object with "labeled" and "rows" lists', fix)
     labeled = cell["labeled"]
     if not all(type(i) is int and 0 <= i < (n_pool if n_pool is not None else 2**62) for i in labeled) \
@@ -119,7 +122,8 @@ def read_cell(path: Path, *, n_pool: int | None = None, counts: list[int] | None
     if counts is not None:
         done = {r["round"] for r in cell["rows"]}
         if done and (done != set(range(max(done) + 1)) or len(labeled) != counts[max(done)]):
-            raise _damaged(path, f"its rows (rounds {sorted(done)}) do not match its {len(labeled)} labeled samples", fix)
+            raise _damaged(path, f"its rows (rounds {sorted(done)}) do not match its {len(labeled)} labeled samples",
+                           fix)
     return cell
 
 
@@ -135,7 +139,8 @@ def check_grid_dir(out: Path, grid: Grid, *, n_pool: int, counts: list[int]) -> 
         old = {fd.name: fd.default for fd in fields(Grid) if fd.default is not MISSING} | old  # keys older grids lack
         diff = [k for k in new if old.get(k) != new[k]]
         if diff:
-            raise UserError(f"{out} holds a grid made with other {diff[0]} ({old.get(diff[0])}); rerun with the same arguments to resume, or pick a new --out")
+            raise UserError(f"{out} holds a grid made with other {diff[0]} ({old.get(diff[0])}); "
+                            "rerun with the same arguments to resume, or pick a new --out")
     for c in sorted((out / "cells").glob("*.json")):
         read_cell(c, n_pool=n_pool, counts=counts)
 
@@ -211,7 +216,8 @@ def _semi_cell(out: Path, grid: Grid, dataset: Dataset, idx: np.ndarray, run_pat
                         init_checkpoint=run_path / "checkpoints" / "backbone.pt", steps=grid.semi_steps,
                         batch_size=grid.semi_batch_size, mu=grid.semi_mu,
                         seed=seed, quiet=True)
-    return {"accuracy": round(float(res["accuracy"]), 4), "balanced_accuracy": round(float(res["balanced_accuracy"]), 4),
+    return {"accuracy": round(float(res["accuracy"]), 4),
+            "balanced_accuracy": round(float(res["balanced_accuracy"]), 4),
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -290,7 +296,8 @@ def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path
 
         src = Run.open(from_run)
         if src.n_pool != len(dataset.y_train) or not (Path(from_run) / "checkpoints" / "backbone.pt").exists():
-            raise UserError(f"--from {from_run} was not pretrained on this data (or has no backbone.pt); pretrain it with `alssl pretrain --data ...`")
+            raise UserError(f"--from {from_run} was not pretrained on this data (or has no backbone.pt); "
+                            "pretrain it with `alssl pretrain --data ...`")
         load_backbone_checkpoint(Path(from_run) / "checkpoints" / "backbone.pt", expect_channels=dataset.channels)
         run_path = Path(from_run)
     else:
@@ -308,7 +315,8 @@ def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path
             raise UserError(f"{run_path} was pretrained with other arguments; use the same ones, or a new --out")
         save_grid(out, grid)
         if from_run is None:
-            run = run or Run.create(run_path, n_pool=len(dataset.y_train), config={"data": grid.data, "pretrain": pretrain_args})
+            run = run or Run.create(run_path, n_pool=len(dataset.y_train),
+                                    config={"data": grid.data, "pretrain": pretrain_args})
             summary = pretrain(dataset, run, **pretrain_args, quiet=quiet)
             if summary is not None:  # features at their start and end, for `alssl status OUT/pretrain`
                 run.record_stage("pretrain", summary)
@@ -316,6 +324,7 @@ def run_experiment(out: Path, grid: Grid, *, pretrain_args: dict, from_run: Path
             run = src  # the reused run: its pretrain settings name the features in the figure's title
         pool_features(run_path, dataset)  # embed once, before any worker forks
         csv_path = run_grid(out, grid, counts, run_path=run_path, jobs=jobs, quiet=quiet)
-        png, svg = plot_curve(csv_path, title=title or curve_title(grid.data["spec"], run.config.get("pretrain"), grid.probes))
+        png, svg = plot_curve(csv_path, title=title or curve_title(grid.data["spec"], run.config.get("pretrain"),
+                                                                   grid.probes))
         atomic_write_text(out / "curve.md", curve_table(csv_path))  # the same numbers as a markdown table
     return csv_path, png, svg

@@ -21,7 +21,8 @@ SEED_MAX = 2**32 - 1  # seeds feed numpy / torch generators and crc32 step seeds
 def check_seed(seed, name: str = "--seed") -> None:
     """Refuse a seed that is not an integer in 0..2^32-1 (one message for every stage; no torch import)."""
     if type(seed) is not int or not 0 <= seed <= SEED_MAX:
-        raise UserError(f"{name} must be an integer in 0..{SEED_MAX}, got {seed!r}; pick one in that range, e.g. {name} 0")
+        raise UserError(f"{name} must be an integer in 0..{SEED_MAX}, got {seed!r}; "
+                        f"pick one in that range, e.g. {name} 0")
 
 
 def check_positive(value, name: str, example: str | None = None) -> None:

@@ -74,12 +74,15 @@ def folded_linear_probe(probe, num_classes: int, dim: int) -> nn.Linear:
 
 def _semi_problem(state, result) -> str | None:
     """What is wrong with a finished fine-tune's state.pt / result.json (the parts export reads), or None."""
-    if not isinstance(result, dict) or not isinstance(result.get("backbone"), str) or not isinstance(result.get("method"), str):
+    if not isinstance(result, dict) or not isinstance(result.get("backbone"), str) \
+            or not isinstance(result.get("method"), str):
         return "result.json lacks its backbone or method"
-    if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), dict) or not isinstance(state.get("teacher"), dict):
+    if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), dict) \
+            or not isinstance(state.get("teacher"), dict):
         return "state.pt is not an alssl fine-tune state (fingerprint, teacher)"
     teacher = state["teacher"]
-    if not all(isinstance(v, torch.Tensor) for v in teacher.values()) or not {"head.weight", "head.bias"} <= teacher.keys():
+    if not all(isinstance(v, torch.Tensor) for v in teacher.values()) \
+            or not {"head.weight", "head.bias"} <= teacher.keys():
         return "state.pt's teacher weights are not tensors with a head"
     return None
 
@@ -140,7 +143,8 @@ def best_classifier(run: Run, dataset: Dataset, classifier: str = "auto") -> tup
         return probe_model, record | probe_record
     model, semi_record = _semi_classifier(run, dataset, found)
     acc, base = semi_record["accuracy"], probe_record["accuracy"]
-    if acc is not None and base is not None and acc < base and probe_record["accuracy_on"] == semi_record["accuracy_on"]:
+    if acc is not None and base is not None and acc < base \
+            and probe_record["accuracy_on"] == semi_record["accuracy_on"]:
         warn(f"the fine-tune {semi_record['semi_dir']} scores {acc:.3f} on the test set, below the linear probe's "
              f"{base:.3f} on the same labels; it is used since "
              + ("you asked for it" if classifier == "semi" else "a fine-tune is preferred (--classifier auto)")
@@ -168,7 +172,8 @@ def _semi_classifier(run: Run, dataset: Dataset, found: list[tuple[Path, dict]])
     acc = result.get("accuracy")
     record = {"classifier": f"semi:{result['method']}", "semi_method": result["method"],
               "features": result.get("features"), "features_why": result.get("features_why"),
-              "semi_steps": result.get("steps"), "backbone": result["backbone"], "semi_dir": str(d.relative_to(run.path)),
+              "semi_steps": result.get("steps"), "backbone": result["backbone"],
+              "semi_dir": str(d.relative_to(run.path)),
               "accuracy": acc, "accuracy_on": f"test set ({len(dataset.x_test)} images)" if acc is not None else None}
     return Classifier(backbone, head, dataset.mean, dataset.std).eval(), record
 
@@ -250,7 +255,8 @@ def export(run: Run, dataset: Dataset, out: Path, *, classifier: str = "auto") -
             **record, "data": data_name(run.data_config["spec"]), "alssl_version": __version__}
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch 2.9+ marks TorchScript deprecated; it still runs everywhere
+        # torch 2.9+ marks TorchScript deprecated; it still runs everywhere
+        warnings.simplefilter("ignore", FutureWarning)
         # timm ViTs built with dynamic_img_size branch on the input's size: traced at S×S, the size model.json states
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(model, torch.rand(2, C, S, S), check_trace=True)
@@ -369,7 +375,8 @@ def predict_files(run: Run, dataset: Dataset, sources: list[Path], out: Path, *,
     if not names:
         raise UserError("none of the given images could be read; check the files")
     atomic_write_text(out, predictions_csv(names, labels, conf, dataset.classes))
-    return {"predictions": str(out), "n": len(names), "skipped": len(res["skipped"]), "classifier": record["classifier"]}
+    return {"predictions": str(out), "n": len(names), "skipped": len(res["skipped"]),
+            "classifier": record["classifier"]}
 
 
 def predict_pool(run: Run, dataset: Dataset, out: Path, *, classifier: str = "auto", quiet: bool = True) -> dict:
@@ -389,7 +396,8 @@ def predict_pool(run: Run, dataset: Dataset, out: Path, *, classifier: str = "au
             w = csv.writer(f, lineterminator="\n")
             w.writerow(["path", "label", "confidence", "index"])
             done = 0
-            for labels, conf in predict_batches(model, _Rows(dataset.x_train, idx), quiet=quiet, label="predicting the pool"):
+            for labels, conf in predict_batches(model, _Rows(dataset.x_train, idx), quiet=quiet,
+                                                label="predicting the pool"):
                 rows = idx[done : done + len(labels)]
                 w.writerows([dataset.ids[i], dataset.classes[k], f"{c:.6f}", i]
                             for i, k, c in zip(rows.tolist(), labels.tolist(), conf.tolist()))

@@ -1,7 +1,8 @@
 """Budget-curve figures from a tidy curve.csv: accuracy vs labeled fraction, one panel per arm × probe.
 
 Top row: mean test accuracy per strategy over seeds with a ±1 std band (log x, ticked at the budgets as the user
-typed them; `random` dashed black), a secondary x axis with the label count (and labels per class). Bottom row: the gain over random at each budget (same seeds
+typed them; `random` dashed black), a secondary x axis with the label count (and labels per class).
+Bottom row: the gain over random at each budget (same seeds
 paired), with a zero line. Legend outside the data. PNG and SVG.
 """
 
@@ -45,7 +46,8 @@ def read_curve(path: Path) -> list[dict]:
             if not 0 < r["fraction"] <= 1 or r["accuracy"] > 1 or r["round"] < 0 or not r["arm"] or not r["strategy"]:
                 raise ValueError("range")
         except (TypeError, ValueError):
-            raise UserError(f"{path} is malformed (line {line}: a missing, non-numeric or out-of-range value); {fix}") from None
+            raise UserError(f"{path} is malformed (line {line}: a missing, non-numeric or out-of-range value); "
+                            f"{fix}") from None
         key = (r["arm"], r["probe"], r["strategy"], r["seed"], r["round"])
         if key in seen:
             raise UserError(f"{path} is malformed (line {line} repeats {key}); {fix}")
@@ -95,7 +97,8 @@ def curve_title(spec: str, pretrain: dict | None, probes: list[str]) -> str:
 
     feats = ""
     if pretrain:
-        method = {"simsiam": "SimSiam", "moco": "MoCo v2", "byol": "BYOL"}.get(pretrain.get("method"), pretrain.get("method"))
+        method = {"simsiam": "SimSiam", "moco": "MoCo v2",
+                  "byol": "BYOL"}.get(pretrain.get("method"), pretrain.get("method"))
         feats = (f" random-init ({pretrain.get('backbone')}) features" if pretrain.get("epochs") == 0
                  else f" {method} ({pretrain.get('backbone')}) features")
     return f"{data_name(spec)}:{feats}{',' if feats else ''} {' / '.join(probes)} probe"
@@ -136,9 +139,11 @@ def plot_curve(csv_path: Path, out_stem: Path | None = None, *, title: str | Non
             ax.fill_between(f * 100, (m - sd) * 100, (m + sd) * 100, alpha=0.15, color=style["color"], linewidth=0)
             gain = paired_gain(summary[panel][s], rand) if s != "random" else None
             if gain is not None:
-                gax.errorbar(f * 100, gain.mean(0), yerr=gain.std(0), marker="o", ms=3, capsize=2, color=colors[s], label=s)
+                gax.errorbar(f * 100, gain.mean(0), yerr=gain.std(0), marker="o", ms=3, capsize=2, color=colors[s],
+                             label=s)
         arm, probe = panel
-        ax.set_title(f"{probe} probe" if arm == "probe" else f"{arm.split(':', 1)[1]} fine-tune (labels from {probe} rounds)")
+        ax.set_title(f"{probe} probe" if arm == "probe"
+                     else f"{arm.split(':', 1)[1]} fine-tune (labels from {probe} rounds)")
         ax.set_xscale("log")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, which="both", alpha=0.3)
@@ -146,7 +151,8 @@ def plot_curve(csv_path: Path, out_stem: Path | None = None, *, title: str | Non
         budgets = [f * 100 for f in fracs]
         top = ax.secondary_xaxis("top")
         top.set_xlabel("labeled images (per class)")
-        top.set_xticks(budgets, labels=[f"{count[f]}\n({lpc[f]:.2g})" if count[f] else f"({lpc[f]:.2g})" for f in fracs])
+        top.set_xticks(budgets, labels=[f"{count[f]}\n({lpc[f]:.2g})" if count[f] else f"({lpc[f]:.2g})"
+                                        for f in fracs])
         top.xaxis.set_minor_locator(ticker.NullLocator())
         gax.axhline(0, color="black", linestyle="--", linewidth=1)
         gax.set_xscale("log")
@@ -181,7 +187,8 @@ def curve_table(csv_path: Path) -> str:
     for (arm, probe), by_strategy in sorted(summary.items()):
         rand = by_strategy.get("random")
         fracs = next(iter(by_strategy.values()))[0]
-        out.append(f"**{arm} · {probe} probe** — test accuracy %, mean ± std over seeds (gain over random, paired seeds)\n")
+        out.append(f"**{arm} · {probe} probe** — test accuracy %, mean ± std over seeds "
+                   "(gain over random, paired seeds)\n")
         out.append("| strategy | " + " | ".join(f"{f * 100:.2g} %" for f in fracs) + " |")
         out.append("|---" * (len(fracs) + 1) + "|")
         for s in sorted(by_strategy, key=lambda s: (s != "random", s)):

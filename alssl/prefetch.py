@@ -38,7 +38,8 @@ def ahead(make: Callable[[int], T], steps: Iterable[int], *, enabled: bool = Tru
         for k in steps:
             yield k, make(k)
         return
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alssl-views", initializer=_use_device, initargs=(device,))
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alssl-views", initializer=_use_device,
+                              initargs=(device,))
     try:
         pending = pool.submit(make, steps[0])
         for i, k in enumerate(steps):

@@ -112,7 +112,8 @@ def fit_probe(kind: str, x: np.ndarray, y: np.ndarray, *, num_classes: int, kern
     x = _as_features(x)
     y = np.asarray(y).astype(np.int64).reshape(-1)
     if len(x) == 0:
-        raise UserError("no labeled samples yet; run `alssl query RUN --budget ... --strategy random` then `alssl label RUN ...`")
+        raise UserError("no labeled samples yet; "
+                        "run `alssl query RUN --budget ... --strategy random` then `alssl label RUN ...`")
     if len(x) != len(y):
         raise UserError(f"probe got {len(x)} feature rows but {len(y)} labels; pass one label per row")
     if y.min() < 0 or y.max() >= num_classes:
@@ -122,7 +123,8 @@ def fit_probe(kind: str, x: np.ndarray, y: np.ndarray, *, num_classes: int, kern
         return Probe(kind=kind, num_classes=num_classes, classes=classes, scaler=None, model=None)
     scaler = StandardScaler().fit(x)
     model = PROBES[kind](scaler.transform(x), y, kernel=kernel, seed=seed)
-    return Probe(kind=kind, num_classes=num_classes, classes=model.classes_.astype(np.int64), scaler=scaler, model=model)
+    return Probe(kind=kind, num_classes=num_classes, classes=model.classes_.astype(np.int64), scaler=scaler,
+                 model=model)
 
 
 def probe_accuracy(kind: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,

@@ -19,7 +19,8 @@ def progress_bar(label: str, total: int, start: int, *, quiet: bool, fields: dic
     """(rich Progress, task id), or (None, None) when quiet or there is nothing to do. `fields`: extra columns."""
     if quiet or total == 0:
         return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
     cols += [TextColumn(f"{k} {{task.fields[{k}]}}") for k in (fields or {})]
@@ -68,7 +69,8 @@ class Projection:
         self.said = ""
         if left + (now - self.t_first) < self.min_seconds:
             return None
-        rate = f" at {self.per_step / per:.0f} {self.unit}/s" if self.per_step else f" at {format_duration(per)} a {self.item}"
+        rate = (f" at {self.per_step / per:.0f} {self.unit}/s" if self.per_step
+                else f" at {format_duration(per)} a {self.item}")
         self.said = (f"# {self.what}: {self.total - done} {self.item}s left ≈ {format_duration(left)}{rate} "
                      f"(measured over {measured} {self.item}s){self.hint}")
         print(self.said, file=self.stream or sys.stderr, flush=True)

@@ -11,8 +11,8 @@ def print_status(info: dict) -> None:
     con = Console()
     con.print(f"[bold]{info['run']}[/]  data={info['data']}  pool={info['pool']}  labeled={info['labeled']}")
     if info["image_size"] is not None:
-        con.print(f"  image folder: {info['image_size']}px, {info['skipped']} unreadable files skipped, test={info['test']}, "
-                  f"classes={', '.join(info['classes'] or []) or 'not set yet'}")
+        con.print(f"  image folder: {info['image_size']}px, {info['skipped']} unreadable files skipped, "
+                  f"test={info['test']}, classes={', '.join(info['classes'] or []) or 'not set yet'}")
     for name, st in info["stages"].items():
         if name == "features" and "line" in st:  # the last measured choice (probe / features)
             con.print(f"  {st['line']} on {st.get('n_labeled')} labels; {st.get('why')}")
@@ -23,13 +23,14 @@ def print_status(info: dict) -> None:
         con.print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in st.items()))
     table = Table("round", "strategy", "budget", "labels", "skipped", "source")
     for r in info["rounds"]:
-        table.add_row(str(r["round"]), str(r["strategy"]), str(r["budget"]), str(r["n"]), str(len(r.get("skipped", []))),
-                      str(r["source"]))
+        table.add_row(str(r["round"]), str(r["strategy"]), str(r["budget"]), str(r["n"]),
+                      str(len(r.get("skipped", []))), str(r["source"]))
     con.print(table)
     if info["skipped_images"]:
         shown = ", ".join(str(s["index"]) for s in info["skipped_images"][:20])
         con.print(f"  skipped (none of the classes, never queried again): {len(info['skipped_images'])} images, "
-                  f"pool indices {shown}{', ...' if len(info['skipped_images']) > 20 else ''} (`--json` lists them all)")
+                  f"pool indices {shown}{', ...' if len(info['skipped_images']) > 20 else ''} "
+                  "(`--json` lists them all)")
     if info["open_query"]:
         q = info["open_query"]
         con.print(f"  open query: round {q['round']} ({q['strategy']}, {q['budget']}) → {q['file']}")

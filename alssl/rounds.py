@@ -116,7 +116,8 @@ def query(run: Run, dataset: Dataset, *, budget: str, strategy: str, seed: int, 
 
         atomic_write_bytes(run.path / f"queries/round-{k}.png", contact_sheet(dataset.x_train, picked))
     meta = {**ask, "round": k, "file": rel, **choice.record(), **({"info": info} if info else {})}
-    atomic_write_text(run.path / f"queries/round-{k}.json",  # the query CSV's metadata: what picked it, on which features
+    # the query CSV's metadata: what picked it, on which features
+    atomic_write_text(run.path / f"queries/round-{k}.json",
                       json.dumps({**meta, "feature_scores": choice.scores}, indent=1) + "\n")
     fault_point("query-after-csv")
     run.open_query = {**meta, "indices": picked.tolist()}
@@ -161,8 +162,9 @@ def require_open_query(run: Run, *, then: str | None = None) -> dict:
         rounds = run.rounds
         done = (f"round {rounds[-1]['round']} is already labeled ({rounds[-1]['n']} labels from "
                 f"{rounds[-1]['source']}); " if rounds else "")
-        raise UserError(f"no open query in {run.path}: {done}ask for the next one with `alssl query {run.path} --budget "
-                        f"2%`, or import labels you already have with `alssl label {run.path} --from FILE.csv --any`")
+        raise UserError(f"no open query in {run.path}: {done}ask for the next one with "
+                        f"`alssl query {run.path} --budget 2%`, or import labels you already have with "
+                        f"`alssl label {run.path} --from FILE.csv --any`")
     return open_q
 
 

@@ -55,7 +55,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(exc, OSError) and exc.errno in (errno.EISDIR, errno.ENOTDIR):
-            raise UserError(f"cannot write {path}: a directory is in the way; move it away and rerun (nothing was changed)") from None
+            raise UserError(f"cannot write {path}: a directory is in the way; "
+                            "move it away and rerun (nothing was changed)") from None
         if (err := disk_error(exc, path)) is not None:
             raise err from None
         raise
@@ -147,8 +148,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             bad.append(no)
     if bad:
         where = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-        warnings.warn(f"{path}: skipped {len(bad)} unreadable line{'s' if len(bad) > 1 else ''} (line {where}: torn by a "
-                      "crash or edited by hand); the other records are used", DamagedFileWarning, stacklevel=2)
+        warnings.warn(f"{path}: skipped {len(bad)} unreadable line{'s' if len(bad) > 1 else ''} "
+                      f"(line {where}: torn by a crash or edited by hand); the other records are used",
+                      DamagedFileWarning, stacklevel=2)
     return records
 
 
@@ -193,7 +195,8 @@ def toml_dumps(data: dict, _prefix: str = "") -> str:
 
 # ---------------------------------------------------------------- the state.json schema
 ROUND_KEYS = {"round": int, "n": int, "strategy": str, "budget": str, "source": str}  # what `alssl status` shows
-OPEN_QUERY_KEYS = {"round": int, "file": str, "indices": list, "budget": str, "strategy": str, "seed": int, "probe": str}
+OPEN_QUERY_KEYS = {"round": int, "file": str, "indices": list, "budget": str, "strategy": str, "seed": int,
+                   "probe": str}
 
 
 def _is_int(v: Any) -> bool:
@@ -219,7 +222,8 @@ def state_problem(state: Any) -> str | None:
         if key not in state:
             return f"key {key!r} is missing"
         if not (_is_int(state[key]) if kind is int else isinstance(state[key], kind)):
-            return f"{key} must be a{'n' if kind is int else ''} {'integer' if kind is int else 'JSON ' + ('array' if kind is list else 'object')}"
+            return (f"{key} must be a{'n' if kind is int else ''} "
+                    f"{'integer' if kind is int else 'JSON ' + ('array' if kind is list else 'object')}")
     n = state["n_pool"]
     if n < 1:
         return f"n_pool must be at least 1, got {n}"
@@ -279,7 +283,8 @@ def state_problem(state: Any) -> str | None:
         idx = q["indices"]
         bad = next((i for i in idx if not _is_int(i) or not 0 <= i < n), None)
         if bad is not None or not idx:
-            return f"open_query.indices must be pool indices in 0..{n - 1}" + (f" (found {bad!r})" if idx else " (found none)")
+            return (f"open_query.indices must be pool indices in 0..{n - 1}"
+                    + (f" (found {bad!r})" if idx else " (found none)"))
         if len(set(idx)) != len(idx):
             return "open_query.indices has duplicates"
         done = next((i for i in idx if lr[i] >= 0 or i in skipped), None)
@@ -336,7 +341,8 @@ class Run:
             raise UserError(f"run dir {path} does not exist; create it with `alssl pretrain --out {path}`")
         sfile = path / "state.json"
         if not sfile.exists():
-            raise UserError(f"{path} is not an alssl run dir (no state.json); create one with `alssl pretrain --out DIR`")
+            raise UserError(f"{path} is not an alssl run dir (no state.json); "
+                            "create one with `alssl pretrain --out DIR`")
         if not sfile.is_file():
             raise UserError(f"{sfile} is not a file; move it away and restore the run's state.json, or start a new run")
         try:
@@ -440,8 +446,9 @@ class Run:
         idx = self.labeled_indices
         if len(idx) == 0:
             why = f", so there is no {then}" if then else ""
-            raise UserError(f"{self.path} has no labels yet{why}; label some images first (`alssl query {self.path} "
-                            f"--budget 2%`, then `alssl label {self.path} --from FILE.csv`, or --oracle on a benchmark)")
+            raise UserError(f"{self.path} has no labels yet{why}; label some images first "
+                            f"(`alssl query {self.path} --budget 2%`, then `alssl label {self.path} --from FILE.csv`, "
+                            "or --oracle on a benchmark)")
         return idx
 
     def classes_are_new(self, dataset, given: list[str] | None) -> bool:
@@ -464,7 +471,8 @@ class Run:
 
     def save_config(self) -> None:
         """run.toml, the human-readable copy of the run's config (state.json holds it too: `save_state`)."""
-        atomic_write_text(self.path / "run.toml", toml_dumps({"alssl_format": self.state["format_version"], **self.config}))
+        atomic_write_text(self.path / "run.toml",
+                          toml_dumps({"alssl_format": self.state["format_version"], **self.config}))
 
     def record_stage(self, name: str, summary: dict) -> dict:
         """Keep a stage's summary (its scalar values) in state.json for `alssl status`; returns what was kept."""

@@ -30,7 +30,8 @@ from alssl.data import Dataset, load_dataset  # noqa: E402
 from alssl.probes import fit_probe  # noqa: E402
 from alssl.rounds import strategy_rng  # noqa: E402
 
-ORDER = ["random", "entropy", "margin", "svm-margin", "kcenter", "vaal", "typiclust", "probcover", "badge", "cluster-margin"]
+ORDER = ["random", "entropy", "margin", "svm-margin", "kcenter", "vaal", "typiclust", "probcover", "badge",
+         "cluster-margin"]
 
 
 def features(kind: str, d: Dataset) -> tuple[np.ndarray, np.ndarray]:

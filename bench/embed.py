@@ -3,8 +3,9 @@
 Both sides embed the same on-disk pool (uint8 [N, S, S, C] in a `.npy`, as `alssl pretrain` decodes an image folder;
 built here from ../shared/data/cifar10_10k.npz cycled to N, or random pixels with --synthetic) with the same frozen
 backbone (alssl `cnn` by default, seeded random init) and the same normalisation, batch size, device and precision:
-- alssl: `alssl.feature_sets.embed_to_file` as `alssl query/probe/export` run it: the pool read batch by batch (os.pread)
-  by a background thread while the model runs, each output batch written into the memory-mapped `.npy` in place;
+- alssl: `alssl.feature_sets.embed_to_file` as `alssl query/probe/export` run it: the pool read batch by batch
+  (os.pread) by a background thread while the model runs, each output batch written into the memory-mapped
+  `.npy` in place;
 - the peer: what a torchvision user writes: a map-style Dataset over `np.load(mmap_mode="r")` with
   `transforms.v2` (ToImage, ToDtype(scale=True), Normalize) per item, `DataLoader(num_workers=W)`, a
   `torch.no_grad()` model loop that collects the outputs and `torch.cat`s them.

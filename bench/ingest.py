@@ -105,7 +105,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--mix", choices=["mixed", "jpeg"], default="mixed", help="file formats of the folder (see make_folder)")
+    p.add_argument("--mix", choices=["mixed", "jpeg"], default="mixed",
+                   help="file formats of the folder (see make_folder)")
     p.add_argument("--folder", default=None, help="default /tmp/alssl-bench-photos-MIX")
     p.add_argument("--scratch", default="/tmp/alssl-bench-scratch")
     p.add_argument("--side", choices=["alssl", "peer"])
@@ -118,19 +119,21 @@ def main() -> None:
     from importlib.metadata import version  # not `import torch`: a child forked from a process holding torch would
     # report that process's memory as its own peak RSS (Linux keeps the pre-exec high-water mark in ru_maxrss)
 
-    print(f"# torch {version('torch')}, pillow {version('pillow')}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, cpus={os.cpu_count()}, "
+    print(f"# torch {version('torch')}, pillow {version('pillow')}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, cpus={os.cpu_count()}, "
           f"load average {load_average()}, {platform.processor() or platform.machine()}")
     t0 = time.perf_counter()
     make_folder(Path(args.folder), args.n, args.mix)
     nbytes = sum(f.stat().st_size for f in Path(args.folder).rglob("*") if f.is_file())
-    print(f"# folder {args.folder} ({args.mix}): {args.n} files, {nbytes / 1e6:.0f} MB (ready in {time.perf_counter() - t0:.0f} s); "
+    print(f"# folder {args.folder} ({args.mix}): {args.n} files, {nbytes / 1e6:.0f} MB "
+          f"(ready in {time.perf_counter() - t0:.0f} s); "
           f"target {args.size}px, {args.workers} workers each")
     Path(args.scratch).mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {"alssl": [], "peer": []}
     for r in range(args.rounds):
         for side in ("alssl", "peer"):
-            out = subprocess.run([sys.executable, __file__, "--side", side, *sys.argv[1:]], capture_output=True, text=True,
-                                 check=True)
+            out = subprocess.run([sys.executable, __file__, "--side", side, *sys.argv[1:]], capture_output=True,
+                                 text=True, check=True)
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results[side].append(res)
             print(f"round {r} {side:5s}: {res['seconds']:.2f} s ({res['images'] / res['seconds']:.0f} img/s), "

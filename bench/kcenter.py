@@ -161,7 +161,8 @@ def main() -> None:
     print(f"picks_same_position={args.budget - len(diverge)}/{args.budget} first_divergence="
           + (f"{first} (float32 near-tie, checked in float64)" if first < args.budget else "none"))
     print(f"per_step_ms={per_step:.2f} floor_ms={floor:.2f} step_over_floor={per_step / floor:.2f}")
-    print(f"peak_rss_mb={ours['peak_rss_mb']:.1f} (before kcenter {ours['base_rss_mb']:.1f}, kcenter extra {extra:.1f}) "
+    print(f"peak_rss_mb={ours['peak_rss_mb']:.1f} (before kcenter {ours['base_rss_mb']:.1f}, "
+          f"kcenter extra {extra:.1f}) "
           f"embeddings_mb={emb_mb:.1f} (embeddings+extra)/embeddings={(emb_mb + extra) / emb_mb:.2f}")
     print(f"ratio={ref_total / ours['total_s']:.2f}")
 

@@ -64,7 +64,8 @@ def main() -> None:
     p.add_argument("--scratch", default="/tmp/alssl-bench-memory")
     args = p.parse_args()
     alssl = [sys.executable, "-m", "alssl"]
-    print(f"# load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+    print(f"# load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     for n in map(int, args.sizes.split(",")):
         folder = Path(args.scratch) / f"photos{n}"
         make_folder(folder, n)

@@ -134,9 +134,9 @@ def main() -> None:
                     [sys.executable, "-c", RSS_SCRIPT.format(root=str(ROOT), pool=str(pool_dir), batch=a.batch)],
                     capture_output=True, text=True, check=True).stdout)
                 print(f"| {s} | {fmt}{' q' + str(m['jpeg_quality']) if fmt == 'jpeg' else ''} | {per_image:,.0f} | "
-                      f"{per_image / raw_bytes:.3f} | {diff:.2f} | {build_s:.1f} | {rates[1]:,.0f} | {rates[threads]:,.0f} | "
-                      f"{rss['before']:.0f} MB / +{rss['after'] - rss['before']:.0f} MB (batch {rss['batch_mb']:.0f} MB) "
-                      f"| {per_image * 1e7 / 1e9:,.0f} GB |", flush=True)
+                      f"{per_image / raw_bytes:.3f} | {diff:.2f} | {build_s:.1f} | {rates[1]:,.0f} | "
+                      f"{rates[threads]:,.0f} | {rss['before']:.0f} MB / +{rss['after'] - rss['before']:.0f} MB "
+                      f"(batch {rss['batch_mb']:.0f} MB) | {per_image * 1e7 / 1e9:,.0f} GB |", flush=True)
             if a.embed:
                 pools = {fmt: (open_pixels(work / f"{fmt}-{s}", m), m) for fmt in ("raw", "jpeg")
                          for m in [json.loads((work / f"{fmt}-{s}" / "manifest.json").read_text())]}
@@ -146,7 +146,8 @@ def main() -> None:
                         rates[fmt].append(embed_rate(pool, work / "features.npy", m["mean"], m["std"], a.batch))
                 print(f"# embed, {s} px, cnn, 1 torch thread, batch {a.batch}: raw "
                       f"{statistics.median(rates['raw']):,.0f} img/s, jpeg {statistics.median(rates['jpeg']):,.0f} "
-                      f"img/s (rounds: raw {[round(v) for v in rates['raw']]}, jpeg {[round(v) for v in rates['jpeg']]})",
+                      f"img/s (rounds: raw {[round(v) for v in rates['raw']]}, "
+                      f"jpeg {[round(v) for v in rates['jpeg']]})",
                       flush=True)
             if not a.keep:
                 shutil.rmtree(work / f"raw-{s}")

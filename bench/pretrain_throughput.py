@@ -13,7 +13,8 @@ hits all; the last line is `ratio=X.XX`, the median over rounds of alssl images/
 (min and max on the line before).
 
     .venv/bin/python bench/pretrain_throughput.py [--steps 30] [--batch-size 256] [--rounds 5]
-    python bench/pretrain_throughput.py --device cuda --backbone resnet18 --batch-size 512 --workers 8 --precision bf16-mixed
+    python bench/pretrain_throughput.py --device cuda --backbone resnet18 --batch-size 512 --workers 8 \
+        --precision bf16-mixed
 """
 
 from __future__ import annotations
@@ -121,9 +122,11 @@ def main() -> None:
     with np.load(a.data) as f:
         x, y = f["x_train"], f["y_train"]
     gpu = torch.cuda.get_device_name() if a.device.startswith("cuda") else "no GPU"
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), "
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads "
+          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), "
           f"load average {load_average()}, device {a.device} ({gpu}), {a.precision}")
-    print(f"# cifar10_10k 32 px, {a.backbone}, bs {a.batch_size}, {a.steps} steps per side per round, {a.rounds} rounds")
+    print(f"# cifar10_10k 32 px, {a.backbone}, bs {a.batch_size}, {a.steps} steps per side per round, "
+          f"{a.rounds} rounds")
     ratios, levers = [], []
     for r in range(a.rounds):
         kw = dict(steps=a.steps, batch_size=a.batch_size, data=a.data, backbone=a.backbone, device=a.device,

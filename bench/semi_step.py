@@ -184,7 +184,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for both sides (1: least noise on a shared CPU)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for both sides (1: least noise on a shared CPU)")
     ap.add_argument("--workers", default="0,2", help="semilearn DataLoader num_workers values; the fastest is the peer")
     ap.add_argument("--pairs", choices=["both", "default"], default="default",
                     help="default: only alssl concat vs semilearn use_cat=True; both: also the split pair")

@@ -66,8 +66,8 @@ def main() -> None:
     for name, flags in (("draft", []), ("no-draft", ["--no-jpeg-draft"])):
         run = w / f"run-{name}"
         if not (run / "state.json").exists():
-            alssl("pretrain", "--data", str(w / "photos"), "--test", str(w / "test"), "--out", str(run), "--epochs", "1",
-                  "--batch-size", "128", "--image-size", "32", "-q", *flags)
+            alssl("pretrain", "--data", str(w / "photos"), "--test", str(w / "test"), "--out", str(run),
+                  "--epochs", "1", "--batch-size", "128", "--image-size", "32", "-q", *flags)
             q = alssl("query", str(run), "--budget", "40", "--strategy", "random").strip()
             rows = list(csv.DictReader(open(q)))
             with open(w / f"labels-{name}.csv", "w", newline="") as f:

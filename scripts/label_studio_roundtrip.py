@@ -119,7 +119,8 @@ def main() -> None:
         shutil.copy(out["tasks"], args.fixtures / "tasks.json")
         shutil.copy(out["config"], args.fixtures / "config.xml")
         labeled0 = [i for i, r in enumerate(json.loads((run / "state.json").read_text())["labeled_round"]) if r == 0]
-        (args.fixtures / "expected.json").write_text(json.dumps({"labels": expected, "round0": labeled0}, indent=1) + "\n")
+        (args.fixtures / "expected.json").write_text(json.dumps({"labels": expected, "round0": labeled0}, indent=1)
+                                                     + "\n")
         print(f"fixtures written to {args.fixtures}")
     print("round trip OK")
 

@@ -103,7 +103,8 @@ def main() -> None:
                    d.find_element(By.ID, "saved").text == "all saved")
         d.find_element(By.ID, "submit").click()
         wait.until(lambda _: d.find_element(By.ID, "done").is_displayed())
-        d.execute_script("window.scrollTo(0, document.body.scrollHeight)")  # Submit from the bottom: the banner is there
+        # Submit from the bottom: the banner is there
+        d.execute_script("window.scrollTo(0, document.body.scrollHeight)")
         time.sleep(0.5)
         small_png(d.get_screenshot_as_png(), args.out / "label-ui-submitted.png")
         assert q["round"] == 1

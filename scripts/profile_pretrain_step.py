@@ -72,7 +72,8 @@ def main() -> None:
           f"{a.steps * a.batch_size / total:.0f} img/s; per step {1000 * total / a.steps:.1f} ms = views "
           f"{1000 * times['views'] / a.steps:.1f} ms ({100 * times['views'] / total:.0f} %) + forward/backward/SGD "
           f"{1000 * times['net'] / a.steps:.1f} ms")
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    acts = ([torch.profiler.ProfilerActivity.CPU]
+            + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else []))
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(3):
             step()

@@ -69,8 +69,9 @@ def main() -> None:
     truth = json.loads(truth_file.read_text())
     base = out / "run"
     t0 = time.perf_counter()
-    summary = json.loads(alssl("pretrain", "--data", str(out / "photos"), "--test", str(out / "test"), "--out", str(base),
-                               "--image-size", "32", "--epochs", str(args.epochs), "--batch-size", "64", "-q"))
+    summary = json.loads(alssl("pretrain", "--data", str(out / "photos"), "--test", str(out / "test"),
+                               "--out", str(base), "--image-size", "32", "--epochs", str(args.epochs),
+                               "--batch-size", "64", "-q"))
     pretrain_s = time.perf_counter() - t0
     if not (base / "feature_sets.json").exists():
         alssl("features", str(base), "--add", "cnn", "--init", str(STAGE1), "--name", "stage1")
@@ -90,7 +91,8 @@ def main() -> None:
                 rows.append({"seed": seed, "labels": n, "features": name, "test_accuracy": s["test_accuracy"],
                              "cv_accuracy": s["cv_accuracy"], "rankme": s["rankme"],
                              "chosen": int(name == probe["features_in_use"])})
-            print(f"seed {seed} labels {n}: " + " ".join(f"{k} {v['test_accuracy']:.3f}" for k, v in probe["features"].items())
+            print(f"seed {seed} labels {n}: "
+                  + " ".join(f"{k} {v['test_accuracy']:.3f}" for k, v in probe["features"].items())
                   + f"  in use: {probe['features_in_use']}", flush=True)
     with (out / "start_study.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -112,7 +114,8 @@ def main() -> None:
     lines.append("")
     lines.append(f"Stage 1 (`ssl`): SimSiam `cnn`, 32 px, {args.epochs} epochs, batch 64 on {args.photos} photos: "
                  f"{pretrain_s / 60:.1f} min here; kNN (5-fold within the {args.test}-image test set) "
-                 f"{summary.get('knn_accuracy_init')} → {summary.get('knn_accuracy')}. Mean ± std over {args.seeds} seeds of "
+                 f"{summary.get('knn_accuracy_init')} → {summary.get('knn_accuracy')}. "
+                 f"Mean ± std over {args.seeds} seeds of "
                  f"random labels; ✓n: chosen by alssl in n of the seeds.")
     (out / "start_study.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -29,14 +29,16 @@ def copy_of(src: Path, dest: Path) -> Path:
     return dest
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `alssl ARGS` in a subprocess (the real console entry point), capturing text output."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "alssl", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 
 
-def run_cli_inprocess(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 0) -> subprocess.CompletedProcess:
+def run_cli_inprocess(*args: str, cwd: Path | None = None, env: dict | None = None,
+                      timeout: float = 0) -> subprocess.CompletedProcess:
     """`alssl ARGS` through the same entry point, in this process (no 3 s torch import per case).
 
     An exception that escapes `main` is reported as exit 1 with its traceback in stderr, as the console would show it.

@@ -54,7 +54,8 @@ def make_photo_folder(root: Path, n: int, *, start: int = 0, sizes: list[tuple[i
     for rel, data in bad[:corrupt]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         if data is None:  # the first half of a real file
-            src = next(p for p in sorted(root.rglob("*.png" if rel.endswith(".png") else "*.jpg")) if "broken" not in str(p))
+            src = next(p for p in sorted(root.rglob("*.png" if rel.endswith(".png") else "*.jpg"))
+                       if "broken" not in str(p))
             data = src.read_bytes()[: src.stat().st_size // 2]
         (root / rel).write_bytes(data)
     (root / "notes.txt").write_text("not an image\n")

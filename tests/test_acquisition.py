@@ -80,7 +80,8 @@ def test_select_rejects_bad_requests():
 # ------------------------------------------------------------------ uncertainty
 def test_entropy_and_margin_scores_by_hand():
     p = np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.7, 0.2, 0.1]])
-    assert np.allclose(entropy_scores(p), [np.log(2), 0.0, -(0.7 * np.log(0.7) + 0.2 * np.log(0.2) + 0.1 * np.log(0.1))])
+    assert np.allclose(entropy_scores(p),
+                       [np.log(2), 0.0, -(0.7 * np.log(0.7) + 0.2 * np.log(0.2) + 0.1 * np.log(0.1))])
     assert np.allclose(top2_gap(p), [0.0, 1.0, 0.5])
 
 
@@ -193,7 +194,8 @@ def test_kcenter_never_builds_an_n_by_n_matrix():
 
 # ------------------------------------------------------------------ typiclust / probcover
 def _blobs(rng, centres, counts, spreads):
-    return np.concatenate([c + s * rng.normal(size=(n, len(c))) for c, n, s in zip(centres, counts, spreads)]).astype(np.float32)
+    return np.concatenate([c + s * rng.normal(size=(n, len(c)))
+                           for c, n, s in zip(centres, counts, spreads)]).astype(np.float32)
 
 
 def test_typiclust_picks_the_dense_core_of_the_largest_unlabeled_cluster():
@@ -681,7 +683,8 @@ def test_vaal_width_128_is_the_official_architecture_on_32px():
     from alssl.acquisition.vaal import build
 
     vae, disc = build(3, 32, 128)
-    layers = [(type(m).__name__, tuple(m.weight.shape)) for m in [*vae.encoder, vae.fc_mu, vae.fc_logvar, *vae.decoder, *disc]
+    layers = [(type(m).__name__, tuple(m.weight.shape))
+              for m in [*vae.encoder, vae.fc_mu, vae.fc_logvar, *vae.decoder, *disc]
               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d))]
     official = [  # sinhasam/vaal model.py, VAE(z_dim=32, nc=3) and Discriminator(32)
         ("Conv2d", (128, 3, 4, 4)), ("BatchNorm2d", (128,)), ("Conv2d", (256, 128, 4, 4)), ("BatchNorm2d", (256,)),
@@ -714,7 +717,8 @@ def test_typiclust_beats_random_at_one_percent_of_digits(digits):
     assert acc["typiclust"] >= 0.6, acc
 
 
-# ------------------------------------------------------------------ ProbCover: one delta per feature set, visible random fill
+# ------------------------------------------------------------------ ProbCover: one delta per feature set,
+# visible random fill
 def test_probcover_delta_is_estimated_once_per_feature_set_and_stored(tmp_path):
     from alssl.acquisition.probcover import delta_cache_path
 

@@ -78,7 +78,8 @@ def test_the_notebook_walkthrough_equals_the_cli_path(tmp_path):
         sa, sb = a.pop("state_dict"), b.pop("state_dict")
         assert a == b and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert (run / "queries" / "round-0.csv").read_bytes() == (cli_run / "queries" / "round-0.csv").read_bytes()
-    assert sorted(p.name for p in (run / "features").iterdir()) == sorted(p.name for p in (cli_run / "features").iterdir())
+    assert sorted(p.name for p in (run / "features").iterdir()) \
+            == sorted(p.name for p in (cli_run / "features").iterdir())
     assert (tmp_path / "pool.csv").read_bytes() == (tmp_path / "cli_pool.csv").read_bytes()
     card_a = json.loads((tmp_path / "model" / "model.json").read_text())
     card_b = json.loads((tmp_path / "cli_model" / "model.json").read_text())

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torchvision
 
-from alssl.backbones import backbone_checkpoint, build_backbone, check_backbone_name, load_backbone_checkpoint, load_init_weights
+from alssl.backbones import (backbone_checkpoint, build_backbone, check_backbone_name, load_backbone_checkpoint,
+                             load_init_weights)
 from alssl.errors import UserError
 from conftest import run_cli_inprocess as run_cli  # the same entry point, without a 3 s import per call
 from photo_folder import make_photo_folder
@@ -50,7 +51,8 @@ def test_init_loads_torchvision_weights_and_refuses_another_architecture(tmp_pat
     from safetensors.torch import save_file
 
     save_file(src.state_dict(), str(tmp_path / "r18.safetensors"))
-    load_init_weights(build_backbone("torchvision:resnet18", 3), "torchvision:resnet18", str(tmp_path / "r18.safetensors"))
+    load_init_weights(build_backbone("torchvision:resnet18", 3), "torchvision:resnet18",
+                      str(tmp_path / "r18.safetensors"))
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
     with pytest.raises(UserError, match=r"does not fit backbone torchvision:resnet18: .*unexpected \(layer1\.2"):
         load_init_weights(build_backbone("torchvision:resnet18", 3), "torchvision:resnet18", str(tmp_path / "r34.pth"))
@@ -77,13 +79,15 @@ def test_init_hub_uses_torchvisions_cache_offline(tmp_path, monkeypatch):
 def test_every_stage_at_64px(folder, name, tmp_path):
     run = tmp_path / "run"
     r = run_cli("pretrain", "--data", str(folder["pool"]), "--out", str(run), "--backbone", name, "--epochs", "1",
-                "--batch-size", "64", "--image-size", "64", "--classes", ",".join(sorted(set(folder["truth"].values()))), "-q")
+                "--batch-size", "64", "--image-size", "64",
+                "--classes", ",".join(sorted(set(folder["truth"].values()))), "-q")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["backbone"] == name
     q = run_cli("query", str(run), "--budget", "30", "--strategy", "kcenter")
     assert q.returncode == 0, q.stderr
     rows = list(csv.DictReader(open(q.stdout.strip())))
-    (tmp_path / "l.csv").write_text("id,label\n" + "".join(f'"{r_["id"]}",{folder["truth"][r_["id"]]}\n' for r_ in rows))
+    (tmp_path / "l.csv").write_text("id,label\n"
+                                    + "".join(f'"{r_["id"]}",{folder["truth"][r_["id"]]}\n' for r_ in rows))
     assert run_cli("label", str(run), "--from", str(tmp_path / "l.csv")).returncode == 0
     probe = run_cli("probe", str(run))
     assert probe.returncode == 0 and "cv_accuracy" in json.loads(probe.stdout), probe.stderr

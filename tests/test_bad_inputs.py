@@ -73,7 +73,8 @@ def closed_run(base_closed_run, tmp_path) -> Path:
 @pytest.mark.parametrize(
     "budget, needle",
     [("abc", "not a count or a percentage"), ("0", "at least 1"), ("-5", "not a count"), ("150%", "(0, 100]"),
-     ("2.5.1%", "not a count"), ("0%", "(0, 100]"), ("100000", "unlabeled samples are left"), ("100%", "unlabeled samples are left")],
+     ("2.5.1%", "not a count"), ("0%", "(0, 100]"), ("100000", "unlabeled samples are left"),
+     ("100%", "unlabeled samples are left")],
 )
 def test_bad_budget(closed_run, budget, needle):
     check(closed_run, ["query", str(closed_run), "--budget", budget], needle)
@@ -102,8 +103,10 @@ def test_unknown_semi_method(run_dir):
 
 
 def test_unknown_pretrain_method_and_backbone(tmp_path):
-    check(tmp_path, ["pretrain", "--data", "digits", "--out", str(tmp_path / "r"), "--method", "simsaim"], 'did you mean "simsiam"')
-    check(tmp_path, ["pretrain", "--data", "digits", "--out", str(tmp_path / "r"), "--backbone", "resnet19"], 'did you mean "resnet18"')
+    check(tmp_path, ["pretrain", "--data", "digits", "--out", str(tmp_path / "r"), "--method", "simsaim"],
+          'did you mean "simsiam"')
+    check(tmp_path, ["pretrain", "--data", "digits", "--out", str(tmp_path / "r"), "--backbone", "resnet19"],
+          'did you mean "resnet18"')
 
 
 def test_bad_pool_format(tmp_path):
@@ -132,7 +135,8 @@ DATA_CASES = {
     "wrong-keys": (lambda d: _npz(d / "k.npz", x_test=None), "x_test"),
     "nan-pixels": (lambda d: _npz(d / "n.npz", x_train=np.full((20, 8, 8), np.nan)), "uint8"),
     "negative-labels": (lambda d: _npz(d / "neg.npz", y_train=np.arange(20) % 2 - 1), "label"),
-    "empty-split": (lambda d: _npz(d / "e.npz", x_test=np.zeros((0, 8, 8), np.uint8), y_test=np.zeros(0, np.int64)), "empty"),
+    "empty-split": (lambda d: _npz(d / "e.npz", x_test=np.zeros((0, 8, 8), np.uint8), y_test=np.zeros(0, np.int64)),
+                    "empty"),
     "length-mismatch": (lambda d: _npz(d / "m.npz", y_train=np.arange(19) % 2), "19"),
     "bad-spec": (lambda d: "mnist", "digits"),
     "missing-cifar10": (lambda d: "cifar10:" + str(d / "nothing"), "no such directory"),
@@ -154,7 +158,8 @@ def test_mixed_image_sizes(tmp_path):
         d = tmp_path / "imgs" / split / "a"
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.zeros((size, size), np.uint8)).save(d / f"{size}.png")
-    check(tmp_path, ["pretrain", "--data", str(tmp_path / "imgs") + "/", "--out", str(tmp_path / "r"), "--epochs", "0"], "size")
+    check(tmp_path, ["pretrain", "--data", str(tmp_path / "imgs") + "/", "--out", str(tmp_path / "r"), "--epochs", "0"],
+          "size")
 
 
 # ---------------------------------------------------------------- label CSVs
@@ -267,11 +272,13 @@ def test_real_console(closed_run, args, needle):
 
 
 def test_unknown_svm_kernel(closed_run):
-    check(closed_run, ["query", str(closed_run), "--budget", "5", "--strategy", "svm-margin", "--kernel", "poly"], "kernel")
+    check(closed_run, ["query", str(closed_run), "--budget", "5", "--strategy", "svm-margin", "--kernel", "poly"],
+          "kernel")
 
 
 def test_eman_needs_a_momentum_teacher(tmp_path):
-    check(tmp_path, ["pretrain", "--data", "digits", "--out", str(tmp_path / "r"), "--eman", "--epochs", "1"], "--method moco")
+    check(tmp_path, ["pretrain", "--data", "digits", "--out", str(tmp_path / "r"), "--eman", "--epochs", "1"],
+          "--method moco")
 
 
 def test_unsupported_precision_on_cpu(tmp_path):
@@ -280,7 +287,8 @@ def test_unsupported_precision_on_cpu(tmp_path):
 
 
 def test_unknown_semi_option_suggests(run_dir):
-    check(run_dir, ["semi-finetune", str(run_dir), "--method", "fixmatch", "--option", "bn_bach=split"], 'did you mean "bn_batch"')
+    check(run_dir, ["semi-finetune", str(run_dir), "--method", "fixmatch", "--option", "bn_bach=split"],
+          'did you mean "bn_batch"')
     check(run_dir, ["semi-finetune", str(run_dir), "--option", "novalue"], "KEY=VALUE")
 
 
@@ -306,7 +314,8 @@ def test_torn_metrics_line_is_skipped_and_reported(run_dir):
 
     Run.open(run_dir).log_metrics({"stage": "probe", "round": 1})  # the next record (as `alssl probe` logs it) ...
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert lines[-2] == '{"stage": "probe", "rou' and json.loads(lines[-1]) == {"stage": "probe", "round": 1}  # ... on a new line
+    # ... on a new line
+    assert lines[-2] == '{"stage": "probe", "rou' and json.loads(lines[-1]) == {"stage": "probe", "round": 1}
 
 
 STATE_CASES = {  # hand-edited or damaged state.json (issue 17), through status and probe
@@ -350,7 +359,8 @@ def test_backbone_checkpoint_without_in_channels(run_dir):  # other damage: test
 PRETRAIN_AGAIN = ["--data", "digits", "--epochs", "0", "-q"]  # the base run's own pretrain arguments
 
 
-@pytest.mark.parametrize("content, needle", [([1, 2], "not an alssl pretraining state"), ("drop-model", "'model' is missing")])
+@pytest.mark.parametrize("content, needle", [([1, 2], "not an alssl pretraining state"),
+                                             ("drop-model", "'model' is missing")])
 def test_damaged_pretrain_state(run_dir, content, needle):
     path = run_dir / "checkpoints" / "pretrain-state.pt"
     if content == "drop-model":
@@ -370,8 +380,8 @@ def test_resume_pretrain_with_other_data(run_dir, tmp_path, case):
     spec = _npz(tmp_path / "small.npz") if case == "smaller-pool" else _rgb_pool(tmp_path / "rgb.npz")
     # refused by the CLI's same-arguments check (another --data); the data check inside pretrain() (same spec, data
     # changed on disk) is tests/test_pretrain.py's
-    check(run_dir, ["pretrain", "--out", str(run_dir), *PRETRAIN_AGAIN[2:], "--data", spec], "was made with --data digits",
-          "new --out")
+    check(run_dir, ["pretrain", "--out", str(run_dir), *PRETRAIN_AGAIN[2:], "--data", spec],
+          "was made with --data digits", "new --out")
 
 
 @pytest.mark.parametrize("seed", ["-1", str(2**70)])
@@ -380,7 +390,8 @@ def test_semi_seed_out_of_range(run_dir, seed):
 
 
 def test_semi_bool_option_takes_only_true_or_false(run_dir):  # other option types: tests/test_semi.py
-    check(run_dir, ["semi-finetune", str(run_dir), "--steps", "2", "--option", "hflip=maybe"], "hflip must be true or false")
+    check(run_dir, ["semi-finetune", str(run_dir), "--steps", "2", "--option", "hflip=maybe"],
+          "hflip must be true or false")
 
 
 TOML_CASES = {  # every value type-checked before `alssl run` writes anything (the full table: tests/test_config.py)
@@ -404,7 +415,8 @@ def test_config_value_types(tmp_path, case):
 
 
 # ---------------------------------------------------------------- curve grids
-CURVE = ["curve", "--data", "digits", "--strategies", "random", "--budgets", "1%,2%", "--seeds", "1", "--epochs", "0", "-q"]
+CURVE = ["curve", "--data", "digits", "--strategies", "random", "--budgets", "1%,2%", "--seeds", "1", "--epochs", "0",
+         "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -424,7 +436,8 @@ CELL = "cells/linear__random__s0.json"
 GRID_CASES = {
     "grid-not-json": ("grid.json", lambda t: t[: len(t) // 2], "grid.json is damaged"),
     "cell-not-json": (CELL, lambda t: "\x00garbage", "linear__random__s0.json is damaged"),
-    "cell-row-lacks-columns": (CELL, lambda t: json.dumps({**json.loads(t), "rows": [{"round": 0}]}), "lacks the columns"),
+    "cell-row-lacks-columns": (CELL, lambda t: json.dumps({**json.loads(t), "rows": [{"round": 0}]}),
+                               "lacks the columns"),
 }  # more cell / curve.csv damage: tests/test_curve.py
 
 
@@ -471,13 +484,15 @@ def test_label_ui_port_taken_or_out_of_range(run_dir):
 
 
 def test_label_ui_classes_cannot_change(run_dir):
-    check(run_dir, ["label-ui", str(run_dir), "--port", "0", "--no-browser", "--classes", "cat,dog"], "already has classes")
+    check(run_dir, ["label-ui", str(run_dir), "--port", "0", "--no-browser", "--classes", "cat,dog"],
+          "already has classes")
 
 
 def test_tasks_bad_format_and_document_root(run_dir, tmp_path):
-    check(run_dir, ["tasks", str(run_dir), "--out", str(tmp_path / "t"), "--format", "labelstudio"], 'did you mean "label-studio"')
-    check(run_dir, ["tasks", str(run_dir), "--out", str(tmp_path / "t"), "--document-root", str(tmp_path / "elsewhere")],
-          "--document-root", "folder above")
+    check(run_dir, ["tasks", str(run_dir), "--out", str(tmp_path / "t"), "--format", "labelstudio"],
+          'did you mean "label-studio"')
+    check(run_dir, ["tasks", str(run_dir), "--out", str(tmp_path / "t"),
+                    "--document-root", str(tmp_path / "elsewhere")], "--document-root", "folder above")
 
 
 def test_malformed_label_studio_export(run_dir, tmp_path):
@@ -499,17 +514,20 @@ def test_malformed_label_studio_export(run_dir, tmp_path):
     tasks += [task(40, outside, "1"), task(41, idx[1], "2")]
     f = tmp_path / "project-1-export.json"
     f.write_text(json.dumps(tasks))
-    check(run_dir, ["label", str(run_dir), "--from", str(f)], "nothing imported", "task 1 (alssl_index", "unknown class 'zebra'",
-          f"task 40 (alssl_index {outside})", "not in the open query", "task 41", "duplicate row")
+    check(run_dir, ["label", str(run_dir), "--from", str(f)], "nothing imported", "task 1 (alssl_index",
+          "unknown class 'zebra'", f"task 40 (alssl_index {outside})", "not in the open query", "task 41",
+          "duplicate row")
 
 
-# ================================================================ issue 17, CLI layer: expanduser, deleted query, --imbalance
+# ================================================================ issue 17, CLI layer
+# expanduser, deleted query, --imbalance
 def test_data_path_with_tilde_is_expanded(tmp_path):
     spec = _npz(tmp_path / "t.npz")
     r = run_cli("pretrain", "--data=~/t.npz", "--out", str(tmp_path / "r"), "--epochs", "0", "-q",
                 env={"HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "r" / "state.json").read_text())["config"]["data"]["spec"] == str(Path(spec).resolve())
+    assert (json.loads((tmp_path / "r" / "state.json").read_text())["config"]["data"]["spec"]
+            == str(Path(spec).resolve()))
 
 
 def test_deleted_open_query_csv_is_written_again(run_dir):
@@ -526,7 +544,8 @@ def test_pretrain_rerun_with_another_imbalance(run_dir):
           "was made with --imbalance None (not 10.0)", "new --out")
 
 
-# ---------------------------------------------------------------- feature sets, classifier choice, time budgets (issue 24)
+# ---------------------------------------------------------------- feature sets, classifier choice, time budgets
+# (issue 24)
 @pytest.mark.parametrize("args, needle", [
     (["--use", "rnd"], 'unknown feature set "rnd"'),
     (["--add", "cnn", "--name", "ssl"], "feature set name 'ssl' is not allowed"),

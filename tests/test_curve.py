@@ -72,7 +72,8 @@ def test_semi_arm_rows_and_kill_9_resume(tmp_path):
     """The curve's semi arm: one `semi:fixmatch` row beside each probe row, on the same labels; a kill -9 inside a
     semi fine-tune resumes to the same rows as an uninterrupted grid."""
     grid = ["curve", "--data", "digits", "--strategies", "random,margin", "--budgets", "2%,5%", "--seeds", "1",
-            "--probe", "linear", "--epochs", "0", "--semi", "fixmatch", "--semi-steps", "6", "--semi-batch-size", "16", "--semi-mu", "2", "-q"]
+            "--probe", "linear", "--epochs", "0", "--semi", "fixmatch", "--semi-steps", "6",
+            "--semi-batch-size", "16", "--semi-mu", "2", "-q"]
     full = run_main(*grid, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     rows = _rows(tmp_path / "full" / "curve.csv")
@@ -92,7 +93,8 @@ def test_semi_arm_rows_and_kill_9_resume(tmp_path):
     pr, se = (next(r for r in rows if r["arm"] == arm and r["strategy"] == "margin" and r["round"] == "1")
               for arm in ("probe", "semi:fixmatch"))
     gain = (float(se["accuracy"]) - float(pr["accuracy"])) * 100  # one seed: the paired mean is this difference
-    assert "| margin | " in table.split("on the same labels")[1] and f"{gain:+.1f} |" in table.split("on the same labels")[1]
+    assert "| margin | " in table.split("on the same labels")[1] \
+            and f"{gain:+.1f} |" in table.split("on the same labels")[1]
 
 
 def _alive(pid: int) -> bool:
@@ -162,7 +164,8 @@ def test_shipped_pipelines_parse():
         assert cfg.curve.strategies and cfg.curve.budgets
 
 
-# ---------------------------------------------------------------- damaged grid files (issue 17; CLI cases in test_bad_inputs.py)
+# ---------------------------------------------------------------- damaged grid files
+# (issue 17; CLI cases in test_bad_inputs.py)
 def _damage_cell(uninterrupted, tmp_path, edit):
     out = copy_of(uninterrupted, tmp_path / "g")
     f = out / "cells" / "linear__kcenter__s1.json"
@@ -196,13 +199,17 @@ def test_damaged_cell_is_refused_before_anything_is_rewritten(uninterrupted, tmp
 @pytest.mark.parametrize("text, needle", [
     (b"\xff\xfe\x00", "malformed"),
     (b"a,b\n1,2\n", "no column"),
-    (b"arm,probe,strategy,seed,round,fraction,labels_per_class,accuracy\nprobe,linear,random,0,0,0,1.4,0.5\n", "line 2"),
-    (b"arm,probe,strategy,seed,round,fraction,labels_per_class,accuracy\nprobe,linear,random,x,0,0.1,1.4,0.5\n", "line 2"),
+    (b"arm,probe,strategy,seed,round,fraction,labels_per_class,accuracy\n"
+     b"probe,linear,random,0,0,0,1.4,0.5\n", "line 2"),
+    (b"arm,probe,strategy,seed,round,fraction,labels_per_class,accuracy\n"
+     b"probe,linear,random,x,0,0.1,1.4,0.5\n", "line 2"),
     (b"arm,probe,strategy,seed,round,fraction,labels_per_class,accuracy\nprobe,linear,random,0,0,0.1,1.4\n", "line 2"),
-    (b"arm,probe,strategy,seed,round,fraction,labels_per_class,accuracy\nprobe,linear,random,0,0,0.1,1.4,nan\n", "line 2"),
+    (b"arm,probe,strategy,seed,round,fraction,labels_per_class,accuracy\n"
+     b"probe,linear,random,0,0,0.1,1.4,nan\n", "line 2"),
     (b"arm,probe,strategy,seed,round,fraction,labels_per_class,accuracy\nprobe,linear,random,0,0,0.1,1.4,0.5\n"
      b"probe,linear,random,0,0,0.1,1.4,0.5\n", "repeats"),
-    (b"arm,probe,strategy,seed,round,fraction,labels_per_class,accuracy\nprobe,linear,random,0,1,0.1,1.4,0.5\n", "skips a round"),
+    (b"arm,probe,strategy,seed,round,fraction,labels_per_class,accuracy\n"
+     b"probe,linear,random,0,1,0.1,1.4,0.5\n", "skips a round"),
 ])
 def test_malformed_curve_csv_is_a_user_error(tmp_path, text, needle):
     from alssl.errors import UserError

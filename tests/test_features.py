@@ -109,7 +109,8 @@ def test_label_free_rule_and_cv_rule():
 
 
 def _fill_hf_cache(cache: Path, hub_id: str, state: dict) -> None:
-    """The layout `huggingface-cli download` leaves: models--ORG--NAME/{refs/main, snapshots/<rev>/model.safetensors}."""
+    """The layout `huggingface-cli download` leaves:
+    models--ORG--NAME/{refs/main, snapshots/<rev>/model.safetensors}."""
     from safetensors.torch import save_file
 
     repo = cache / f"models--{hub_id.replace('/', '--')}"
@@ -162,7 +163,8 @@ def test_features_add_timm_from_the_hub_cache_end_to_end(tmp_path, monkeypatch):
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert_user_error(run_cli("features", str(run), "--add", "timm:test_vit", "--init", "hub", env=env),
                       "not in the local cache", "models--timm--test_vit.r160_in1k")
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before and not (run / "feature_sets.json").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before \
+            and not (run / "feature_sets.json").exists()
     _fill_hf_cache(tmp_path / "hf", "timm/test_vit.r160_in1k", timm.create_model("test_vit").state_dict())
     out = _json(run_cli("features", str(run), "--add", "timm:test_vit", "--init", "hub", env=env))
     assert out["added"] == "timm:test_vit" and set(out["features"]) == {"start", "timm:test_vit"}
@@ -186,7 +188,8 @@ def test_fine_tune_reports_its_probe_baseline_and_export_can_take_either(two_set
 
     run = tmp_path / "run"
     shutil.copytree(two_sets, run)
-    r = run_cli("semi-finetune", str(run), "--method", "fixmatch", "--steps", "3", "--batch-size", "8", "--mu", "2", "-q")
+    r = run_cli("semi-finetune", str(run), "--method", "fixmatch", "--steps", "3", "--batch-size", "8",
+                "--mu", "2", "-q")
     res = _json(r)
     assert res["features"] == "rand" and 0 <= res["probe_accuracy"] <= 1  # started from the set in use; its baseline
     assert ("below the linear probe's" in r.stderr) == (res["accuracy"] < res["probe_accuracy"])
@@ -213,7 +216,8 @@ def test_minutes_budget_stops_resumably(two_sets, tmp_path):
     for r in ("c", "d"):
         shutil.copytree(two_sets, tmp_path / r)
     res = _json(run_cli(semi[0], str(tmp_path / "c"), *semi[1:], "--minutes", "0.00001"))
-    assert res["stopped_at"] == 1 and res["accuracy"] is None and not list((tmp_path / "c" / "semi").glob("*/result.json"))
+    assert res["stopped_at"] == 1 and res["accuracy"] is None \
+            and not list((tmp_path / "c" / "semi").glob("*/result.json"))
     done = [_json(run_cli(semi[0], str(tmp_path / r), *semi[1:])) for r in "cd"]
     assert done[0] == done[1]
     assert_user_error(run_cli("pretrain", "--data", "digits", "--out", str(tmp_path / "e"), "--minutes", "0"),

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from alssl.data import PoolReader, load_dataset
-from alssl.data.folder import DiskPool, build_pool, decode_files, folder_changes, parse_classes, resolve_classes, scan_folder
+from alssl.data.folder import (DiskPool, build_pool, decode_files, folder_changes, parse_classes, resolve_classes,
+                               scan_folder)
 from alssl.data.images import load_image
 from alssl.errors import UserError
 
@@ -70,7 +71,8 @@ def test_jpeg_draft_decoding_is_close_to_a_full_decode(tmp_path):
 
     big = np.asarray(Image.fromarray(rgb(60, 80)).resize((800, 600), Image.BICUBIC))
     Image.fromarray(big).save(tmp_path / "big.jpg", quality=95)
-    ref = np.asarray(transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32)])(Image.open(tmp_path / "big.jpg")))
+    ref = np.asarray(transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32)])
+                     (Image.open(tmp_path / "big.jpg")))
     diff = np.abs(load_image(tmp_path / "big.jpg", 32, 3).astype(int) - ref.astype(int))
     assert diff.mean() < 4  # the 1/8-scale DCT decode differs from full decode + resize by a few grey levels
     assert diff.max() > 0
@@ -220,7 +222,8 @@ def test_jpeg_pool_above_64px_reads_back_close_to_raw(tmp_path):
     idx = np.array([5, 3, 4, 39, 3, 0, -1])
     assert np.array_equal(pool[idx], x[idx]) and np.array_equal(pool[10:20], x[10:20])
     assert np.array_equal(pool[7], x[7]) and np.array_equal(pool[-1], x[39]) and np.array_equal(pool[::7], x[::7])
-    threaded, inline = JpegPool(tmp_path / "pool", 40, 72, 3, threads=2), JpegPool(tmp_path / "pool", 40, 72, 3, threads=1)
+    threaded, inline = (JpegPool(tmp_path / "pool", 40, 72, 3, threads=2),
+                        JpegPool(tmp_path / "pool", 40, 72, 3, threads=1))
     assert np.array_equal(threaded[:], x) and np.array_equal(inline[:], x)  # decoding is deterministic
     assert tuple(PoolReader(pool)(np.array([2, 1])).shape) == (2, 3, 72, 72)
     import pickle
@@ -255,7 +258,8 @@ def test_pool_format_change_is_detected_and_a_rebuild_keeps_the_runs_format(tmp_
     with pytest.raises(UserError, match=r"not this run's pool \(its pixels are stored as raw, the run's as jpeg\)"):
         load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool", image_size=72, expect=expect)
     shutil.rmtree(tmp_path / "pool")  # the rebuild takes the run's format (not auto's), and the same bytes
-    again = load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool", image_size=72, expect=expect, pool_format="raw")
+    again = load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool", image_size=72, expect=expect,
+                         pool_format="raw")
     assert again.fresh and (tmp_path / "pool" / "pixels.jpegs").read_bytes() == jpegs
     old_run = {k: v for k, v in expect.items() if k != "pool_format"}  # a run made before formats: raw rows
     shutil.rmtree(tmp_path / "pool")
@@ -282,7 +286,8 @@ def test_interrupted_jpeg_build_leaves_no_pool_and_reruns(tmp_path, monkeypatch)
     (tmp_path / "pool.partial" / "pixels.jpegs").write_bytes(b"stale")
     m = build_pool(tmp_path / "p", tmp_path / "pool", image_size=72, strict=False, workers=1, quiet=True)
     assert m["pool_format"] == "jpeg" and not (tmp_path / "pool.partial").exists()
-    assert sorted(p.name for p in (tmp_path / "pool").iterdir()) == ["manifest.json", "pixels-offsets.npy", "pixels.jpegs"]
+    assert sorted(p.name for p in (tmp_path / "pool").iterdir()) \
+            == ["manifest.json", "pixels-offsets.npy", "pixels.jpegs"]
     assert load_dataset(str(tmp_path / "p"), pool_dir=tmp_path / "pool").x_train[:].shape == (8, 72, 72, 3)
 
 
@@ -320,10 +325,12 @@ def test_a_run_on_a_jpeg_pool_through_the_cli(tmp_path):
 
     make_photos(tmp_path / "p", 12)
     run = tmp_path / "run"
-    r = run_cli("pretrain", "--data", str(tmp_path / "p"), "--out", str(run), "--image-size", "72", "--epochs", "0", "-q")
+    r = run_cli("pretrain", "--data", str(tmp_path / "p"), "--out", str(run), "--image-size", "72",
+                "--epochs", "0", "-q")
     assert r.returncode == 0, r.stderr
     data = json.loads((run / "state.json").read_text())["config"]["data"]
-    assert data["pool_format"] == data["pool"]["pool_format"] == "jpeg" and 'pool_format = "jpeg"' in (run / "run.toml").read_text()
+    assert data["pool_format"] == data["pool"]["pool_format"] == "jpeg" \
+            and 'pool_format = "jpeg"' in (run / "run.toml").read_text()
     jpegs = (run / "pool" / "pixels.jpegs").read_bytes()
     assert_user_error(run_cli("pretrain", "--data", str(tmp_path / "p"), "--out", str(run), "--image-size", "72",
                               "--epochs", "0", "-q", "--pool-format", "raw"), "--pool-format jpeg (not raw)")

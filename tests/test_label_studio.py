@@ -35,7 +35,8 @@ def run(tmp_path, digits, expected) -> Run:
     """The run the fixtures were exported for: round 0 labeled, round 1 (the tasks) open."""
     r = Run.create(tmp_path / "r", n_pool=digits.n_pool, config={"data": {"spec": "digits"}})
     r0 = np.asarray(expected["round0"])
-    r.add_labels(r0, digits.y_train[r0], round_meta={"strategy": "random", "budget": "10", "seed": 0, "source": "oracle"})
+    r.add_labels(r0, digits.y_train[r0],
+                 round_meta={"strategy": "random", "budget": "10", "seed": 0, "source": "oracle"})
     tasks = json.loads((FIXTURES / "tasks.json").read_text())
     r.state["open_query"] = {"round": 1, "budget": "10", "strategy": "random", "seed": 0, "probe": "linear",
                              "file": "queries/round-1.csv", "indices": sorted(t["data"]["alssl_index"] for t in tasks)}
@@ -71,7 +72,8 @@ def test_tasks_and_config_shape():
     pred = t["predictions"][0]
     assert pred["result"][0]["value"]["choices"][0] in [str(c) for c in range(10)] and 0 < pred["score"] <= 1
     cfg = labeling_config(["cat", 'say "hi" & <b>'])
-    assert '<Choice value="cat"/>' in cfg and '<Choice value="say &quot;hi&quot; &amp; &lt;b&gt;"/>' in cfg and 'name="label"' in cfg
+    assert '<Choice value="cat"/>' in cfg and '<Choice value="say &quot;hi&quot; &amp; &lt;b&gt;"/>' in cfg \
+            and 'name="label"' in cfg
 
 
 def _full_task(task_id, data, *choices_and_flags):
@@ -97,13 +99,17 @@ def _tasks_for(run) -> list[dict]:
 @pytest.mark.parametrize(
     "change, needles",
     [
-        (lambda t: t[0]["annotations"][0]["result"][0]["value"].update(choices=["zebra"]), ["task 1 (alssl_index", "unknown class 'zebra'"]),
+        (lambda t: t[0]["annotations"][0]["result"][0]["value"].update(choices=["zebra"]),
+         ["task 1 (alssl_index", "unknown class 'zebra'"]),
         (lambda t: t[1]["data"].update(alssl_index=3), ["task 2 (alssl_index 3)", "is not in the open query"]),
-        (lambda t: t.append(json.loads(json.dumps(t[2])) | {"id": 99}), ["task 99", "duplicate row", "first on task 3"]),
+        (lambda t: t.append(json.loads(json.dumps(t[2])) | {"id": 99}),
+         ["task 99", "duplicate row", "first on task 3"]),
         (lambda t: t[0].update(annotations=[]), ["task 1", "no annotation"]),
         (lambda t: t[0]["data"].update(alssl_index="x7"), ["task 1 (alssl_index x7)", "not an integer"]),
-        (lambda t: (t[0]["data"].pop("alssl_index"), t[0]["data"].update(image="/data/upload/1/cat.jpg")), ["task 1", "not an image of the pool"]),
-        (lambda t: t[0]["annotations"][0]["result"][0]["value"].update(choices=["1", "2"]), ["task 1", "2 classes chosen"]),
+        (lambda t: (t[0]["data"].pop("alssl_index"), t[0]["data"].update(image="/data/upload/1/cat.jpg")),
+         ["task 1", "not an image of the pool"]),
+        (lambda t: t[0]["annotations"][0]["result"][0]["value"].update(choices=["1", "2"]),
+         ["task 1", "2 classes chosen"]),
     ],
 )
 def test_malformed_export_imports_nothing(run, digits, tmp_path, change, needles):
@@ -170,7 +176,8 @@ def test_min_and_csv_records(digits, run):
         f"{i},{n},1,{n},x,{'' if n == 0 else '6'},2026\n" for n, i in enumerate(idx))
     rows, problems, _ = read_export(csv_text, "csv", dataset=digits, labeled=run.labeled_mask)
     assert len(rows) == len(idx) - 1 and len(problems) == 1
-    assert problems[0].startswith(f"task 0 (alssl_index {idx[0]}): no annotation (or only cancelled ones") and "JSON" in problems[0]
+    assert problems[0].startswith(f"task 0 (alssl_index {idx[0]}): no annotation (or only cancelled ones") \
+            and "JSON" in problems[0]
     # a cancelled_annotations count (what Label Studio writes for a skipped task) makes it a skip
     skipped = csv_text.replace("updated_at\n", "updated_at,cancelled_annotations\n").replace(",2026\n", ",2026,1\n", 1)
     rows, problems, _ = read_export(skipped, "csv", dataset=digits, labeled=run.labeled_mask)
@@ -179,7 +186,8 @@ def test_min_and_csv_records(digits, run):
 
 def test_any_accepts_an_export(tmp_path, digits):
     r = Run.create(tmp_path / "any", n_pool=digits.n_pool, config={"data": {"spec": "digits"}})
-    tasks = [_full_task(n + 1, {"image": "x", "alssl_index": i}, (str(digits.y_train[i]), False)) for n, i in enumerate([4, 8, 15])]
+    tasks = [_full_task(n + 1, {"image": "x", "alssl_index": i}, (str(digits.y_train[i]), False))
+             for n, i in enumerate([4, 8, 15])]
     assert import_labels(r, digits, _write(tmp_path, tasks), any_images=True) == 3
     assert Run.open(r.path).labels[[4, 8, 15]].tolist() == digits.y_train[[4, 8, 15]].tolist()
 
@@ -190,7 +198,8 @@ def test_fixtures_are_small():
 
 
 def test_export_without_a_label_field(digits, run):
-    records = [{"image": "x", "alssl_index": i, "id": n, "choice": "4"} for n, i in enumerate(run.state["open_query"]["indices"])]
+    records = [{"image": "x", "alssl_index": i, "id": n, "choice": "4"}
+               for n, i in enumerate(run.state["open_query"]["indices"])]
     with pytest.raises(UserError, match="no 'label' field"):
         read_export(json.dumps(records), "json", dataset=digits, labeled=run.labeled_mask)
 

@@ -57,8 +57,9 @@ class Server:
 
     def __init__(self, run_dir: Path, log: Path, timeout: float = 240):
         self.log = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "alssl", "label-ui", str(run_dir), "--port", "0", "--no-browser"],
-                                     stdout=subprocess.PIPE, stderr=self.log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen([sys.executable, "-m", "alssl", "label-ui", str(run_dir), "--port", "0",
+                                      "--no-browser"], stdout=subprocess.PIPE, stderr=self.log,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         line = self.proc.stdout.readline().decode().strip() if ready else ""
         if not line.startswith("http://127.0.0.1:"):
@@ -72,7 +73,8 @@ class Server:
         if token is not None:
             url += ("&" if "?" in path else "?") + "token=" + (self.token if token == "yes" else token)
         req = urllib.request.Request(url, data=None if data is None else json.dumps(data).encode(),
-                                     headers={"Content-Type": "application/json"}, method="GET" if data is None else "POST")
+                                     headers={"Content-Type": "application/json"},
+                                     method="GET" if data is None else "POST")
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
                 return r.status, r.read(), r.headers.get("Content-Type", "")
@@ -104,8 +106,9 @@ def _token_required_and_no_traversal(server: Server, run_dir: Path) -> None:
     first = q["items"][0]["index"]
     labeled = next(i for i, r in enumerate(_state(run_dir)["labeled_round"]) if r == 0)
     # 403 without the token, or with a wrong one, on the page, every API route and the images
-    for path, data in [("/", None), ("/api/query", None), (f"/img/{first}", None), ("/api/label", {"index": first, "label": "1"}),
-                       ("/api/submit", {}), ("/api/next", {}), ("/img/..%2F..%2Fstate.json", None), ("/state.json", None)]:
+    for path, data in [("/", None), ("/api/query", None), (f"/img/{first}", None),
+                       ("/api/label", {"index": first, "label": "1"}), ("/api/submit", {}), ("/api/next", {}),
+                       ("/img/..%2F..%2Fstate.json", None), ("/state.json", None)]:
         for token in (None, "wrong" + server.token[5:], ""):
             assert server.request(path, data, token=token)[0] == 403, (path, token)
     assert server.request("/static/app.js", token=None)[0] == 200  # the script holds no secret
@@ -155,7 +158,8 @@ def test_api_token_traversal_kill9_409_submit_once_next(run_dir, tmp_path):
         assert {it["index"]: it["label"] for it in q["items"]} == {i: (want[i] if i in idx[:3] else None) for i in idx}
         before = (run_dir / "state.json").read_bytes()
         status, res = s.json("/api/submit", {})
-        assert status == 409 and sorted(m["index"] for m in res["missing"]) == sorted(idx[3:]) and "nothing" in res["error"]
+        assert status == 409 and sorted(m["index"] for m in res["missing"]) == sorted(idx[3:]) \
+                and "nothing" in res["error"]
         assert (run_dir / "state.json").read_bytes() == before
         for i in idx[3:]:
             assert s.json("/api/label", {"index": i, "label": want[i]})[0] == 200
@@ -172,14 +176,16 @@ def test_api_token_traversal_kill9_409_submit_once_next(run_dir, tmp_path):
         st = _state(run_dir)
         assert st["open_query"] is None and len(st["rounds"]) == 2 and st["rounds"][1]["n"] == BUDGET
         assert [st["labels"][i] for i in idx] == [int(want[i]) for i in idx]
-        assert [st["labeled_round"][i] for i in idx] == [1] * BUDGET and sum(r >= 0 for r in st["labeled_round"]) == 10 + BUDGET
+        assert [st["labeled_round"][i] for i in idx] == [1] * BUDGET \
+                and sum(r >= 0 for r in st["labeled_round"]) == 10 + BUDGET
         assert s.json("/api/submit", {})[1]["already_imported"] is True
         assert s.json("/api/label", {"index": idx[0], "label": "1"})[0] == 409  # the round is closed
         assert s.json("/api/query")[1]["status"] == "imported"
         # then the page offers the next query: same strategy and budget
         status, nq = s.json("/api/next", {})
         assert status == 200 and nq["round"] == 2 and nq["status"] == "open" and len(nq["items"]) == BUDGET
-        assert _state(run_dir)["open_query"]["strategy"] == "random" and not set(idx) & {it["index"] for it in nq["items"]}
+        assert _state(run_dir)["open_query"]["strategy"] == "random" \
+                and not set(idx) & {it["index"] for it in nq["items"]}
         # another process closes the round meanwhile: the page can no longer label or import it
         from alssl.data import load_dataset
         from alssl.rounds import ORACLE, import_labels
@@ -287,7 +293,8 @@ def chrome(tmp_path: Path):
     opts.binary_location = binary
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}", "--window-size=1200,900"):
+                 "--disable-dev-shm-usage", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}",
+                 "--window-size=1200,900"):
         opts.add_argument(flag)
     return webdriver.Chrome(service=Service(driver), options=opts)
 
@@ -373,7 +380,8 @@ def test_browser_labels_with_keys_reload_undo_skip_submit(run_dir, tmp_path):
         d.find_element(By.ID, "submit").click()
         wait.until(lambda _: d.find_element(By.ID, "done").is_displayed())
         assert in_view("done") and in_view("next")  # the confirmation is where the user is looking
-        assert f"Imported {BUDGET - 1} labels for round 1 (1 skipped as none of these)" in d.find_element(By.ID, "done-text").text
+        assert f"Imported {BUDGET - 1} labels for round 1 (1 skipped as none of these)" \
+                in d.find_element(By.ID, "done-text").text
         st = _state(run_dir)
         assert st["open_query"] is None and len(st["rounds"]) == 2 and st["rounds"][1]["skipped"] == [idx[4]]
         assert {i: str(st["labels"][i]) for i in idx if i != idx[4]} == {i: k for i, k in keys.items() if i != idx[4]}

@@ -175,7 +175,8 @@ def test_bad_inputs_on_an_existing_pool_run(photos, tmp_path):
     small = tmp_path / "small"
     make_photo_folder(small, 40, corrupt=0)
     run = tmp_path / "run"
-    r = run_cli_inprocess("pretrain", "--data", str(small), "--out", str(run), "--epochs", "0", "--classes", "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck")
+    r = run_cli_inprocess("pretrain", "--data", str(small), "--out", str(run), "--epochs", "0",
+                          "--classes", "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck")
     assert r.returncode == 0, r.stderr
     _refused(["predict", str(run), "--data", str(small), "--out", str(tmp_path / "p.csv")], run, "no labels yet")
     _refused(["export", str(run), "--out", str(tmp_path / "m")], run, "no labels yet")
@@ -184,10 +185,12 @@ def test_bad_inputs_on_an_existing_pool_run(photos, tmp_path):
     q = run_cli_inprocess("query", str(run), "--budget", "5")
     assert q.returncode == 0, q.stderr
     (tmp_path / "l.csv").write_text("id,label\nnot/in/pool.jpg,cat\n")
-    _refused(["label", str(run), "--from", str(tmp_path / "l.csv")], run, "'not/in/pool.jpg' is not an image of the pool")
+    _refused(["label", str(run), "--from", str(tmp_path / "l.csv")], run,
+             "'not/in/pool.jpg' is not an image of the pool")
     first = list(csv.DictReader(open(q.stdout.strip())))[0]["id"]
     (tmp_path / "l.csv").write_text(f"id,label\n{first},kat\n")
-    _refused(["label", str(run), "--from", str(tmp_path / "l.csv")], run, "unknown class 'kat' (did you mean \"cat\"?)", "airplane, automobile")
+    _refused(["label", str(run), "--from", str(tmp_path / "l.csv")], run,
+             "unknown class 'kat' (did you mean \"cat\"?)", "airplane, automobile")
     _refused(["curve", "--data", str(small), "--out", str(tmp_path / "c"), "--strategies", "random", "--budgets", "5"],
              tmp_path / "c", "unlabeled image folder")
     (small / "trip" / "added.png").write_bytes((small / "img_00000.png").read_bytes())

@@ -21,7 +21,8 @@ def _ten_percent(y: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).choice(len(y), size=len(y) // 10, replace=False)
 
 
-@pytest.mark.parametrize("kind,kernel,floor", [("linear", "linear", 0.87), ("svm", "linear", 0.82), ("svm", "rbf", 0.84)])
+@pytest.mark.parametrize("kind,kernel,floor", [("linear", "linear", 0.87), ("svm", "linear", 0.82),
+                                               ("svm", "rbf", 0.84)])
 def test_probe_accuracy_on_digits_with_ten_percent_labels(digits, kind, kernel, floor):
     xtr, ytr, xte, yte = digits
     idx = _ten_percent(ytr)
@@ -72,7 +73,8 @@ def test_single_class_predicts_that_class(kind):
 
 
 def test_empty_labeled_set_names_the_fix():
-    with pytest.raises(UserError, match=r"no labeled samples yet; run `alssl query RUN --budget \.\.\. --strategy random`"):
+    with pytest.raises(UserError,
+                       match=r"no labeled samples yet; run `alssl query RUN --budget \.\.\. --strategy random`"):
         fit_probe("linear", np.zeros((0, 4), np.float32), np.zeros(0, np.int64), num_classes=3)
 
 

@@ -177,7 +177,8 @@ WORKER_SCRIPT = textwrap.dedent("""
         return real(path, size, channels, draft)
 
     images.decode_image = slow_decode
-    decode_files(root, sorted(p.name for p in root.iterdir()), dest=dest, image_size=8, workers=2, label="t", quiet=True)
+    decode_files(root, sorted(p.name for p in root.iterdir()), dest=dest, image_size=8, workers=2, label="t",
+                 quiet=True)
 """)
 
 
@@ -219,7 +220,8 @@ def test_decoding_workers_die_with_a_killed_parent(tmp_path):
     assert not left, f"workers {left} outlived their killed parent"
 
 
-# ---------------------------------------------------------------- 6. damaged fine-tune state, ProbCover cache; 10. metrics
+# ---------------------------------------------------------------- 6. damaged fine-tune state, ProbCover cache;
+# 10. metrics
 from test_bad_inputs import base_run, run_dir  # noqa: E402,F401 - the digits run fixtures (one round labeled, one open)
 
 
@@ -412,7 +414,8 @@ def test_odd_file_names_round_trip_through_query_label_and_the_page(tmp_path):
     tasks = json.loads((tmp_path / "ls" / "tasks.json").read_bytes().decode("utf-8"))
     for k, t in enumerate(tasks):
         t |= {"id": k + 1, "annotations": [{"id": k + 1, "result": [{"from_name": "label", "to_name": "image",
-                                                                      "type": "choices", "value": {"choices": ["cat"]}}]}]}
+                                                                      "type": "choices",
+                                                                      "value": {"choices": ["cat"]}}]}]}
     (tmp_path / "export.json").write_text(json.dumps(tasks))
     r = run_cli("label", str(run), "--from", str(tmp_path / "export.json"))
     assert r.returncode == 0, r.stderr

@@ -21,7 +21,8 @@ def digits():
 @pytest.fixture
 def run_with_query(tmp_path, digits):
     run = Run.create(tmp_path / "r", n_pool=len(digits.y_train), config={"data": {"spec": "digits"}})
-    run.add_labels(np.array([0]), digits.y_train[[0]], round_meta={"strategy": "random", "budget": "1", "seed": 0, "source": "oracle"})
+    run.add_labels(np.array([0]), digits.y_train[[0]],
+                   round_meta={"strategy": "random", "budget": "1", "seed": 0, "source": "oracle"})
     run.state["open_query"] = {"round": 1, "budget": "3", "strategy": "random", "seed": 0, "probe": "linear",
                                "file": "queries/round-1.csv", "indices": [5, 9, 12]}
     run.save_state()
@@ -129,7 +130,8 @@ def test_skip_value_marks_images_skipped(digits, run_with_query, tmp_path, monke
     assert run.state["rounds"][1]["n"] == 1 and run.state["rounds"][1]["skipped"] == [9, 12]
     assert run.labeled_round[[5, 9, 12]].tolist() == [1, -1, -1] and run.skipped_mask.sum() == 2
     assert run.state["rounds"][1]["source"] == str(f)  # outside the run: as given
-    for bad, needle in [([9, 0], "holds 0, which is labeled"), ([9, 9, 12], "skipped twice"), (["9"], "not a pool index")]:
+    for bad, needle in [([9, 0], "holds 0, which is labeled"), ([9, 9, 12], "skipped twice"),
+                        (["9"], "not a pool index")]:
         st = json.loads((run.path / "state.json").read_text())
         st["rounds"][1]["skipped"] = bad
         assert needle in state_problem(st), bad
@@ -138,7 +140,8 @@ def test_skip_value_marks_images_skipped(digits, run_with_query, tmp_path, monke
 
     emb = np.random.default_rng(0).random((len(digits.y_train), 4), np.float32)
     monkeypatch.setattr(alssl.feature_sets, "pool_features", lambda path, ds, ckpt=None: (emb, None))
-    monkeypatch.setattr(alssl.feature_sets, "choose", lambda run, ds: alssl.feature_sets.Choice("ssl", "test", Path("x")))
+    monkeypatch.setattr(alssl.feature_sets, "choose",
+                        lambda run, ds: alssl.feature_sets.Choice("ssl", "test", Path("x")))
     free = np.flatnonzero(~run.labeled_mask & ~run.skipped_mask)
     query(run, digits, budget=str(len(free)), strategy="random", seed=0)
     picked = Run.open(run.path).state["open_query"]["indices"]

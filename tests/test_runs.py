@@ -23,7 +23,8 @@ def test_run_state_roundtrip_and_rounds(tmp_path):
     run = Run.create(tmp_path / "r", n_pool=5, config={"data": {"spec": "digits"}})
     import numpy as np
 
-    run.add_labels(np.array([3, 1]), np.array([7, 2]), round_meta={"strategy": "random", "budget": "2", "seed": 0, "source": "oracle"})
+    run.add_labels(np.array([3, 1]), np.array([7, 2]),
+                   round_meta={"strategy": "random", "budget": "2", "seed": 0, "source": "oracle"})
     run.save_state()
     again = Run.open(tmp_path / "r")
     assert again.labeled_indices.tolist() == [1, 3]
@@ -137,8 +138,8 @@ def _good_state() -> dict:
     return {"format_version": FORMAT_VERSION, "config": {"data": {"spec": "digits"}}, "n_pool": 4,
             "labeled_round": [0, -1, 0, -1], "labels": [3, -1, 1, -1],
             "rounds": [{"round": 0, "n": 2, "strategy": "random", "budget": "2", "seed": 0, "source": "oracle"}],
-            "open_query": {"round": 1, "file": "queries/round-1.csv", "indices": [1], "budget": "1", "strategy": "random",
-                           "seed": 0, "probe": "linear"},
+            "open_query": {"round": 1, "file": "queries/round-1.csv", "indices": [1], "budget": "1",
+                           "strategy": "random", "seed": 0, "probe": "linear"},
             "stages": {"pretrain": {"epochs": 0}}}
 
 

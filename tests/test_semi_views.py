@@ -130,4 +130,5 @@ def test_equalize_takes_non_contiguous_tensors():
     ref = RA_OPS["equalize"][0](u.contiguous(), torch.zeros(4))
     assert torch.equal(RA_OPS["equalize"][0](u, torch.zeros(4)), ref)
     strided = u[:, :, ::2, ::2]
-    assert torch.equal(RA_OPS["equalize"][0](strided, torch.zeros(4)), RA_OPS["equalize"][0](strided.contiguous(), torch.zeros(4)))
+    assert torch.equal(RA_OPS["equalize"][0](strided, torch.zeros(4)),
+                       RA_OPS["equalize"][0](strided.contiguous(), torch.zeros(4)))

@@ -28,7 +28,8 @@ FACTOR = 3
 
 
 def predicted_classes(ctx: AcquisitionContext, rows: np.ndarray) -> np.ndarray:
-    """[len(rows)] int64: the linear probe's class for each row, or its k-means cluster before two classes are labeled."""
+    """[len(rows)] int64: the linear probe's class for each row, or its k-means cluster before two classes are
+    labeled."""
     labeled = np.flatnonzero(ctx.labeled)
     y = np.asarray(ctx.labels)[labeled]
     if len(np.unique(y)) >= 2:

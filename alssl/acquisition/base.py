@@ -63,7 +63,8 @@ FEATURE_CHUNK = 32768  # rows per block read from the embeddings (64 MiB at D = 
 def feature_chunks(ctx: AcquisitionContext, rows: np.ndarray | None = None, *, normalise: bool = False,
                    chunk: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The one accessor every strategy reads its features through: (row indices [n], float32 block [n, D]) over
-    the whole pool (`rows=None`, in order) or the given rows, `chunk` (default FEATURE_CHUNK) rows at a time, optionally L2-normalised.
+    the whole pool (`rows=None`, in order) or the given rows, `chunk` (default FEATURE_CHUNK) rows at a time,
+    optionally L2-normalised.
 
     Only one block is in memory at a time, so a memory-mapped `ctx.embeddings` is read from disk block by block."""
     n, chunk = len(ctx.embeddings), chunk or FEATURE_CHUNK

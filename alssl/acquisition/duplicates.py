@@ -4,7 +4,8 @@ Two pool images are near-duplicates when the cosine similarity of their features
 least τ (`duplicate_tau`, default TAU = 0.98). Centring matters: ReLU features are all positive, so raw cosines
 of unrelated images are high (with raw cosines, the folder test of 16 noise photos, 6 saved twice, on a
 random-init CNN got a query holding only 14 of the 16 photos: unrelated ones counted as copies); centred, exact
-copies still score 1 and unrelated images spread around 0. Lower τ for re-encodes and crops, raise it for finer classes. The
+copies still score 1 and unrelated images spread around 0.
+Lower τ for re-encodes and crops, raise it for finer classes. The
 groups are the connected components of that relation (faiss range search on L2-normalised features: exact up to
 EXACT_MAX_N = 50,000 points; above, an inverted-file index with 4·√N lists and 16 probed, which finds pairs that
 close with high probability; no N×N matrix either way). They belong to the feature set: computed once, kept in

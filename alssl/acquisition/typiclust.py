@@ -9,7 +9,8 @@ On L2-normalised embeddings (as the official code loads its self-supervised feat
    unlabeled point, typicality(x) = 1 / (mean L2 distance to its k nearest neighbours + 1e-5) computed among the
    cluster's unlabeled points with k = min(20, n_cluster_unlabeled // 2) (faiss exact kNN).
 Typicality uses the mean L2 distance, as the paper writes it; the official code averages faiss's SQUARED L2
-distances, which can order points differently. The cluster order is re-evaluated after every pick, so once every cluster holds a sample the next round of picks
+distances, which can order points differently. The cluster order is re-evaluated after every pick, so once every
+cluster holds a sample the next round of picks
 again starts from the least covered, largest clusters (the paper's rule; the official code cycles once through
 the initial order, which gives the same picks until every cluster is covered).
 
@@ -21,7 +22,8 @@ seedings tried on a 15,000-point subset, the best run once, as MiniBatchKMeans' 
 sees one; then every pool point is assigned to its nearest centroid, block by block. Everything after the
 clustering is the same code for both backends, so the picks differ only where the two clusterings differ
 (`tests/test_acquisition.py` checks equal picks on separated blobs). Cluster ids are renamed in the order of
-their first member, so equal-size clusters are visited in the same order whichever k-means numbered them. Features are read block by block through
+their first member, so equal-size clusters are visited in the same order whichever k-means numbered them.
+Features are read block by block through
 `feature_chunks`; a cluster with more than MAX_TYPICALITY_POINTS unlabeled points computes typicality on a random
 subsample of that many (a cluster that size only occurs with few clusters on a big pool; never at N ≤ 50k with
 the default K cap).

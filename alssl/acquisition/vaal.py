@@ -134,19 +134,22 @@ def vaal_select(ctx: AcquisitionContext, budget: int, rng: np.random.Generator) 
     require_labels(ctx, "vaal")
     images = ctx.images
     if images is None:
-        raise UserError("strategy vaal needs the training images; pass images= (uint8 [N, H, W, C]) or pick another strategy")
+        raise UserError("strategy vaal needs the training images; "
+                        "pass images= (uint8 [N, H, W, C]) or pick another strategy")
     if not hasattr(images, "shape"):  # an array or an on-disk DiskPool (read batch by batch) stay as they are
         images = np.asarray(images)
     if images.ndim == 3:
         images = np.asarray(images)[..., None]
     if images.ndim != 4 or len(images) != len(ctx.labeled) or images.shape[-1] not in (1, 3):
-        raise UserError(f"vaal images must be uint8 [N, H, W, C] with N={len(ctx.labeled)} and C in (1, 3) (got {images.shape})")
+        raise UserError(f"vaal images must be uint8 [N, H, W, C] with N={len(ctx.labeled)} and C in (1, 3) "
+                        f"(got {images.shape})")
     epochs = option(ctx, "vaal_epochs", 2, float)
     batch = option(ctx, "vaal_batch_size", 64, int)
     width = option(ctx, "vaal_width", 32, int)
     device = torch.device(option(ctx, "device", "cuda" if torch.cuda.is_available() else "cpu", str))
     if epochs <= 0 or batch < 1 or width < 1:
-        raise UserError(f"vaal needs vaal_epochs > 0, vaal_batch_size >= 1, vaal_width >= 1 (got {epochs}, {batch}, {width})")
+        raise UserError("vaal needs vaal_epochs > 0, vaal_batch_size >= 1, vaal_width >= 1 "
+                        f"(got {epochs}, {batch}, {width})")
     size = max(8, 2 ** math.ceil(math.log2(max(images.shape[1:3]))))
     flips = images.shape[-1] == 3  # the official CIFAR dataset flips; 1-channel glyphs are not mirror-symmetric
     lab, unl = np.flatnonzero(ctx.labeled), ctx.unlabeled_indices

@@ -270,9 +270,10 @@ def run_dataset(run, *, quiet: bool = True) -> Dataset:
     rebuilt from the folder if it was deleted: call it under `run_lock(run.path)`)."""
     cfg = run.data_config
     dataset = load_dataset(cfg["spec"], imbalance=cfg.get("imbalance"), seed=cfg.get("seed", 0), test=cfg.get("test"),
-                           classes=cfg.get("classes"), image_size=cfg.get("image_size"), strict=cfg.get("strict", False),
-                           pool_dir=run.path / "pool", quiet=quiet, expect=cfg.get("pool"),
-                           jpeg_draft=cfg.get("jpeg_draft", True), pool_format=cfg.get("pool_format"))
+                           classes=cfg.get("classes"), image_size=cfg.get("image_size"),
+                           strict=cfg.get("strict", False), pool_dir=run.path / "pool", quiet=quiet,
+                           expect=cfg.get("pool"), jpeg_draft=cfg.get("jpeg_draft", True),
+                           pool_format=cfg.get("pool_format"))
     if dataset.n_pool != run.n_pool:
         raise UserError(f"the data {cfg['spec']} no longer matches {run.path} ({dataset.n_pool} vs {run.n_pool} "
                         f"samples); restore the data or start a new run")

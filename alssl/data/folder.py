@@ -107,7 +107,8 @@ class DiskPool(_PoolFile):
         try:
             with open(self.path, "rb") as f:
                 version = np.lib.format.read_magic(f)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
                 shape, fortran, dtype = read_header(f)
                 self.offset = f.tell()
         except OSError as exc:
@@ -598,8 +599,8 @@ def manifest_problem(m) -> str | None:
         return "pool must be a non-empty list of paths"
     if len(set(pool)) != len(pool):
         return "pool lists a path twice"
-    if not isinstance(skipped, list) or not all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r)
-                                                for r in skipped):
+    if not isinstance(skipped, list) or not all(isinstance(r, list) and len(r) == 2
+                                                and all(isinstance(x, str) for x in r) for r in skipped):
         return "skipped must be a list of [path, reason]"
     for key in ("mean", "std"):
         v = m[key]
@@ -627,7 +628,8 @@ def identity_problem(m: dict, expect: dict) -> str | None:
     if expect.get("content_sha256") and m.get("content_sha256") != expect["content_sha256"]:
         return "the same number of files, but their names or contents differ from the run's"
     if m.get("pool_format", "raw") != expect.get("pool_format", "raw"):
-        return f"its pixels are stored as {m.get('pool_format', 'raw')}, the run's as {expect.get('pool_format', 'raw')}"
+        return (f"its pixels are stored as {m.get('pool_format', 'raw')}, "
+                f"the run's as {expect.get('pool_format', 'raw')}")
     return None
 
 
@@ -709,7 +711,8 @@ def parse_classes(text: str) -> list[str]:
         if any(not c for c in names):
             raise UserError(f"--classes {text!r} has an empty name; write them like --classes cat,dog,bird")
     if not names:
-        raise UserError(f"--classes {text!r} names no class; write them like --classes cat,dog or --classes @classes.txt")
+        raise UserError(f"--classes {text!r} names no class; "
+                        "write them like --classes cat,dog or --classes @classes.txt")
     if "__skip__" in names:
         raise UserError("--classes may not name a class __skip__: that label marks an image as \"none of these\" "
                         "(skipped); rename the class")
@@ -745,7 +748,8 @@ def resolve_classes(classes: list[str] | None, test_dir: Path | None) -> list[st
 
 
 def load_test_folder(test_dir: Path, pool_dir: Path, *, classes: list[str], image_size: int, channels: int,
-                     workers: int | None = None, quiet: bool = True, draft: bool = True) -> tuple[np.ndarray, np.ndarray, list]:
+                     workers: int | None = None, quiet: bool = True,
+                     draft: bool = True) -> tuple[np.ndarray, np.ndarray, list]:
     """Labeled test images (uint8 [M, S, S, C], int64 [M]) cached in `pool_dir/test.npz`; rebuilt when the test
     folder changed. Returns (x, y, skipped (abs path, reason))."""
     files = []

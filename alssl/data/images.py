@@ -77,7 +77,8 @@ def load_image(path: str | Path, size: int, channels: int, draft: bool = True) -
     return decode_image(path, size, channels, draft)[0]
 
 
-def decode_image(path: str | Path | io.BytesIO, size: int, channels: int, draft: bool = True) -> tuple[np.ndarray, bool]:
+def decode_image(path: str | Path | io.BytesIO, size: int, channels: int,
+                 draft: bool = True) -> tuple[np.ndarray, bool]:
     """(uint8 [size, size, channels] pixels, whether the file is grayscale) of one image file; `draft=False`
     decodes JPEGs at full size (step 1 off)."""
     from PIL import Image, ImageOps
@@ -104,7 +105,8 @@ def decode_image(path: str | Path | io.BytesIO, size: int, channels: int, draft:
     return (a[..., None] if a.ndim == 2 else a), gray
 
 
-# ---------------------------------------------------------------- worker tasks (spawned processes import only numpy + PIL)
+# ---------------------------------------------------------------- worker tasks
+# (spawned processes import only numpy + PIL)
 def peek_chunk(args: tuple[str, list[str]]) -> list[tuple[int, int, str] | str]:
     """Header of each file: (width, height, mode), or the reason it cannot be read."""
     from PIL import Image

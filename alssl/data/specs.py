@@ -217,7 +217,8 @@ def load_cifar10(spec: str, root: Path) -> Dataset:
                             f"replace it with the original CIFAR-10 batch")
         y = np.asarray(d["labels"])
         if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(x):
-            raise UserError(f"{path}: labels must be a list of {len(x)} integer class ids (got {str(d['labels'])[:40]}); "
+            raise UserError(f"{path}: labels must be a list of {len(x)} integer class ids "
+                            f"(got {str(d['labels'])[:40]}); "
                             f"replace it with the original CIFAR-10 batch")
         return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y  # [N, 32, 32, 3]
 

@@ -52,7 +52,8 @@ def read_label_rows(path: Path, *, dataset, labeled: np.ndarray, labels: np.ndar
 def read_label_file(path: Path) -> str:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"label file {path} does not exist; pass the CSV you filled in (header id,label or index,label)")
+        raise UserError(f"label file {path} does not exist; "
+                        "pass the CSV you filled in (header id,label or index,label)")
     try:  # file names that are not UTF-8 come back exactly as the query CSV wrote them (runs.atomic_write_text)
         return path.read_text(encoding="utf-8-sig", errors="surrogateescape")
     except (OSError, UnicodeDecodeError) as exc:
@@ -66,7 +67,8 @@ def read_label_csv(text: str) -> list[Row]:
         header = [h.strip().lower() for h in next(reader, [])]
         if header not in LABEL_HEADERS:
             raise UserError(f"label file must start with a header `index,label`, `id,label` or `index,id,label` (the "
-                            f"query CSV with a label column), or be a Label Studio export (found {','.join(header)[:80] or 'nothing'}); "
+                            f"query CSV with a label column), or be a Label Studio export "
+                            f"(found {','.join(header)[:80] or 'nothing'}); "
                             f"add the header")
         rows = []
         for line_no, row in enumerate(reader, start=2):
@@ -143,7 +145,8 @@ def _full_task(t: dict, n: int) -> dict:
     """One task of the JSON export: its data and the choice of its latest non-cancelled annotation."""
     where = f"task {str(t.get('id', f'#{n}'))[:40]}"
     if not isinstance(t.get("data"), dict):
-        return {"where": where, "data": {}, "label": None, "problem": "its data is not an object (not a Label Studio task)"}
+        return {"where": where, "data": {}, "label": None,
+                "problem": "its data is not an object (not a Label Studio task)"}
     anns = [a for a in _list(t.get("annotations")) if isinstance(a, dict)]
     live = [a for a in anns if not a.get("was_cancelled")]
     if not live:
@@ -276,6 +279,7 @@ def _rows(tasks: list[dict], *, dataset, labeled: np.ndarray, labels: np.ndarray
     notes = []
     if skipped:
         notes.append(f"skipped {skipped} Label Studio task(s) of images that earlier rounds already imported"
-                     + (f" ({changed} with a different label there now: alssl keeps the imported one)" if changed else ""))
+                     + (f" ({changed} with a different label there now: alssl keeps the imported one)"
+                        if changed else ""))
     return rows, problems, notes
 

@@ -3,7 +3,8 @@
 Routes (every one but /static/* answers 403 without `?token=T` or an `X-Alssl-Token: T` header):
 
     GET  /                  the page (alssl/labeling/static/index.html)
-    GET  /api/query         {"round", "classes", "items": [{"index", "id", "image", "suggestion", "score", "label"}], ...}
+    GET  /api/query         {"round", "classes", "items": [{"index", "id", "image", "suggestion", "score", "label"}],
+                            ...}
     POST /api/label         {"index": i, "label": "dog"}   (label null clears it)
     POST /api/submit        200 + the import summary, or 409 + the missing / invalid items (nothing imported)
     POST /api/next          opens the next query (same strategy and budget); answers like /api/query
@@ -187,7 +188,8 @@ def serve_page(session: LabelSession, sock: socket.socket, host: str, *, browser
     say(url, False)
     say(f"# round {session.round}: {len(session.labels())} / {len(session.indices)} labeled; every label is saved at "
         f"once to {session.partial}; Ctrl-C stops the server", True)
-    if browser and (sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+    if browser and (sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY")
+                    or os.environ.get("WAYLAND_DISPLAY")):
         import threading
         import webbrowser
 

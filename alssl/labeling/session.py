@@ -92,7 +92,8 @@ def read_partial(path: Path, indices: list[int]) -> dict[int, str]:
     except csv.Error:
         rows, bad = [], 1
     for row in rows[1:]:
-        if len(row) == 3 and row[0].strip().isascii() and row[0].strip().isdigit() and int(row[0]) in wanted and row[2].strip():
+        if len(row) == 3 and row[0].strip().isascii() and row[0].strip().isdigit() and int(row[0]) in wanted \
+                and row[2].strip():
             out[int(row[0])] = row[2].strip()
         elif any(c.strip() for c in row):
             bad += 1

@@ -34,7 +34,8 @@ def labeling_config(classes: list[str]) -> str:
     always_double = {'"': "&quot;"}  # quoteattr would switch to single quotes around a name with a double quote
     choices = "\n".join(f"    <Choice value={quoteattr(c, always_double)}/>" for c in classes)
     return (f'<View>\n  <Header value="$alssl_id"/>\n  <Image name="{TO_NAME}" value="$image" zoom="true"/>\n'
-            f'  <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single-radio" showInline="true" required="true">\n'
+            f'  <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single-radio" showInline="true" '
+            'required="true">\n'
             f"{choices}\n  </Choices>\n</View>\n")
 
 
@@ -111,7 +112,9 @@ def write_tasks(run, dataset, out: Path, *, classes: list[str], document_root: P
 
 def how_to_import(res: dict, run_dir, has_classes: bool) -> str:
     """What to do with `write_tasks`'s files in Label Studio, and how the export comes back (docs/labeling.md)."""
-    return (f"Label Studio: start it with LOCAL_FILES_SERVING_ENABLED=true LOCAL_FILES_DOCUMENT_ROOT={res['document_root']}; "
+    return ("Label Studio: start it with LOCAL_FILES_SERVING_ENABLED=true "
+            f"LOCAL_FILES_DOCUMENT_ROOT={res['document_root']}; "
             f"make a project with the labeling config {res['config']}; add a Local files source storage at "
             f"{res['storage']}; import {res['tasks']}; label; export JSON, JSON-MIN or CSV; then "
-            f"`alssl label {run_dir} --from EXPORT`" + ("" if has_classes else " --classes ...") + " (docs/labeling.md)")
+            f"`alssl label {run_dir} --from EXPORT`" + ("" if has_classes else " --classes ...")
+            + " (docs/labeling.md)")

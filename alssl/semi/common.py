@@ -22,7 +22,8 @@ class Net(nn.Module):
         self.backbone = backbone
         dim = int(backbone.dim)
         self.head = nn.Linear(dim, num_classes)
-        self.proj = None if proj_dim is None else nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, proj_dim))
+        self.proj = None if proj_dim is None else nn.Sequential(nn.Linear(dim, dim), nn.ReLU(),
+                                                                nn.Linear(dim, proj_dim))
 
     def forward(self, x: torch.Tensor, project_from: int | None = None) -> tuple[torch.Tensor, ...]:
         feats = self.backbone(x)  # [B, D]

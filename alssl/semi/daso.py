@@ -9,7 +9,8 @@
       v_k = π̂_k^(1/T_dist) / max_j π̂_j^(1/T_dist),   k̂ = argmax p
       p' = (1 − v_k̂)·p + v_k̂·q        — classes the model over-predicts lean on the semantic q
 - L_u (FixMatch on p'): 1/(μB) Σ [max p' ≥ τ] · CE(argmax p', f(strong(u)))
-- Semantic alignment: L_align = 1/(μB) Σ H(q, softmax_k(cos(z^s, c_k)/T_proto)), z^s = student features of the strong view
+- Semantic alignment: L_align = 1/(μB) Σ H(q, softmax_k(cos(z^s, c_k)/T_proto)),
+  z^s = student features of the strong view
 - L = L_s + λ_u·L_u + λ_align·L_align; the first `daso_warmup` steps are plain FixMatch (official: 5000 of 250k).
 
 Ordering (fixes USB's one-step-late semantic pseudo-label): at step t the labeled EMA features of step t are pushed
@@ -61,15 +62,17 @@ class DASO(Method):
     @classmethod
     def defaults(cls, steps: int, options: dict) -> dict:
         reversed_ = options.get("unlabeled_profile") == "reversed"
-        return {"bn_batch": "concat", "lr_schedule": "constant", "daso_warmup": max(1, round(0.02 * steps)), "daso_T_proto": 0.05,
-                "daso_T_dist": 0.3 if reversed_ else 1.5, "daso_queue": 256, "daso_lambda_align": 1.0,
-                "daso_dist_period": 100}
+        return {"bn_batch": "concat", "lr_schedule": "constant", "daso_warmup": max(1, round(0.02 * steps)),
+                "daso_T_proto": 0.05, "daso_T_dist": 0.3 if reversed_ else 1.5, "daso_queue": 256,
+                "daso_lambda_align": 1.0, "daso_dist_period": 100}
 
     def __init__(self, **kw):
         super().__init__(**kw)
         o = self.options
-        self.warmup, self.T_proto, self.T_dist = int(o["daso_warmup"]), float(o["daso_T_proto"]), float(o["daso_T_dist"])
-        self.L, self.lambda_align, self.period = int(o["daso_queue"]), float(o["daso_lambda_align"]), int(o["daso_dist_period"])
+        self.warmup, self.T_proto, self.T_dist = (int(o["daso_warmup"]), float(o["daso_T_proto"]),
+                                                  float(o["daso_T_dist"]))
+        self.L, self.lambda_align, self.period = (int(o["daso_queue"]), float(o["daso_lambda_align"]),
+                                                  int(o["daso_dist_period"]))
         self.queue: torch.Tensor | None = None  # [K, L, D] created on the first push (D = feature dim)
         self.queue_len = torch.zeros(self.num_classes, dtype=torch.long)  # [K] filled entries
         self.queue_ptr = torch.zeros(self.num_classes, dtype=torch.long)  # [K] next write position (FIFO ring)

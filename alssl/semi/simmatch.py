@@ -54,7 +54,8 @@ class SimMatch(Method):
         super().__init__(**kw)
         o = self.options
         self.proj_dim = int(o["proj_dim"])
-        self.T, self.alpha, self.lambda_in = float(o["simmatch_T"]), float(o["simmatch_alpha"]), float(o["simmatch_lambda_in"])
+        self.T, self.alpha, self.lambda_in = (float(o["simmatch_T"]), float(o["simmatch_alpha"]),
+                                              float(o["simmatch_lambda_in"]))
         self.da = DistAlign(self.num_classes, length=int(o["da_len"]))
         n = len(self.labeled_y)
         self.bank = torch.zeros(n, self.proj_dim)  # [N, P] teacher embeddings of the labeled samples

@@ -42,7 +42,8 @@ class WeakView(torch.nn.Module):
 
 # ---------------------------------------------------------------- strong view ops (PIL semantics, as USB)
 # Each op maps (u [b, C, H, W] with integer values 0..255 as float, v [b] in the op's range) -> u', on the same grid.
-def _luma(u: torch.Tensor) -> torch.Tensor:  # [b, 1, H, W] PIL's convert("L"): (19595 R + 38470 G + 7471 B + 2^15) >> 16
+# [b, 1, H, W] PIL's convert("L"): (19595 R + 38470 G + 7471 B + 2^15) >> 16
+def _luma(u: torch.Tensor) -> torch.Tensor:
     if u.shape[1] == 1:
         return u
     w = u.new_tensor([19595.0, 38470.0, 7471.0]).view(1, 3, 1, 1)
