@@ -17,9 +17,13 @@ option `--batch-size` is the keyword `batch_size` here). Nothing heavy is import
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import hashlib
+import inspect
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -33,6 +37,50 @@ if TYPE_CHECKING:
 RunLike = Union[str, os.PathLike, "Run"]  # a run dir, or an opened Run
 
 
+# ---------------------------------------------------------------- bad input, in the caller's words
+_FROM_CLI = contextvars.ContextVar("alssl_from_cli", default=False)
+_FLAG = re.compile(r"--([a-z][a-z0-9-]*)(?: ([0-9'\"/~.][^\s;,)]*))?")
+
+
+@contextlib.contextmanager
+def called_from_cli() -> Iterator[None]:
+    """The `alssl` command's calls: their errors keep naming the command's flags."""
+    token = _FROM_CLI.set(True)
+    try:
+        yield
+    finally:
+        _FROM_CLI.reset(token)
+
+
+def python_words(message: str, keywords: set[str]) -> str:
+    """A message naming the CLI's flags, reworded for a Python caller: `--batch-size 30` reads `batch_size=30`,
+    `--lr` reads `lr` (only flags that are keywords of the call; text in backticks, a command to run, is kept)."""
+    def keyword(m: re.Match) -> str:
+        name = m.group(1).replace("-", "_")
+        if name not in keywords:
+            return m.group(0)
+        return f"{name}={m.group(2)}" if m.group(2) else name
+
+    parts = message.split("`")
+    return "`".join(part if k % 2 else _FLAG.sub(keyword, part) for k, part in enumerate(parts))
+
+
+def _keywords(fn):
+    """`fn`'s bad-input errors in the words of a Python caller (`python_words`); unchanged under the CLI."""
+    names = set(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            if not _FROM_CLI.get() and exc.args:
+                exc.args = (python_words(str(exc.args[0]), names), *exc.args[1:])
+            raise
+
+    return call
+
+
 # ---------------------------------------------------------------- runs
 def run_path(run: RunLike) -> Path:
     """The run dir of a path or a `Run`."""
@@ -41,6 +89,7 @@ def run_path(run: RunLike) -> Path:
     return run.path if isinstance(run, Run) else Path(run)
 
 
+@_keywords
 def open_run(run: RunLike):
     """The `Run` at this path (read now; the functions below re-read it under the lock)."""
     from alssl.runs import Run
@@ -48,6 +97,7 @@ def open_run(run: RunLike):
     return Run.open(run_path(run))
 
 
+@_keywords
 def dataset(run: RunLike, *, quiet: bool = True):
     """The run's `Dataset` (`alssl.data`): pool pixels `x_train`, `ids`, `classes`, the test split, and on a
     benchmark the ground truth `y_train`."""
@@ -127,6 +177,7 @@ def _abs_init(init: str | os.PathLike | None) -> str | None:
 
 
 # ---------------------------------------------------------------- stage 1
+@_keywords
 def pretrain(data: str, out: str | os.PathLike, *, test: str | os.PathLike | None = None,
              classes: str | Sequence[str] | None = None, image_size: int | None = None, strict: bool = False,
              jpeg_draft: bool = True, workers: int | None = None, pool_format: str = "auto", method: str = "simsiam",
@@ -272,6 +323,7 @@ def _skipped_csv(skipped: list) -> str:
 
 
 # ---------------------------------------------------------------- stage 2 and the feature sets
+@_keywords
 def probe(run: RunLike, *, probe: str = "linear", kernel: str = "linear", seed: int = 0,
           accelerator: str | None = None, devices: str | int | None = None, precision: str | None = None,
           num_nodes: str | int | None = None) -> dict | None:
@@ -323,6 +375,7 @@ def _remember_choice(run, choice) -> None:
                                   "line": choice.line(), "why": choice.why})
 
 
+@_keywords
 def features(run: RunLike, *, add: str | None = None, init: str | None = None, name: str | None = None,
              use: str | None = None, accelerator: str | None = None, devices: str | int | None = None,
              precision: str | None = None, num_nodes: str | int | None = None) -> dict | None:
@@ -359,6 +412,7 @@ def features(run: RunLike, *, add: str | None = None, init: str | None = None, n
 
 
 # ---------------------------------------------------------------- stage 3
+@_keywords
 def query(run: RunLike, budget: str | int, *, strategy: str = "random", seed: int = 0, probe: str = "linear",
           delta: float | None = None, kernel: str | None = None, thumbnails: bool = False,
           skip_duplicates: bool | None = None, balance: bool = False, accelerator: str | None = None,
@@ -390,6 +444,7 @@ def query(run: RunLike, budget: str | int, *, strategy: str = "random", seed: in
                 "ids": [dataset.ids[i] for i in q["indices"]], "reshown": reshown}
 
 
+@_keywords
 def label(run: RunLike, labels: Mapping | str | os.PathLike, *, any_images: bool = False,
           classes: str | Sequence[str] | None = None) -> dict:
     """Import labels for the open query: a mapping {pool index or image id: class name or id} (write "__skip__"
@@ -407,6 +462,7 @@ def label(run: RunLike, labels: Mapping | str | os.PathLike, *, any_images: bool
 
 
 # ---------------------------------------------------------------- what a run holds
+@_keywords
 def status(run: RunLike) -> dict:
     """What the run holds: data, stages done, labeled count per round, open query, last metrics, caches."""
     from alssl.runs import Run, read_jsonl
@@ -469,6 +525,7 @@ def _count_rows(path: Path) -> int:
 
 
 # ---------------------------------------------------------------- stage 4
+@_keywords
 def semi_finetune(run: RunLike, *, method: str = "fixmatch", steps: int = 1000, batch_size: int = 64, mu: int = 7,
                   tau: float = 0.95, lambda_u: float = 1.0, lr: float = 0.03, teacher: str = "ema",
                   from_scratch: bool = False, backbone: str | None = None, init: str | None = None,
@@ -559,6 +616,7 @@ def _semi_in_run(run, dataset, setting, args: dict, options: dict, *, from_scrat
 
 
 # ---------------------------------------------------------------- models out
+@_keywords
 def export(run: RunLike, out: str | os.PathLike, *, classifier: str = "auto", force: bool = False,
            accelerator: str | None = None, devices: str | int | None = None, precision: str | None = None,
            num_nodes: str | int | None = None) -> dict | None:
@@ -581,6 +639,7 @@ def export(run: RunLike, out: str | os.PathLike, *, classifier: str = "auto", fo
     return {"out": str(out), **{k: card.get(k) for k in keys if k in card or k == "features"}}
 
 
+@_keywords
 def predict(run: RunLike, *, out: str | os.PathLike, data: Sequence[str | os.PathLike] = (), pool: bool = False,
             classifier: str = "auto", workers: int | None = None, force: bool = False,
             accelerator: str | None = None, devices: str | int | None = None, precision: str | None = None,
@@ -609,6 +668,7 @@ def predict(run: RunLike, *, out: str | os.PathLike, data: Sequence[str | os.Pat
 
 
 # ---------------------------------------------------------------- labeling pages and tools
+@_keywords
 def label_session(run: RunLike, *, classes: str | Sequence[str] | None = None):
     """The labeling page's session for the open query (`alssl.labeling.session.LabelSession`), loaded under the
     run's lock; `alssl.labeling.server.make_app(session, token)` serves it (the page takes the lock again to import)."""
@@ -624,6 +684,7 @@ def label_session(run: RunLike, *, classes: str | Sequence[str] | None = None):
 
 
 
+@_keywords
 def tasks(run: RunLike, out: str | os.PathLike, *, classes: str | Sequence[str] | None = None,
           document_root: str | os.PathLike | None = None, force: bool = False) -> dict:
     """Label Studio tasks for the open query (tasks.json, config.xml, images/ where needed) in `out`."""
@@ -648,6 +709,7 @@ def tasks(run: RunLike, out: str | os.PathLike, *, classes: str | Sequence[str] 
 CURVE_FILES = ["curve.csv", "curve.png", "curve.svg", "grid.json", "cells", "pretrain"]
 
 
+@_keywords
 def curve(out: str | os.PathLike, *, data: str = "digits", strategies: Sequence[str] | str = ("random", "entropy",
           "kcenter", "typiclust"), budgets: Sequence[str | int] | str = ("1%", "2%", "5%", "10%"), seeds: int = 3,
           probe: Sequence[str] | str = ("linear",), semi: str | None = None, semi_steps: int = 500,
@@ -670,6 +732,7 @@ def curve(out: str | os.PathLike, *, data: str = "digits", strategies: Sequence[
                       quiet=quiet)
 
 
+@_keywords
 def run_pipeline(config: str | os.PathLike, *, out: str | os.PathLike | None = None, force: bool = False,
                  quiet: bool = True) -> dict:
     """The whole pipeline of a config (pipelines/NAME.toml): pretrain once, then the budget-curve grid and plots."""
@@ -717,6 +780,7 @@ def _check_curve_out(out: Path, data: dict, force: bool) -> None:
                  force=force, what="a budget curve")
 
 
+@_keywords
 def redraw_curve(out: str | os.PathLike) -> dict:
     """Redraw OUT/curve.png and curve.svg from OUT/curve.csv."""
     from alssl.plots import plot_curve

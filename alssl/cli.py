@@ -19,6 +19,8 @@ try:  # typer >= 0.22 vendors click; older typer depends on it
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc
 
+from alssl.api import called_from_cli
+from alssl.devices import use as use_devices
 from alssl.errors import UserError
 
 app = typer.Typer(
@@ -46,8 +48,7 @@ def _options(values: dict, *drop: str, **change) -> dict:
     return {k: v for k, v in values.items() if k != "run_dir" and k not in drop} | change
 
 
-def _echo(record: dict | None) -> None:
-    """A command's result as one JSON line (nothing on a DDP rank > 0, whose result is None: rank 0 reports)."""
+def _echo(record: dict | None) -> None:  # one JSON line; nothing on a DDP rank > 0 (None: rank 0 reports)
     if record is not None:
         typer.echo(json.dumps(record))
 
@@ -470,11 +471,10 @@ def main(argv: list[str] | None = None) -> None:
     warnings.showwarning = _one_line_warning
     try:
         try:
-            rc = app(args=argv, standalone_mode=False, prog_name="alssl")
+            with called_from_cli():  # the library's messages name this command's flags
+                rc = app(args=argv, standalone_mode=False, prog_name="alssl")
         finally:
-            from alssl import devices
-
-            devices.use(None)  # a command's --accelerator/--devices/--precision end with it (in-process callers)
+            use_devices(None)  # a command's --accelerator/--devices/--precision end with it (in-process callers)
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -93,14 +93,28 @@ def test_import_alssl_loads_no_torch():
     assert out.strip() == "[]"
 
 
+def test_python_words():
+    from alssl.api import python_words
+
+    msg = "--init and --from-scratch both replace it; e.g. --lr 0.03 or `alssl query RUN --budget 2%` (--other 1)"
+    assert python_words(msg, {"init", "from_scratch", "lr", "budget"}) == (
+        "init and from_scratch both replace it; e.g. lr=0.03 or `alssl query RUN --budget 2%` (--other 1)")
+
+
 def test_api_errors_are_user_errors_and_leave_no_run(tmp_path):
     import alssl
     from alssl.errors import UserError
 
     with pytest.raises(UserError, match="unknown method"):
         alssl.pretrain("digits", tmp_path / "r", method="simclr")
-    with pytest.raises(UserError, match="--lr"):
-        alssl.pretrain("digits", tmp_path / "r", lr=-1.0)
+    with pytest.raises(UserError, match=r"^lr must be a finite number > 0, got -1\.0; e\.g\. lr=0\.05$") as exc:
+        alssl.pretrain("digits", tmp_path / "r", lr=-1.0)  # the keyword, not the CLI's --lr
+    assert "--" not in str(exc.value)
+    with pytest.raises(UserError, match=r"batch_size=30 does not split over 4 devices"):
+        alssl.semi_finetune(tmp_path / "r", batch_size=30, devices=4)
+    with pytest.raises(UserError, match=r"^--lr must be a finite number > 0"):  # the CLI keeps its flags
+        with alssl.api.called_from_cli():
+            alssl.pretrain("digits", tmp_path / "r", lr=-1.0)
     assert not (tmp_path / "r").exists()
     with pytest.raises(UserError, match="does not exist"):
         alssl.status(tmp_path / "nope")
