@@ -736,13 +736,11 @@ def curve(out: str | os.PathLike, *, data: str = "digits", strategies: Sequence[
 def run_pipeline(config: str | os.PathLike, *, out: str | os.PathLike | None = None, force: bool = False,
                  quiet: bool = True) -> dict:
     """The whole pipeline of a config (pipelines/NAME.toml): pretrain once, then the budget-curve grid and plots."""
-    from dataclasses import asdict
-
     from alssl.config import load_config
 
     cfg = load_config(config)  # torch-free: a bad config is refused before the heavy imports
     c = cfg.curve
-    pargs = {k: v for k, v in asdict(cfg.pretrain).items() if k != "from_run"}
+    pargs = cfg.pretrain.curve_args(Path(config).parent)
     return _curve(Path(out or cfg.output.dir), data_config(cfg.data.spec, cfg.data.imbalance, cfg.data.seed), pargs,
                   strategies=c.strategies, budgets=c.budgets, seeds=c.seeds, probes=c.probes, semi=c.semi,
                   semi_steps=c.semi_steps, semi_batch_size=c.semi_batch_size, semi_mu=c.semi_mu,

@@ -130,6 +130,13 @@ class PretrainSection:
     lr: float | None = _rule(None, gt=0, kind="a positive number (or leave the key out for the method's recipe)")
     eman: bool = _rule(False)
     seed: int = _rule(0, lo=0, hi=2**32 - 1, kind=f"an integer in 0..{2**32 - 1}")
+    hflip: bool | None = _rule(None, kind="true or false (or leave the key out: on for colour images)")
+    momentum: float = _rule(0.99, lo=0.0, kind="a number in [0, 1)")
+    momentum_schedule: str | None = _rule(None, choices=("momentum schedule", ("cosine",)),
+                                          kind='"cosine" (or leave the key out)')
+    queue_size: int | None = _rule(None, lo=1, kind="an integer >= 1 (or leave the key out)")
+    temperature: float = _rule(0.2, gt=0, kind="a positive number")
+    init: str | None = _rule(None, nonempty=True, kind='a state dict path or "hub" (or leave the key out)')
     from_run: str | None = _rule(None, nonempty=True,  # reuse another run's stage-1 backbone instead of pretraining
                                  kind="a run dir path (a string), or leave the key out to pretrain")
 
@@ -139,6 +146,24 @@ class PretrainSection:
             raise UserError(f'pretrain.backbone: unknown backbone "{self.backbone}"'
                             f"{suggest(self.backbone, names.BACKBONES)}; "
                             f"choose from {', '.join(names.BACKBONES)}, torchvision:NAME or timm:NAME")
+        if self.momentum >= 1.0:
+            raise UserError(f"pretrain.momentum must be a number in [0, 1) (got {self.momentum!r}); fix it in the "
+                            f"config")
+
+    def args(self, config_dir: Path) -> PretrainArgs:
+        """The stage-1 run this section asks for: the same object `alssl pretrain` and `alssl.pretrain` build (an
+        `init` path relative to the config's folder)."""
+        init = self.init
+        if init is not None and init != "hub":
+            init = str((config_dir / Path(init).expanduser()).resolve())
+        return PretrainArgs(**{f.name: getattr(self, f.name) for f in fields(PretrainArgs)} | {"init": init})
+
+    def curve_args(self, config_dir: Path) -> dict:
+        """The pretrain settings a pipeline's curve stores (OUT/pretrain/run.toml): the seven it has always stored,
+        plus any other key set away from its default (so a curve made before these keys resumes unchanged)."""
+        full, default = self.args(config_dir).as_config(), PretrainArgs().as_config()
+        base = ("method", "backbone", "epochs", "batch_size", "lr", "eman", "seed")
+        return {k: v for k, v in full.items() if k in base or v != default[k]}
 
 
 @dataclass

@@ -45,6 +45,12 @@ BAD = {
     '[data]\nimbalance = "high"': "data.imbalance",
     "[output]\ndir = 3": "output.dir",
     "[output]\ntitle = [1]": "output.title",
+    "[pretrain]\nmomentum = 1.5": "pretrain.momentum must be a number in [0, 1)",
+    '[pretrain]\nmomentum_schedule = "linear"': 'unknown momentum schedule "linear"',
+    "[pretrain]\nqueue_size = 0": "pretrain.queue_size must be an integer >= 1",
+    "[pretrain]\ntemperature = 0": "pretrain.temperature must be a positive number",
+    "[pretrain]\nhflip = 1": "pretrain.hflip must be true or false",
+    '[pretrain]\ninit = ""': "pretrain.init must not be empty",
 }
 
 
@@ -94,3 +100,25 @@ def test_names_match_the_registries():
     assert set(names.STRATEGIES) == set(STRATEGIES) and set(names.PROBES) == set(PROBES)
     assert set(names.PRETRAIN_METHODS) == set(PRETRAIN) and set(names.BACKBONES) == set(BACKBONES)
     assert set(names.SEMI_METHODS) == set(SEMI)
+
+
+def test_the_pretrain_section_is_the_cli_and_api_config(tmp_path):
+    """[pretrain] takes every key `alssl pretrain` / `alssl.pretrain` take and becomes the same PretrainArgs; a
+    curve stores the seven keys it always stored plus those set away from their defaults (old curves resume)."""
+    from dataclasses import fields
+
+    from alssl.config import PretrainArgs
+
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('[pretrain]\nmethod = "byol"\nmomentum_schedule = "cosine"\ntemperature = 0.5\ninit = "w.pt"\n')
+    section = load_config(cfg).pretrain
+    assert {f.name for f in fields(PretrainArgs)} <= {f.name for f in fields(PretrainSection)}
+    args = section.args(tmp_path)
+    assert args == PretrainArgs(method="byol", momentum_schedule="cosine", temperature=0.5,
+                                init=str(tmp_path / "w.pt"))
+    assert section.curve_args(tmp_path) == {
+        "method": "byol", "backbone": "cnn", "epochs": 20, "batch_size": 256, "lr": None, "eman": False, "seed": 0,
+        "momentum_schedule": "cosine", "temperature": 0.5, "init": str(tmp_path / "w.pt")}
+    assert PretrainSection().curve_args(tmp_path) == {"method": "simsiam", "backbone": "cnn", "epochs": 20,
+                                                      "batch_size": 256, "lr": None, "eman": False, "seed": 0}
+
