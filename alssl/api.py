@@ -215,12 +215,12 @@ def pretrain(data: str, out: str | os.PathLike, *, test: str | os.PathLike | Non
                                                                     classes=names, image_size=image_size,
                                                                     jpeg_draft=jpeg_draft, pool_format=fmt)
     from alssl.backbones import check_backbone_name
-    from alssl.devices import node_rank, parse
+    from alssl.devices import node_rank
     from alssl.pretraining import check_args, pretrain as run_pretrain
 
     check_backbone_name(backbone)
     dev: int | str = int(devices) if str(devices).isdigit() else devices
-    nodes = parse(num_nodes=num_nodes).num_nodes
+    nodes = _nodes(num_nodes)
     check_args(method=method, eman=eman, momentum=momentum, momentum_schedule=momentum_schedule,
                accelerator=accelerator, devices=dev, num_nodes=nodes, strategy=strategy, precision=precision,
                seed=seed)
@@ -681,7 +681,6 @@ def label_session(run: RunLike, *, classes: str | Sequence[str] | None = None):
         session = LabelSession(r.path, dataset, classes=label_classes, store=store)
         session.load(r)
     return session
-
 
 
 @_keywords

@@ -36,16 +36,15 @@ ACCELERATOR = typer.Option(None, "--accelerator", help="Where the network runs (
 DEVICES = typer.Option(None, "--devices", help="Devices to embed/predict on; > 1 shards the pool over that many processes (docs/scale.md); default $ALSSL_DEVICES or 1")
 PRECISION = typer.Option(None, "--precision", help="32-true | bf16-mixed | 16-mixed (autocast); default $ALSSL_PRECISION or 32-true")
 NUM_NODES = typer.Option(None, "--num-nodes", help="Machines (Fabric's num_nodes): run the same command on each with NODE_RANK, MASTER_ADDR, MASTER_PORT set, RUN on a shared filesystem (docs/scale.md); default $ALSSL_NUM_NODES or 1")
-
-
-def _quiet(quiet: bool) -> bool:
-    return quiet or not sys.stderr.isatty()
+FORCE = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)")
+CLASSIFIER = typer.Option("auto", help="auto (the fine-tune on the current labels if any, else the linear probe) | semi | probe")
 
 
 def _options(values: dict, *drop: str, **change) -> dict:
     """A command's options as the api function's keyword arguments: RUN (passed first) and `drop` left out,
-    `change` replacing values."""
-    return {k: v for k, v in values.items() if k != "run_dir" and k not in drop} | change
+    `change` replacing values; `quiet` (no progress bars) also when stderr is not a terminal."""
+    kept = {k: v for k, v in values.items() if k != "run_dir" and k not in drop}
+    return kept | ({"quiet": kept["quiet"] or not sys.stderr.isatty()} if "quiet" in kept else {}) | change
 
 
 def _echo(record: dict | None) -> None:  # one JSON line; nothing on a DDP rank > 0 (None: rank 0 reports)
@@ -99,7 +98,7 @@ def pretrain(
     options = dict(locals())  # the command's options: the api function takes the same names
     from alssl import api
 
-    _echo(api.pretrain(**_options(options, quiet=_quiet(quiet))))
+    _echo(api.pretrain(**_options(options)))
 
 
 # ------------------------------------------------------------------ stage 2 and the feature sets
@@ -273,7 +272,7 @@ def semi_finetune(
     from alssl import api
     from alssl.config import key_values
 
-    _echo(api.semi_finetune(run_dir, **_options(options, "option", options=key_values(option), quiet=_quiet(quiet))))
+    _echo(api.semi_finetune(run_dir, **_options(options, "option", options=key_values(option))))
 
 
 # ------------------------------------------------------------------ models out
@@ -285,8 +284,8 @@ def export_model(
     devices: Optional[str] = DEVICES,
     precision: Optional[str] = PRECISION,
     num_nodes: Optional[str] = NUM_NODES,
-    force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
-    classifier: str = typer.Option("auto", help="auto (the fine-tune on the current labels if any, else the linear probe) | semi | probe"),
+    force: bool = FORCE,
+    classifier: str = CLASSIFIER,
 ) -> None:
     """The best model the run has (the semi-supervised fine-tune on the current labels, else backbone + linear probe)
     → model.pt (state dict), model.ts (TorchScript: float [B, C, S, S] in [0, 1] → logits) and model.json.
@@ -311,8 +310,8 @@ def predict(
     devices: Optional[str] = DEVICES,
     precision: Optional[str] = PRECISION,
     num_nodes: Optional[str] = NUM_NODES,
-    force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
-    classifier: str = typer.Option("auto", help="auto (the fine-tune on the current labels if any, else the linear probe) | semi | probe"),
+    force: bool = FORCE,
+    classifier: str = CLASSIFIER,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Predict classes with the run's best model (as `alssl export` picks it); same preprocessing as training.
@@ -324,7 +323,7 @@ def predict(
     options = dict(locals())  # the command's options: the api function takes the same names
     from alssl import api
 
-    _echo(api.predict(run_dir, **_options(options, 'paths', data=[*(data or []), *(paths or [])], quiet=_quiet(quiet))))
+    _echo(api.predict(run_dir, **_options(options, "paths", data=[*(data or []), *(paths or [])])))
 
 
 # ------------------------------------------------------------------ curves and pipelines (alssl/curves.py)
@@ -352,7 +351,7 @@ def curve(
     jobs: int = typer.Option(1, help="Parallel processes over (probe, strategy, seed) chains"),
     balance: bool = typer.Option(False, "--balance", help="Every strategy with per-class quotas (imbalanced pools; see docs/acquisition.md)"),
     plot_only: Optional[Path] = typer.Option(None, help="Only redraw DIR/curve.png from DIR/curve.csv"),
-    force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
+    force: bool = FORCE,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Budget-curve grid: strategies × budgets × seeds → curve.csv + curve.png/svg. Resumable.
@@ -366,23 +365,24 @@ def curve(
         return _echo(api.redraw_curve(plot_only))
     if out is None:
         raise UserError("give --out DIR for the curve files (or --plot-only DIR to redraw one)")
-    _echo(api.curve(**_options(options, 'plot_only', quiet=_quiet(quiet))))
+    _echo(api.curve(**_options(options, "plot_only")))
 
 
 @app.command("run")
 def run_pipeline(
     config: Path = typer.Argument(..., help="pipelines/NAME.toml"),
     out: Optional[Path] = typer.Option(None, help="Output dir (default: the config's [output] dir)"),
-    force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
+    force: bool = FORCE,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """The whole pipeline from a config: pretrain once, then the budget-curve grid and its plots.
 
     Example: alssl run pipelines/digits_demo.toml --out runs/demo
     """
+    options = dict(locals())  # the command's options: the api function takes the same names
     from alssl import api
 
-    _echo(api.run_pipeline(config, out=out, force=force, quiet=_quiet(quiet)))
+    _echo(api.run_pipeline(**_options(options)))
 
 
 # ------------------------------------------------------------------ labeling (alssl/labeling/, docs/labeling.md)
@@ -426,7 +426,7 @@ def tasks(
     format: str = typer.Option("label-studio", "--format", help="label-studio"),
     document_root: Optional[Path] = typer.Option(None, help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT (default: the pool folder; for datasets without image files, --out)"),
     classes: Optional[str] = typer.Option(None, help="Class list (a,b,c or @classes.txt) for a run that has none yet"),
-    force: bool = typer.Option(False, "--force", help="Replace existing files at --out that an earlier run of this command did not write (never a run's file or an input)"),
+    force: bool = FORCE,
 ) -> None:
     """Label Studio tasks for the open query (+ its labeling config); import the export with `alssl label --from`.
 
