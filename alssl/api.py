@@ -450,10 +450,9 @@ def label(run: RunLike, labels: Mapping | str | os.PathLike, *, any_images: bool
     """Import labels for the open query: a mapping {pool index or image id: class name or id} (write "__skip__"
     for an image that fits no class), a label file (CSV, Label Studio export), or "oracle" (the dataset's ground
     truth, a simulation). `any_images`: labels for any unlabeled pool images, as a round of their own."""
-    from alssl.rounds import ORACLE, import_labels
+    from alssl.rounds import check_source, import_labels
 
-    if any_images and isinstance(labels, str) and labels == ORACLE:
-        raise UserError("--any imports labels from a file; use it with --from FILE.csv, not --oracle")
+    check_source(labels, any_images=any_images)  # before the run (and an image folder's pool) is opened
     names = class_list(classes)
     with opened(run) as (r, dataset):
         n = import_labels(r, dataset, labels, any_images=any_images, classes=names)

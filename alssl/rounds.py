@@ -333,15 +333,21 @@ def close_round(run: Run, dataset: Dataset, rows: list[Row], *, source: str, pro
     return int((y != SKIPPED).sum())
 
 
+def check_source(labels, *, any_images: bool) -> None:
+    """Refuse a combination no import can take (checked before a run is opened): the oracle labels the open query,
+    never "any images"."""
+    if any_images and isinstance(labels, str) and labels == ORACLE:
+        raise UserError("--any imports labels from a file; use it with --from FILE.csv, not --oracle")
+
+
 def import_labels(run: Run, dataset: Dataset, labels: Mapping | str | os.PathLike, *, any_images: bool = False,
                   classes: list[str] | None = None) -> int:
     """Labels from anywhere into the run through `close_round`: a mapping {pool index (int) or image id (str): class
     name, class id (int) or SKIP}, a label file (our CSV or a Label Studio export), or the str "oracle" (the dataset's
     ground truth, a simulation; a file named oracle is Path("oracle")). Returns the number of labels imported."""
+    check_source(labels, any_images=any_images)
     run.classes_are_new(dataset, classes)  # the order of the answers: class list, then open query, then the rows
     if isinstance(labels, str) and labels == ORACLE:
-        if any_images:
-            raise UserError("--any imports labels from a file; use it with --from FILE.csv, not --oracle")
         if not dataset.has_ground_truth:
             raise UserError(f"{dataset.name} is an unlabeled pool with no ground truth to simulate a labeler; label "
                             f"the query yourself with `alssl label {run.path} --from FILE.csv`")
